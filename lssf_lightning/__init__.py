@@ -1,0 +1,1 @@
+"""lssf_lightning: Low-Rank Safety Subspace Fusion for PyTorch Lightning."""
