@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny real checkpoints (Llama and GPT-2) written with ``save_pretrained``."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from _tiny import build_tiny_llama, build_tiny_tokenizer
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@dataclass
+class Trio:
+    """Unaligned base, aligned and fine-tuned checkpoints of one architecture, on disk and in memory."""
+
+    base: Path
+    aligned: Path
+    finetuned: Path
+    models: dict
+
+
+def _perturb(model, scale: float, rank: int | None, seed: int, blocks_only: bool = True) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim != 2 or (blocks_only and ".layers." not in name and ".h." not in name):
+                continue
+            if rank is None:
+                param.add_(scale * torch.randn(param.shape, generator=generator))
+            else:
+                left = torch.randn(param.shape[0], rank, generator=generator)
+                right = torch.randn(rank, param.shape[1], generator=generator)
+                decay = torch.tensor([0.6**i for i in range(rank)])
+                noise = 0.05 * torch.randn(param.shape, generator=generator)
+                param.add_(scale * ((left * decay) @ right / rank**0.5 + noise))
+
+
+def make_trio(root: Path, base, tokenizer=None) -> Trio:
+    """Save base, aligned (= base + a decaying low-rank δ plus noise) and fine-tuned (= aligned + noise)."""
+    aligned = type(base)(base.config)
+    aligned.load_state_dict(base.state_dict())
+    _perturb(aligned, 0.02, rank=6, seed=1)
+    finetuned = type(base)(base.config)
+    finetuned.load_state_dict(aligned.state_dict())
+    _perturb(finetuned, 0.002, rank=None, seed=2, blocks_only=False)
+    paths = {}
+    for name, model in (("base", base), ("aligned", aligned), ("finetuned", finetuned)):
+        paths[name] = root / name
+        model.save_pretrained(paths[name])
+        if tokenizer is not None:
+            tokenizer.save_pretrained(paths[name])
+    models = {"base": base.eval(), "aligned": aligned.eval(), "finetuned": finetuned.eval()}
+    return Trio(paths["base"], paths["aligned"], paths["finetuned"], models)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def llama_trio(tmp_path_factory, tiny_tokenizer) -> Trio:
+    return make_trio(tmp_path_factory.mktemp("llama"), build_tiny_llama(tiny_tokenizer), tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def gpt2_trio(tmp_path_factory) -> Trio:
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
+    return make_trio(tmp_path_factory.mktemp("gpt2"), GPT2LMHeadModel(config))
+
+
+def state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
