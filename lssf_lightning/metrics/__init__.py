@@ -1,0 +1,18 @@
+"""Refusal evaluation: the harmful-refusal metric, refusal judges, prompt sets and answer generation."""
+
+from lssf_lightning.metrics.generation import generate_responses
+from lssf_lightning.metrics.judges import REFUSAL_PHRASES, ClassifierJudge, RefusalPhraseJudge, resolve_judge
+from lssf_lightning.metrics.prompts import load_prompt_pairs, load_prompts
+from lssf_lightning.metrics.refusal import HarmfulRefusalRate, harmful_refusal_rate
+
+__all__ = [
+    "REFUSAL_PHRASES",
+    "ClassifierJudge",
+    "HarmfulRefusalRate",
+    "RefusalPhraseJudge",
+    "generate_responses",
+    "harmful_refusal_rate",
+    "load_prompt_pairs",
+    "load_prompts",
+    "resolve_judge",
+]
