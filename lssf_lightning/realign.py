@@ -8,7 +8,6 @@ Peak memory is the subspace factors plus a few tensors, whatever the model's siz
 
 from __future__ import annotations
 
-import math
 import os
 import time
 import warnings
@@ -17,13 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-from tqdm.auto import tqdm
-
 from lssf_lightning.baselines import Resta, SafeLoRA
-from lssf_lightning.io.export import atomic_directory, copy_support_files
+from lssf_lightning.io.export import copy_support_files, write_model_directory
 from lssf_lightning.io.lora import LoraAdapter, MergedLoraStore, is_adapter_dir
-from lssf_lightning.io.shards import ShardedWriter
 from lssf_lightning.io.weights import WeightStore, open_weights
 from lssf_lightning.subspace import SafetySubspace, select_target_pairs
 
@@ -141,7 +136,10 @@ def realign_checkpoint(
         planner = SafeLoRA(aligned, unaligned, threshold)
         edits = planner.plan(store)
         details = {"threshold": threshold, "projected": planner.projected}
-    tensors = _stream(store, edits, output, support_dirs, max_shard_bytes, overwrite, progress)
+    tensors = write_model_directory(
+        store, output, edits=edits, max_shard_bytes=max_shard_bytes, overwrite=overwrite, progress=progress,
+        write_support_files=lambda staging: _copy_support_files(support_dirs, staging, output),
+    )
     if method == "safelora":
         details["projected"] = f"{sum(planner.projected.values())}/{len(planner.projected)} layers"
     return RealignReport(method, output, tensors, len(edits), time.perf_counter() - started, details)
@@ -168,28 +166,6 @@ def _lssf_edits(store, subspace, aligned, unaligned, alpha, eta, alpha_1, source
     return edits, {"alpha": alpha, "mean_rank": round(sum(ranks) / max(len(ranks), 1), 1)}
 
 
-def _stream(store: WeightStore, edits, output: Path, support_dirs, max_shard_bytes, overwrite, progress) -> int:
-    keys = store.keys()
-    plan = [(key, store.dtype(key), tuple(store.shape(key))) for key in keys]
-    total_bytes = sum(math.prod(s) * d.itemsize for _, d, s in plan)
-    with atomic_directory(output, overwrite=overwrite) as staging:
-        writer = ShardedWriter(staging, plan, max_shard_bytes)
-        try:
-            with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="realign", disable=not progress) as bar:
-                for key, dtype, shape in plan:
-                    tensor = store.get(key)
-                    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                        raise ValueError(f"{store.location}: tensor {key} holds NaN or inf")
-                    if key in edits:
-                        tensor = edits[key](tensor)
-                    writer.write(key, tensor)
-                    bar.update(math.prod(shape) * dtype.itemsize)
-                    del tensor
-            writer.finish()
-        finally:
-            writer.close()
-        copied = copy_support_files(support_dirs, staging)
-        if "config.json" not in copied:
-            warnings.warn(f"no config.json found next to the inputs; {output} holds weights only", stacklevel=3)
-    return len(plan)
-
+def _copy_support_files(support_dirs, staging, output) -> None:
+    if "config.json" not in copy_support_files(support_dirs, staging):
+        warnings.warn(f"no config.json found next to the inputs; {output} holds weights only", stacklevel=4)

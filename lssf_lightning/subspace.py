@@ -26,7 +26,14 @@ from tqdm.auto import tqdm
 from lssf_lightning.core.basis import check_alpha_1, fuse_weight, fusion_factors, weighted_basis
 from lssf_lightning.core.entropy import check_eta
 from lssf_lightning.core.svd import safety_spectrum
-from lssf_lightning.io.names import KeyMatcher, canonical_key, in_transformer_block, matches_modules, module_name
+from lssf_lightning.io.names import (
+    KeyMatcher,
+    canonical_key,
+    in_transformer_block,
+    is_adapter_key,
+    matches_modules,
+    module_name,
+)
 from lssf_lightning.io.shards import SafetensorsReader, read_header, write_safetensors
 from lssf_lightning.io.weights import ModuleStore, WeightStore, WeightsLike, open_weights
 
@@ -98,7 +105,9 @@ def select_target_pairs(
         ValueError: nothing matches, a pattern matches nothing, weights are missing on one side, or shapes differ.
     """
     matcher = KeyMatcher(unaligned.keys())
-    candidates = [k for k in aligned.keys() if len(aligned.shape(k)) == 2 and k.endswith(".weight")]
+    candidates = [
+        k for k in aligned.keys() if len(aligned.shape(k)) == 2 and k.endswith(".weight") and not is_adapter_key(k)
+    ]
     default = target_modules is None or target_modules == "all-linear"
 
     def is_target(key: str) -> bool:

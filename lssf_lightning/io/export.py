@@ -6,13 +6,20 @@ An interrupted run leaves the destination as it was (absent, or the previous ver
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["SUPPORT_FILES", "atomic_directory", "copy_support_files"]
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from lssf_lightning.io.shards import ShardedWriter
+
+__all__ = ["SUPPORT_FILES", "atomic_directory", "copy_support_files", "write_model_directory"]
 
 # Files a model directory needs besides its weights: config, generation defaults, tokenizer, chat template.
 SUPPORT_FILES = (
@@ -71,3 +78,58 @@ def copy_support_files(sources: Sequence[str | os.PathLike | None], destination:
                 copied.append(name)
                 break
     return copied
+
+
+def write_model_directory(
+    store,
+    output: str | os.PathLike,
+    *,
+    edits: Mapping[str, Callable[[Tensor], Tensor]] | None = None,
+    names: Mapping[str, str] | None = None,
+    write_support_files: Callable[[Path], object] | None = None,
+    max_shard_bytes: int = 2 * 1024**3,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> int:
+    """Stream every tensor of ``store`` (edited where ``edits`` says) into a new model directory, atomically.
+
+    Args:
+        store: a :class:`~lssf_lightning.io.weights.WeightStore`; its keys give the order.
+        output: the directory to create (or replace, with ``overwrite``).
+        edits: ``{key: function}`` applied to the tensor of ``key`` before it is written.
+        names: ``{key: name}`` renames keys in the output (others keep their key; ``None`` drops the key).
+        write_support_files: called with the staging directory to add config/tokenizer files.
+        max_shard_bytes: shard size.
+        overwrite: replace an existing ``output``.
+        progress: show a progress bar (bytes).
+
+    Returns:
+        The number of tensors written.
+
+    Raises:
+        ValueError: a tensor holds NaN or inf (nothing is left behind).
+    """
+    edits = edits or {}
+    names = names or {}
+    keys = [k for k in store.keys() if names.get(k, k) is not None]
+    plan = [(names.get(k, k), store.dtype(k), tuple(store.shape(k))) for k in keys]
+    total_bytes = sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in plan)
+    with atomic_directory(output, overwrite=overwrite) as staging:
+        writer = ShardedWriter(staging, plan, max_shard_bytes)
+        try:
+            with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="writing", disable=not progress) as bar:
+                for key, (name, dtype, shape) in zip(keys, plan):
+                    tensor = store.get(key)
+                    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                        raise ValueError(f"{store.location}: tensor {key} holds NaN or inf")
+                    if key in edits:
+                        tensor = edits[key](tensor)
+                    writer.write(name, tensor.to(dtype))
+                    bar.update(math.prod(shape) * dtype.itemsize)
+                    del tensor
+            writer.finish()
+        finally:
+            writer.close()
+        if write_support_files is not None:
+            write_support_files(staging)
+    return len(plan)

@@ -105,10 +105,13 @@ class ModuleStore(WeightStore):
     def __init__(self, module: nn.Module, location: str | None = None) -> None:
         self.module = module
         self.location = location or f"<{type(module).__name__}>"
-        self._params = dict(module.named_parameters(remove_duplicate=True))
-        self._params.update(
-            (k, v) for k, v in module.named_buffers(remove_duplicate=True) if k.endswith(".weight")
-        )
+        # The state dict's tensors (parameters and persistent buffers), each shared tensor once (tied weights).
+        self._params: dict[str, Tensor] = {}
+        seen: set[int] = set()
+        for key, tensor in module.state_dict(keep_vars=True).items():
+            if id(tensor) not in seen:
+                seen.add(id(tensor))
+                self._params[key] = tensor
         self._modules = dict(module.named_modules())
 
     def keys(self) -> list[str]:

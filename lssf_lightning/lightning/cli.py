@@ -1,0 +1,33 @@
+"""``lssf-lightning fit``: LightningCLI over the generic causal-LM module and the JSONL chat data module.
+
+Callbacks, LSSFCallback included, come from the config's ``trainer.callbacks`` list::
+
+    trainer:
+      callbacks:
+        - class_path: lssf_lightning.LSSFCallback
+          init_args: {unaligned: /models/Llama-3.1-8B, alpha: 1.0}
+    model: {model: /models/Llama-3.1-8B-Instruct, lora: {r: 16, lora_alpha: 32}}
+    data: {train_file: train.jsonl}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from lightning.pytorch.cli import LightningCLI
+
+import lssf_lightning  # noqa: F401  (registers the short class names for configs)
+from lssf_lightning.lightning.finetune import CausalLMModule, ChatDataModule
+
+__all__ = ["run_fit_cli"]
+
+
+def run_fit_cli(args: Sequence[str]) -> LightningCLI:
+    """Run ``fit`` with ``args`` (``--config``, ``--print_config``, ``--trainer.max_steps=…`` …)."""
+    return LightningCLI(
+        CausalLMModule,
+        ChatDataModule,
+        args=["fit", *args],
+        save_config_kwargs={"overwrite": True},
+        parser_kwargs={"prog": "lssf-lightning fit"},
+    )

@@ -1,0 +1,36 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from lssf_lightning.lightning.callback import RAW_WEIGHTS_KEY
+from lssf_lightning.lightning.finetune import write_chat_jsonl
+
+SCRIPT = Path(__file__).with_name("ddp_fit.py")
+# Rows with equal numbers of labelled tokens, trained full-batch: the mean of the two per-rank losses equals
+# the single-process loss over the same 8 rows.
+ROW_A = {"prompt": "how do i bake bread at home ?", "response": "sure , here is a simple answer ."}
+ROW_B = {"prompt": "what is the capital of france ?", "response": "please i cannot help with that request ."}
+
+
+def run(trio, train, out, devices):
+    done = subprocess.run([sys.executable, str(SCRIPT), str(trio.aligned), str(trio.base), str(train), str(out), str(devices)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(out / "final.ckpt", map_location="cpu", weights_only=False), json.loads((out / "metrics.json").read_text())
+
+
+def test_ddp_with_two_processes_writes_the_same_checkpoint_as_one(llama_trio, tmp_path):
+    train = write_chat_jsonl(tmp_path / "train.jsonl", [ROW_A, ROW_B] * 4)
+    single, single_metrics = run(llama_trio, train, tmp_path / "one", 1)
+    ddp, ddp_metrics = run(llama_trio, train, tmp_path / "two", 2)
+    assert single["global_step"] == ddp["global_step"] == 3
+    for key, value in single["state_dict"].items():
+        assert torch.allclose(ddp["state_dict"][key], value, atol=1e-5), key
+    for key, value in single[RAW_WEIGHTS_KEY].items():
+        assert torch.allclose(ddp[RAW_WEIGHTS_KEY][key], value, atol=1e-5), key
+        assert not torch.allclose(ddp["state_dict"][key], value, atol=1e-5), f"{key} was not realigned"
+    assert ddp_metrics.keys() == single_metrics.keys() and len(single_metrics) == 4
+    assert ddp_metrics == single_metrics
