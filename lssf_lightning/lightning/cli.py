@@ -12,6 +12,7 @@ Callbacks, LSSFCallback included, come from the config's ``trainer.callbacks`` l
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 from lightning.pytorch.cli import LightningCLI
@@ -24,10 +25,13 @@ __all__ = ["run_fit_cli"]
 
 def run_fit_cli(args: Sequence[str]) -> LightningCLI:
     """Run ``fit`` with ``args`` (``--config``, ``--print_config``, ``--trainer.max_steps=…`` …)."""
+    full = ["fit", *args]
+    # From the console script, let LightningCLI read sys.argv itself: DDP re-launches the same command line.
+    from_command_line = sys.argv[1:] == full
     return LightningCLI(
         CausalLMModule,
         ChatDataModule,
-        args=["fit", *args],
+        args=None if from_command_line else full,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"prog": "lssf-lightning fit"},
     )
