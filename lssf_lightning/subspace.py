@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lssf_lightning.core.basis import check_alpha_1, fuse_weight, fusion_factors, weighted_basis
+from lssf_lightning.core.basis import add_correction, check_alpha_1, fusion_factors, low_rank_product, weighted_basis
 from lssf_lightning.core.entropy import check_eta
 from lssf_lightning.core.svd import safety_spectrum
 from lssf_lightning.io.names import (
@@ -435,6 +435,13 @@ class SafetySubspace:
         """``weight + α·U'U'ᵀδ`` for the subspace entry ``key`` (a new tensor, in ``weight``'s dtype)."""
         return self._fused(key, weight, alpha)
 
+    def product(self, key: str, like: Tensor) -> Tensor:
+        """The dense ``U'U'ᵀδ`` of entry ``key`` in the checkpoint's layout, in at least float32, on ``like``'s
+        device. Memory: one matrix."""
+        entry = self.entries[key]
+        product = low_rank_product(entry.left, entry.right, like)
+        return product.T if entry.conv1d else product
+
     def match(self, keys: Sequence[str]) -> dict[str, str]:
         """``{target key: subspace key}`` for the keys that name a weight of this subspace."""
         return KeyMatcher(self.entries).match_all(keys)
@@ -461,11 +468,11 @@ class SafetySubspace:
 
     def _fused(self, name: str, weight: Tensor, alpha: float) -> Tensor:
         entry = self.entries[name]
+        if tuple(weight.shape) != entry.shape:
+            raise ValueError(f"{name}: weight of shape {tuple(weight.shape)} does not match the subspace's {entry.shape}")
         if entry.rank == 0 or alpha == 0:
             return weight.detach().clone()
-        if entry.conv1d:
-            return fuse_weight(weight.detach().T, entry.left, entry.right, alpha).T.contiguous()
-        return fuse_weight(weight.detach(), entry.left, entry.right, alpha)
+        return add_correction(weight.detach(), self.product(name, weight), alpha)
 
     # -- persistence ------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:

@@ -82,7 +82,8 @@ class Snapshots(Callback):
 def test_checkpoint_holds_realigned_weights_and_live_weights_stay_raw(llama_trio, data_files, tmp_path):
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
     _, plain = fit(llama_trio, data_files, [])
-    _, module = fit(llama_trio, data_files, [lssf(llama_trio, alpha=1.5), checkpoint])
+    callback = lssf(llama_trio, alpha=1.5)
+    _, module = fit(llama_trio, data_files, [callback, checkpoint])
     live = state(module)
     assert all(torch.equal(live[k], v) for k, v in state(plain).items()), "checkpoint mode changed the live weights"
     saved = load(tmp_path / "last.ckpt")
@@ -92,7 +93,11 @@ def test_checkpoint_holds_realigned_weights_and_live_weights_stay_raw(llama_trio
     for key in fused_keys:
         expected = live[key].double() + correction(llama_trio, key, alpha=1.5)
         assert torch.allclose(saved["state_dict"][key].double(), expected, atol=1e-5), key
-        assert torch.equal(saved[RAW_WEIGHTS_KEY][key], live[key])
+        fixup = saved[RAW_WEIGHTS_KEY][key]
+        assert fixup["index"].numel() < 0.5 * live[key].numel()  # the test δ is as large as the weights
+        recovered = callback.subspace.fuse_tensor(key.removeprefix("model."), saved["state_dict"][key], -1.5)
+        recovered.view(-1)[fixup["index"]] = fixup["value"]
+        assert torch.equal(recovered, live[key]), key
     assert torch.equal(saved["state_dict"]["model.model.embed_tokens.weight"], live["model.model.embed_tokens.weight"])
     assert len(subspace) == 14
     restored = CausalLMModule.load_from_checkpoint(tmp_path / "last.ckpt")
@@ -104,17 +109,28 @@ class StartSnapshot(Callback):
         self.weights = state(pl_module)
 
 
+class EpochEndWeights(Callback):
+    def __init__(self):
+        self.seen = []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.seen.append(state(pl_module))
+
+
 def test_resume_continues_from_the_raw_weights_exactly(llama_trio, data_files, tmp_path):
     first = ModelCheckpoint(dirpath=tmp_path / "a", save_top_k=-1, every_n_epochs=1, filename="{epoch}")
-    _, uninterrupted = fit(llama_trio, data_files, [lssf(llama_trio), first], max_epochs=3)
+    raw_at = EpochEndWeights()
+    _, uninterrupted = fit(llama_trio, data_files, [lssf(llama_trio), raw_at, first], max_epochs=3)
     checkpoint = load(tmp_path / "a" / "epoch=0.ckpt")
     probe = StartSnapshot()
     callback = lssf(llama_trio)
     trainer, resumed = fit(llama_trio, data_files, [callback, probe, ModelCheckpoint(dirpath=tmp_path / "b")],
                            max_epochs=3, ckpt_path=tmp_path / "a" / "epoch=0.ckpt")
-    for key, raw in checkpoint[RAW_WEIGHTS_KEY].items():
+    assert len(checkpoint[RAW_WEIGHTS_KEY]) == 14
+    for key, raw in raw_at.seen[0].items():
         assert torch.equal(probe.weights[key], raw), key
-        assert not torch.equal(checkpoint["state_dict"][key], raw)
+        if key in checkpoint[RAW_WEIGHTS_KEY]:
+            assert not torch.equal(checkpoint["state_dict"][key], raw)
     assert all(torch.equal(v, state(uninterrupted)[k]) for k, v in state(resumed).items())
     assert callback.state_dict()["fingerprint"] == checkpoint["callbacks"][callback.state_key]["fingerprint"]
 
@@ -124,7 +140,7 @@ def test_without_raw_weights_resume_subtracts_the_correction(llama_trio, data_fi
     checkpoint = load(tmp_path / "x.ckpt")
     assert RAW_WEIGHTS_KEY not in checkpoint
     probe = StartSnapshot()
-    with pytest.warns(UserWarning, match="no raw weights"):
+    with pytest.warns(UserWarning, match="no raw-weight fix-ups"):
         fit(llama_trio, data_files, [lssf(llama_trio, keep_raw_weights=False), probe], max_epochs=2, ckpt_path=tmp_path / "x.ckpt")
     expected = checkpoint["state_dict"][Q0].double() - correction(llama_trio, Q0)
     assert torch.allclose(probe.weights[Q0].double(), expected, atol=1e-6)

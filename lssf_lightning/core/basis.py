@@ -11,7 +11,15 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["basis_weights", "check_alpha_1", "fuse_weight", "fusion_factors", "weighted_basis"]
+__all__ = [
+    "add_correction",
+    "basis_weights",
+    "check_alpha_1",
+    "fuse_weight",
+    "fusion_factors",
+    "low_rank_product",
+    "weighted_basis",
+]
 
 
 def _check_positive(name: str, value: float) -> float:
@@ -81,6 +89,23 @@ def fusion_factors(weighted: Tensor, delta: Tensor) -> tuple[Tensor, Tensor]:
     return left, right
 
 
+def low_rank_product(left: Tensor, right: Tensor, like: Tensor) -> Tensor:
+    """``left @ right`` in at least float32 (and at least ``like``'s precision), on ``like``'s device."""
+    dtype = torch.promote_types(torch.promote_types(like.dtype, left.dtype), torch.float32)
+    return left.to(device=like.device, dtype=dtype) @ right.to(device=like.device, dtype=dtype)
+
+
+def add_correction(weight: Tensor, product: Tensor, alpha: float = 1.0) -> Tensor:
+    """``W + α · product`` in ``product``'s dtype, cast back to ``weight``'s dtype (a new tensor).
+
+    The one place fusion rounds: adding ``-α`` to the result with the same ``product`` retraces the same
+    operation, which is what lets a resume recover the raw weights (see ``LSSFCallback``).
+    """
+    if tuple(weight.shape) != tuple(product.shape):
+        raise ValueError(f"weight of shape {tuple(weight.shape)} does not match the correction's {tuple(product.shape)}")
+    return torch.add(weight.to(product.dtype), product, alpha=float(alpha)).to(weight.dtype)
+
+
 def fuse_weight(weight: Tensor, left: Tensor, right: Tensor, alpha: float = 1.0) -> Tensor:
     """``W + α · left @ right`` computed in float32 (or wider) and cast back to ``weight``'s dtype.
 
@@ -89,7 +114,4 @@ def fuse_weight(weight: Tensor, left: Tensor, right: Tensor, alpha: float = 1.0)
     expected = (left.shape[0], right.shape[1])
     if tuple(weight.shape) != expected:
         raise ValueError(f"weight of shape {tuple(weight.shape)} does not match the factors' {expected}")
-    dtype = torch.promote_types(torch.promote_types(weight.dtype, left.dtype), torch.float32)
-    device = weight.device
-    correction = left.to(device=device, dtype=dtype) @ right.to(device=device, dtype=dtype)
-    return torch.add(weight.to(dtype), correction, alpha=float(alpha)).to(weight.dtype)
+    return add_correction(weight, low_rank_product(left, right, weight), alpha)

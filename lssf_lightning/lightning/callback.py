@@ -24,7 +24,7 @@ from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelP
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 
-from lssf_lightning.core.basis import check_alpha_1
+from lssf_lightning.core.basis import add_correction, check_alpha_1
 from lssf_lightning.core.entropy import check_eta
 from lssf_lightning.io.export import write_model_directory
 from lssf_lightning.io.names import canonical_key, is_adapter_key
@@ -33,7 +33,7 @@ from lssf_lightning.subspace import SafetySubspace
 
 __all__ = ["LSSFCallback"]
 
-RAW_WEIGHTS_KEY = "lssf_raw_state_dict"
+RAW_WEIGHTS_KEY = "lssf_raw_fixups"
 CHECKPOINT_INFO_KEY = "lssf"
 _MONITORED = ("refusal_rate", "refusal_rate_realigned", "harmless_refusal_rate", "harmless_refusal_rate_realigned")
 
@@ -46,8 +46,9 @@ class LSSFCallback(Callback):
     ``α·U'(U'ᵀδ)`` into the weights at the moment ``apply_on`` chooses:
 
     - ``"checkpoint"``: every checkpoint Lightning writes holds realigned weights in ``state_dict`` (so
-      ``load_from_checkpoint`` and exports give the safe model) while the live weights stay raw; the raw
-      target weights ride along under ``"lssf_raw_state_dict"`` so that resuming continues exactly from them.
+      ``load_from_checkpoint`` and exports give the safe model) while the live weights stay raw. Resuming
+      recomputes the correction, subtracts it, and restores the few entries where rounding differs from the
+      raw value (stored under ``"lssf_raw_fixups"``), so training continues from the raw weights exactly.
     - ``"epochs"``: the live weights are realigned at the end of the epochs in ``apply_epochs``, before
       ``ModelCheckpoint`` saves that epoch (ModelPruning-style).
     - ``"train_end"``: nothing changes during training; at the end ``export_dir`` receives a realigned model.
@@ -94,9 +95,10 @@ class LSSFCallback(Callback):
             here. Required for ``"train_end"``, optional otherwise.
         subspace_cache: a ``.safetensors`` file for the subspace: loaded when its content hash matches the
             inputs, written after a build.
-        keep_raw_weights: in ``"checkpoint"`` mode, also store the raw target weights so resuming is exact.
-            ``False`` keeps checkpoints smaller; a resume then recovers the raw weights as
-            ``fused − correction``, equal up to float rounding.
+        keep_raw_weights: in ``"checkpoint"`` mode, store what makes resuming exact: the entries where
+            ``fused − correction`` does not round back to the raw value (typically a few percent, as index and
+            value) and a checksum. ``False``: a resume recovers the raw weights as ``fused − correction``,
+            equal up to float rounding.
         monitor_refusal: log refusal rates at every validation epoch end.
         refusal_prompts: harmful prompts for the monitor (a .txt/.jsonl/.csv path); default: the bundled set.
         harmless_prompts: harmless prompts for the over-refusal rate; default: the bundled set.
@@ -297,33 +299,39 @@ class LSSFCallback(Callback):
             return
         extra = self.alpha - self.applied_alpha
         state = checkpoint.get("state_dict") or {}
-        matched = self._matched(state.keys())
-        raw = {}
-        for key, name in matched.items():
-            raw[key] = state[key]
-            state[key] = self.subspace.fuse_tensor(name, state[key], extra)
+        fixups = {}
+        for key, name in self._matched(state.keys()).items():
+            raw = state[key]
+            product = self.subspace.product(name, raw)
+            state[key] = add_correction(raw, product, extra)  # a new tensor: the live weights stay raw
+            if self.keep_raw_weights:
+                fixups[key] = _fixup(raw, add_correction(state[key], product, -extra))
         checkpoint[CHECKPOINT_INFO_KEY] = {"alpha_added": extra, "applied_alpha": self.applied_alpha,
                                            "fingerprint": self.subspace.metadata.get("fingerprint")}
         if self.keep_raw_weights:
-            checkpoint[RAW_WEIGHTS_KEY] = raw
+            checkpoint[RAW_WEIGHTS_KEY] = fixups
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         info = checkpoint.get(CHECKPOINT_INFO_KEY)
-        if not info or trainer.state.fn != "fit":
+        if not info or trainer.state.fn != "fit" or self.subspace is None or not info.get("alpha_added"):
             return
+        fixups = checkpoint.get(RAW_WEIGHTS_KEY)
+        if fixups is None:
+            rank_zero_warn("LSSFCallback: the checkpoint holds no raw-weight fix-ups (keep_raw_weights=False); "
+                           "resuming from realigned weights minus the correction, equal to the raw ones up to rounding.")
         parameters = _named_tensors(pl_module)
-        raw = checkpoint.get(RAW_WEIGHTS_KEY)
+        inexact = []
         with torch.no_grad(), _full_parameters(trainer, pl_module):
-            if raw is not None:
-                for key, tensor in raw.items():
-                    parameters[key].copy_(tensor)
-                return
-            if self.subspace is None or not info.get("alpha_added"):
-                return
-            rank_zero_warn("LSSFCallback: the checkpoint holds no raw weights (keep_raw_weights=False); resuming "
-                           "from realigned weights minus the correction, equal to the raw ones up to rounding.")
             for key, name in self._matched(parameters.keys()).items():
-                parameters[key].copy_(self.subspace.fuse_tensor(name, parameters[key], -info["alpha_added"]))
+                fused = parameters[key]
+                raw = add_correction(fused, self.subspace.product(name, fused), -info["alpha_added"])
+                if fixups is not None and key in fixups:
+                    if not _apply_fixup(raw, fixups[key]):
+                        inexact.append(key)
+                fused.copy_(raw)
+        if inexact:
+            rank_zero_warn(f"LSSFCallback: {len(inexact)} weights (e.g. {inexact[0]}) came back close to, not exactly, "
+                           "their raw values: the correction was recomputed differently (other hardware or threads?).")
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -514,6 +522,26 @@ class LSSFCallback(Callback):
     def _info(self, message: str) -> None:
         if self.verbose:
             rank_zero_info(message)
+
+
+def _fixup(raw: Tensor, recovered: Tensor) -> dict[str, Any]:
+    """What a resume needs to turn ``recovered`` (``fused − correction``) back into ``raw`` exactly: the few
+    entries where rounding differs, and a checksum of the raw tensor."""
+    flat_raw, flat_recovered = raw.reshape(-1), recovered.reshape(-1)
+    index = torch.nonzero(flat_recovered != flat_raw).squeeze(1)
+    return {"index": index.cpu(), "value": flat_raw[index].cpu(), "checksum": _checksum(raw)}
+
+
+def _apply_fixup(recovered: Tensor, fixup: dict[str, Any]) -> bool:
+    """Write the stored raw entries into ``recovered``; True when the result matches the raw checksum."""
+    flat = recovered.view(-1)
+    flat[fixup["index"].to(flat.device)] = fixup["value"].to(device=flat.device, dtype=flat.dtype)
+    return _checksum(recovered) == fixup["checksum"]
+
+
+def _checksum(tensor: Tensor) -> tuple[float, float]:
+    values = tensor.detach().double()
+    return float(values.sum()), float(values.square().sum())
 
 
 def _is_causal_lm(module: nn.Module) -> bool:
