@@ -319,9 +319,9 @@ class LSSFCallback(Callback):
         if fixups is None:
             rank_zero_warn("LSSFCallback: the checkpoint holds no raw-weight fix-ups (keep_raw_weights=False); "
                            "resuming from realigned weights minus the correction, equal to the raw ones up to rounding.")
-        parameters = _named_tensors(pl_module)
         inexact = []
         with torch.no_grad(), _full_parameters(trainer, pl_module):
+            parameters = _named_tensors(pl_module)
             for key, name in self._matched(parameters.keys()).items():
                 fused = parameters[key]
                 raw = add_correction(fused, self.subspace.product(name, fused), -info["alpha_added"])
