@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from lssf_lightning.core.basis import add_correction, check_alpha_1, fusion_factors, low_rank_product, weighted_basis
 from lssf_lightning.core.entropy import check_eta
 from lssf_lightning.core.svd import safety_spectrum
+from lssf_lightning.io.calibration import calibration_factors, calibration_identity
 from lssf_lightning.io.names import (
     KeyMatcher,
     canonical_key,
@@ -172,21 +173,8 @@ def _settings(eta, alpha_1, source, max_rank, target_modules, exclude_modules, c
         "exclude_modules": as_json(exclude_modules),
     }
     if source == "activations":
-        settings["calibration"] = _calibration_identity(calibration)
+        settings["calibration"] = calibration_identity(calibration)
     return settings
-
-
-def _calibration_identity(calibration) -> dict[str, str]:
-    """What the calibration set is, by content: a file's bytes, an inline list, or the bundled set."""
-    if calibration is None:
-        return {"source": "bundled:harmful_calibration"}
-    if isinstance(calibration, (str, os.PathLike)):
-        path = Path(calibration).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"calibration file not found: {path}")
-        return {"source": str(path), "hash": hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()}
-    items = [i if isinstance(i, str) else list(i) for i in calibration]
-    return {"source": "inline", "hash": hashlib.blake2b(json.dumps(items).encode(), digest_size=16).hexdigest()}
 
 
 class _Fingerprint:
@@ -286,7 +274,7 @@ class SafetySubspace:
         right_factors: dict[str, Tensor] = {}
         calibration_stats = None
         if source == "activations":
-            right_factors, calibration_stats = _calibration_factors(
+            right_factors, calibration_stats = calibration_factors(
                 aligned_store, aligned, pairs, calibration, tokenizer, max_calibration_tokens, progress
             )
         fingerprint = _Fingerprint(settings)
@@ -569,83 +557,3 @@ def _build_entry(
         total_energy=float(spectrum.total_energy),
         conv1d=conv1d,
     )
-
-
-def _calibration_factors(aligned_store, aligned, pairs, calibration, tokenizer, max_tokens, progress):
-    """Per target: ``X̂ᵀ``'s stand-in ``Rᵀ/√T`` from the aligned model's inputs at calibration response tokens."""
-    from lssf_lightning.io.calibration import collect_input_sketches, response_token_batches
-
-    model, tokenizer = _calibration_model(aligned_store, aligned, tokenizer)
-    prompt_pairs = _calibration_pairs(calibration, model, tokenizer, progress)
-    batches = response_token_batches(tokenizer, prompt_pairs)
-    if max_tokens is not None:
-        batches = _limit_tokens(batches, max_tokens)
-    store = ModuleStore(model)
-    matcher = KeyMatcher(store.keys())
-    modules = {}
-    for name, (aligned_key, _) in pairs.items():
-        key = matcher.match(aligned_key)
-        owner = store.owner(key) if key else None
-        if owner is None:
-            raise ValueError(f"calibration model has no module for {name}")
-        modules[name] = owner
-    sketches = collect_input_sketches(model, modules, batches, progress=progress)
-    info = {"pairs": len(prompt_pairs), "tokens": int(sum(b["response_mask"].sum() for b in batches))}
-    return {name: sketch.right_factor() for name, sketch in sketches.items()}, info
-
-
-def _calibration_model(aligned_store, aligned, tokenizer):
-    if isinstance(aligned, nn.Module):
-        model = aligned
-    else:
-        directory = getattr(aligned_store, "directory", None)
-        if directory is None:
-            raise ValueError("source='activations' needs the aligned model as an nn.Module or a HF model directory")
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
-    if tokenizer is None:
-        directory = getattr(aligned_store, "directory", None) or getattr(
-            getattr(model, "config", None), "_name_or_path", None
-        )
-        if not directory:
-            raise ValueError("source='activations' needs a tokenizer (pass tokenizer=...)")
-        tokenizer = directory
-    if isinstance(tokenizer, (str, os.PathLike)):
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
-    return model, tokenizer
-
-
-def _calibration_pairs(calibration, model, tokenizer, progress) -> list[tuple[str, str]]:
-    from lssf_lightning.metrics import generate_responses, load_prompt_pairs, load_prompts
-
-    if calibration is None:
-        items: list = load_prompts("harmful_calibration")
-    elif isinstance(calibration, (str, os.PathLike)):
-        items = load_prompt_pairs(str(calibration))
-    else:
-        items = list(calibration)
-    if not items:
-        raise ValueError("the calibration set is empty")
-    prompts = [i if isinstance(i, str) else i[0] for i in items]
-    responses = [None if isinstance(i, str) else i[1] for i in items]
-    todo = [i for i, r in enumerate(responses) if not r]
-    if todo:
-        generated = generate_responses(model, tokenizer, [prompts[i] for i in todo], max_new_tokens=64,
-                                       progress=progress)
-        for i, text in zip(todo, generated):
-            responses[i] = text
-    return list(zip(prompts, responses))
-
-
-def _limit_tokens(batches, max_tokens):
-    kept, total = [], 0
-    for batch in batches:
-        if total >= max_tokens:
-            break
-        kept.append(batch)
-        total += int(batch["response_mask"].sum())
-    return kept
-
