@@ -7,6 +7,7 @@ Built once from an aligned model and its unaligned counterpart, it holds, for ev
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -14,7 +15,7 @@ import math
 import os
 import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -418,6 +419,27 @@ class SafetySubspace:
                     out[key] = fused
             return out
         raise TypeError(f"target must be an nn.Module or a name→tensor mapping, got {type(target).__name__}")
+
+    @contextlib.contextmanager
+    def temporarily_fused(self, module: nn.Module, alpha: float = 1.0) -> Iterator[nn.Module]:
+        """Fuse into ``module``'s own weights for the ``with`` block; the exact raw weights come back after.
+
+        The raw values of the matched weights wait on the CPU meanwhile (one copy of those weights).
+        """
+        store = ModuleStore(module)
+        saved: dict[str, Tensor] = {}
+        try:
+            with torch.no_grad():
+                if alpha != 0:
+                    for key, name in self._match_target(store).items():
+                        parameter = store.parameter(key)
+                        saved[key] = parameter.detach().to("cpu", copy=True)
+                        parameter.copy_(self._fused(name, parameter, alpha))
+            yield module
+        finally:
+            with torch.no_grad():
+                for key, raw in saved.items():
+                    store.parameter(key).copy_(raw)
 
     def fuse_tensor(self, key: str, weight: Tensor, alpha: float = 1.0) -> Tensor:
         """``weight + α·U'U'ᵀδ`` for the subspace entry ``key`` (a new tensor, in ``weight``'s dtype)."""

@@ -256,6 +256,42 @@ def test_min_refusal_rate_realigns_the_live_model(llama_trio, data_files):
     assert torch.allclose(after.seen[0].double(), state(plain)[Q0].double() + correction(llama_trio, Q0), atol=1e-6)
 
 
+class ScriptedJudge:
+    """Refuses everything on the calls listed in ``refusing`` (0-based), nothing otherwise."""
+
+    def __init__(self, refusing):
+        self.refusing, self.calls = set(refusing), 0
+
+    def __call__(self, responses):
+        verdict = self.calls in self.refusing
+        self.calls += 1
+        return [verdict] * len(responses)
+
+
+def test_auto_alpha_picks_the_smallest_alpha_reaching_the_aligned_rate(llama_trio, data_files, tmp_path):
+    # call 0: the aligned model at fit start (refuses: target 0.95); call 1: alpha 0.5 (no); call 2: alpha 1.0 (yes)
+    judge = ScriptedJudge(refusing={0, 2})
+    callback = lssf(llama_trio, alpha="auto", auto_alphas=[2.0, 0.5, 1.0], judge=judge)
+    trainer, module = fit(llama_trio, data_files, [callback, ModelCheckpoint(dirpath=tmp_path, filename="x")],
+                          max_epochs=1, validate=True)
+    assert judge.calls == 3 and callback.current_alpha == 1.0
+    assert callback.alpha_curve == [{"alpha": 0.5, "refusal": 0.0}, {"alpha": 1.0, "refusal": 1.0}]
+    assert float(trainer.callback_metrics["lssf/alpha"]) == 1.0
+    saved = load(tmp_path / "x.ckpt")
+    assert saved["callbacks"][callback.state_key]["auto_target"] == pytest.approx(0.95)
+    expected = state(module)[Q0].double() + correction(llama_trio, Q0, alpha=1.0)
+    assert torch.allclose(saved["state_dict"][Q0].double(), expected, atol=1e-6)
+
+
+def test_auto_alpha_without_validation_tunes_once_at_the_end(llama_trio, data_files, tmp_path):
+    judge = ScriptedJudge(refusing=set())  # nothing restores refusal: the highest-refusal (smallest tied) alpha
+    callback = lssf(llama_trio, alpha="auto", auto_alphas=[0.5, 3.0], auto_target=0.5, judge=judge,
+                    export_dir=str(tmp_path / "export"))
+    with pytest.warns(UserWarning, match="no alpha in"):
+        fit(llama_trio, data_files, [callback], max_epochs=1)
+    assert callback.current_alpha == 0.5 and len(callback.alpha_curve) == 2 and judge.calls == 2
+
+
 def test_subspace_cache_is_reused_and_rebuilt_when_stale(llama_trio, data_files, tmp_path, monkeypatch):
     cache = tmp_path / "cache.safetensors"
     fit(llama_trio, data_files, [lssf(llama_trio, subspace_cache=str(cache))], max_epochs=1)
@@ -278,7 +314,10 @@ def test_subspace_cache_is_reused_and_rebuilt_when_stale(llama_trio, data_files,
     ("kwargs", "message"),
     [
         ({"eta": 0}, "eta must be in"),
-        ({"alpha": float("nan")}, "`alpha` must be a finite number"),
+        ({"alpha": float("nan")}, "`alpha` must be a finite number or 'auto'"),
+        ({"alpha": "max"}, "`alpha` must be a finite number or 'auto'"),
+        ({"auto_alphas": []}, "`auto_alphas` must be a non-empty list"),
+        ({"auto_target": 1.5}, r"`auto_target` must be in \[0, 1\]"),
         ({"apply_on": "sometimes"}, "`apply_on` must be one of"),
         ({"apply_on": "epochs"}, "needs `apply_epochs`"),
         ({"apply_on": "epochs", "apply_epochs": [-1]}, "needs `apply_epochs`"),

@@ -35,6 +35,7 @@ __all__ = ["LSSFCallback"]
 
 RAW_WEIGHTS_KEY = "lssf_raw_fixups"
 CHECKPOINT_INFO_KEY = "lssf"
+DEFAULT_AUTO_ALPHAS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0)
 _MONITORED = ("refusal_rate", "refusal_rate_realigned", "harmless_refusal_rate", "harmless_refusal_rate_realigned")
 
 
@@ -78,7 +79,9 @@ class LSSFCallback(Callback):
             (read in ``setup``, before any checkpoint is restored) — the usual case of fine-tuning the aligned
             model itself.
         eta: share of the safety singular value entropy kept by each rank, in ``(0, 1]``.
-        alpha: fusion strength ``α``.
+        alpha: fusion strength ``α``, or ``"auto"``: at each validation epoch end (or once at the end of training
+            without validation) the smallest of ``auto_alphas`` whose realigned model refuses at least the target
+            share of ``auto_prompts`` (see :meth:`choose_alpha`); ``1.0`` until then. Logged as ``lssf/alpha``.
         alpha_1: weight of the strongest direction in the weighted projector (``1`` = plain projector).
         source: ``"weights"`` (SVD of ``δ``, data-free) or ``"activations"`` (SVD of ``δ·X̂`` on the inputs of
             ``calibration``).
@@ -111,6 +114,12 @@ class LSSFCallback(Callback):
         tokenizer: tokenizer path for the monitor; default: the module's ``tokenizer`` attribute, else the one
             in ``unaligned``.
         svd_method: ``"auto"`` (fast, certified), ``"exact"``, ``"randomized"`` or ``"gram"``.
+        auto_alphas: the grid for ``alpha="auto"`` (default ``0.25 … 3``).
+        auto_target: the refusal rate ``alpha="auto"`` aims at; default: the aligned model's own rate on
+            ``auto_prompts``, measured at fit start, minus ``auto_tolerance``.
+        auto_tolerance: see ``auto_target``.
+        auto_prompts: harmful prompts for tuning ``α`` (a path); default: the bundled calibration set, which is
+            disjoint from the monitor's evaluation prompts.
         verbose: print what the callback does.
 
     Raises:
@@ -123,7 +132,7 @@ class LSSFCallback(Callback):
         unaligned: str,
         aligned: str | None = None,
         eta: float = 0.9,
-        alpha: float = 1.0,
+        alpha: float | Literal["auto"] = 1.0,
         alpha_1: float = 1.0,
         source: Literal["weights", "activations"] = "weights",
         calibration: str | None = None,
@@ -145,6 +154,10 @@ class LSSFCallback(Callback):
         model_attribute: str | None = None,
         tokenizer: str | None = None,
         svd_method: Literal["auto", "exact", "randomized", "gram"] = "auto",
+        auto_alphas: list[float] | None = None,
+        auto_target: float | None = None,
+        auto_tolerance: float = 0.05,
+        auto_prompts: str | None = None,
         verbose: bool = True,
     ) -> None:
         super().__init__()
@@ -153,8 +166,13 @@ class LSSFCallback(Callback):
             check_alpha_1(alpha_1)
         except ValueError as err:
             raise MisconfigurationException(str(err)) from None
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-            raise MisconfigurationException(f"`alpha` must be a finite number, got {alpha!r}")
+        if alpha != "auto" and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha)):
+            raise MisconfigurationException(f"`alpha` must be a finite number or 'auto', got {alpha!r}")
+        auto_alphas = list(auto_alphas) if auto_alphas is not None else list(DEFAULT_AUTO_ALPHAS)
+        if not auto_alphas or not all(isinstance(a, (int, float)) and math.isfinite(a) and a > 0 for a in auto_alphas):
+            raise MisconfigurationException(f"`auto_alphas` must be a non-empty list of numbers > 0, got {auto_alphas!r}")
+        if auto_target is not None and not 0.0 <= auto_target <= 1.0:
+            raise MisconfigurationException(f"`auto_target` must be in [0, 1], got {auto_target!r}")
         if source not in ("weights", "activations"):
             raise MisconfigurationException(f"`source` must be 'weights' or 'activations', got {source!r}")
         if apply_on not in ("checkpoint", "epochs", "train_end"):
@@ -174,7 +192,7 @@ class LSSFCallback(Callback):
         self.unaligned = unaligned
         self.aligned = aligned
         self.eta = eta
-        self.alpha = float(alpha)
+        self.alpha = alpha if alpha == "auto" else float(alpha)
         self.alpha_1 = alpha_1
         self.source = source
         self.calibration = calibration
@@ -196,9 +214,16 @@ class LSSFCallback(Callback):
         self.model_attribute = model_attribute
         self.tokenizer = tokenizer
         self.svd_method = svd_method
+        self.auto_alphas = sorted(float(a) for a in auto_alphas)
+        self.auto_target = auto_target
+        self.auto_tolerance = float(auto_tolerance)
+        self.auto_prompts = auto_prompts
         self.verbose = verbose
 
         self.subspace: SafetySubspace | None = None
+        self.current_alpha = 1.0 if alpha == "auto" else float(alpha)
+        self.alpha_curve: list = []
+        self._target_value: float | None = auto_target
         self.applied_alpha = 0.0
         self._applied_epochs: set[int] = set()
         self._resolved_epochs: set[int] = set()
@@ -217,7 +242,7 @@ class LSSFCallback(Callback):
 
     def alpha_at(self, epoch: int) -> float:
         """The total fusion strength the live weights should carry after ``epoch``'s application."""
-        return self.alpha
+        return self.current_alpha
 
     # -- setup ------------------------------------------------------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -297,7 +322,7 @@ class LSSFCallback(Callback):
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         if self.apply_on != "checkpoint" or self.subspace is None or not trainer.is_global_zero:
             return
-        extra = self.alpha - self.applied_alpha
+        extra = self.current_alpha - self.applied_alpha
         state = checkpoint.get("state_dict") or {}
         fixups = {}
         for key, name in self._matched(state.keys()).items():
@@ -336,12 +361,18 @@ class LSSFCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {
             "applied_alpha": self.applied_alpha,
+            "current_alpha": self.current_alpha,
+            "auto_target": self._target_value,
+            "alpha_curve": self.alpha_curve,
             "applied_epochs": sorted(self._applied_epochs),
             "fingerprint": self.subspace.metadata.get("fingerprint") if self.subspace else None,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.applied_alpha = float(state_dict.get("applied_alpha", 0.0))
+        self.current_alpha = float(state_dict.get("current_alpha", self.current_alpha))
+        self._target_value = state_dict.get("auto_target", self._target_value)
+        self.alpha_curve = list(state_dict.get("alpha_curve", []))
         self._applied_epochs = set(state_dict.get("applied_epochs", []))
         fingerprint = state_dict.get("fingerprint")
         if fingerprint and self.subspace is not None and fingerprint != self.subspace.metadata.get("fingerprint"):
@@ -349,13 +380,66 @@ class LSSFCallback(Callback):
                            "(other weights or settings) than the one built for this run.")
 
     # -- epochs mode and live fusion ----------------------------------------------------------------------
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.alpha == "auto" and self._target_value is None and trainer.ckpt_path is None:
+            aligned_rate = self._refusal_rate(trainer, pl_module, self._auto_prompts(trainer))
+            self._target_value = max(aligned_rate - self.auto_tolerance, 0.0)
+            self._info(f"LSSF: the aligned model refuses {aligned_rate:.0%} of the alpha-tuning prompts; "
+                       f"alpha='auto' aims at {self._target_value:.0%}")
+
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
+        if self.alpha == "auto":
+            self.choose_alpha(trainer, pl_module)
+            pl_module.log("lssf/alpha", self.current_alpha, on_epoch=True)
         if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             self._maybe_apply(trainer, pl_module)
         if self.monitor_refusal:
             self._monitor(trainer, pl_module)
+
+    def choose_alpha(self, trainer: Trainer, pl_module: LightningModule) -> float:
+        """``alpha="auto"``: set ``current_alpha`` to the smallest of ``auto_alphas`` whose realigned model refuses
+        at least the target share of the tuning prompts (``auto_target``, or the aligned model's own rate measured
+        at fit start minus ``auto_tolerance``); the highest-refusal ``α`` when none reaches it."""
+        from lssf_lightning.tuning import refusal_curve, smallest_alpha_reaching
+
+        target = self._target_value if self._target_value is not None else 1.0 - self.auto_tolerance
+        offset = self.applied_alpha  # the live weights already carry this much
+        curve = refusal_curve(
+            self._hf_model(pl_module), self._resolve_tokenizer(pl_module), self.subspace,
+            [a - offset for a in self.auto_alphas], self._auto_prompts(trainer), target=target,
+            max_new_tokens=self.monitor_max_new_tokens, rate=lambda answers: self._synced_rate(pl_module, answers),
+        )
+        self.alpha_curve = [{"alpha": p.alpha + offset, "refusal": p.harmful_refusal} for p in curve]
+        alpha, reached = smallest_alpha_reaching(curve, target)
+        self.current_alpha = alpha + offset
+        if not reached:
+            rank_zero_warn(f"LSSFCallback: no alpha in {self.auto_alphas} restores {target:.0%} refusal on the tuning "
+                           f"prompts; using alpha={self.current_alpha:g} (the highest refusal, {curve[-1]})")
+        self._info(f"LSSF: alpha='auto' chose alpha={self.current_alpha:g} (curve {self.alpha_curve})")
+        return self.current_alpha
+
+    def _auto_prompts(self, trainer: Trainer) -> list[str]:
+        from lssf_lightning.metrics import load_prompts
+
+        prompts = load_prompts(self.auto_prompts or "harmful_calibration")
+        return prompts[trainer.global_rank :: trainer.world_size]
+
+    def _refusal_rate(self, trainer: Trainer, pl_module: LightningModule, prompts: list[str]) -> float:
+        from lssf_lightning.metrics import generate_responses
+
+        answers = generate_responses(self._hf_model(pl_module), self._resolve_tokenizer(pl_module), prompts,
+                                     max_new_tokens=self.monitor_max_new_tokens)
+        return self._synced_rate(pl_module, answers)
+
+    def _synced_rate(self, pl_module: LightningModule, answers: list[str]) -> float:
+        """The refusal rate of ``answers`` summed over all ranks (a collective: every rank calls it)."""
+        from lssf_lightning.metrics import HarmfulRefusalRate
+
+        metric = HarmfulRefusalRate(judge=self.judge).to(pl_module.device)
+        metric.update(answers)
+        return float(metric.compute())
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._maybe_apply(trainer, pl_module)
@@ -371,7 +455,7 @@ class LSSFCallback(Callback):
     def realign_live(self, pl_module: LightningModule, target_alpha: float | None = None) -> None:
         """Bring the live weights to a fusion strength of ``target_alpha`` (default ``alpha``), adding only the
         difference to what earlier applications added."""
-        target_alpha = self.alpha if target_alpha is None else float(target_alpha)
+        target_alpha = self.current_alpha if target_alpha is None else float(target_alpha)
         extra = target_alpha - self.applied_alpha
         if extra != 0:
             parameters = _named_tensors(pl_module)
@@ -380,25 +464,10 @@ class LSSFCallback(Callback):
                     parameters[key].copy_(self.subspace.fuse_tensor(name, parameters[key], extra))
         self.applied_alpha = target_alpha
 
-    @contextlib.contextmanager
-    def realigned_weights(self, pl_module: LightningModule) -> Iterator[None]:
-        """Swap the fully realigned weights into ``pl_module`` for the block; the exact raw weights come back."""
-        extra = self.alpha - self.applied_alpha
-        if extra == 0:
-            yield
-            return
-        parameters = _named_tensors(pl_module)
-        saved = {}
-        try:
-            with torch.no_grad():
-                for key, name in self._matched(parameters.keys()).items():
-                    saved[key] = parameters[key].detach().to("cpu", copy=True)
-                    parameters[key].copy_(self.subspace.fuse_tensor(name, parameters[key], extra))
-            yield
-        finally:
-            with torch.no_grad():
-                for key, tensor in saved.items():
-                    parameters[key].copy_(tensor)
+    def realigned_weights(self, pl_module: LightningModule):
+        """Context manager: the fully realigned weights (``current_alpha``) in ``pl_module`` for the block; the
+        exact raw weights come back after."""
+        return self.subspace.temporarily_fused(self._hf_model(pl_module), self.current_alpha - self.applied_alpha)
 
     # -- monitor ----------------------------------------------------------------------------------------
     def _monitor(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -418,7 +487,7 @@ class LSSFCallback(Callback):
             return generate_responses(model, tokenizer, shard[kind], max_new_tokens=self.monitor_max_new_tokens)
 
         raw = {kind: answers(kind) for kind in shard}
-        if self.alpha != self.applied_alpha:
+        if self.current_alpha != self.applied_alpha:
             with self.realigned_weights(pl_module):
                 realigned = {kind: answers(kind) for kind in shard}
         else:
@@ -434,16 +503,19 @@ class LSSFCallback(Callback):
         for name, value in values.items():
             pl_module.log(f"lssf/{name}", value, on_epoch=True, prog_bar=name == "refusal_rate", sync_dist=False)
         if self.min_refusal_rate is not None and float(values["refusal_rate"]) < self.min_refusal_rate:
-            if self.applied_alpha != self.alpha:
+            if self.applied_alpha != self.current_alpha:
                 self.realign_live(pl_module)
                 self._info(f"LSSF: refusal rate {float(values['refusal_rate']):.2f} < {self.min_refusal_rate}: "
                            "realigned the live weights")
 
     # -- export -----------------------------------------------------------------------------------------
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self.export_dir or self.subspace is None:
+        if self.subspace is None:
             return
-        self.export(trainer, pl_module, self.export_dir)
+        if self.alpha == "auto" and not self.alpha_curve:
+            self.choose_alpha(trainer, pl_module)  # no validation ran: tune once, before the export
+        if self.export_dir:
+            self.export(trainer, pl_module, self.export_dir)
 
     def export(self, trainer: Trainer, pl_module: LightningModule, directory: str | os.PathLike) -> Path | None:
         """Write the realigned model (live weights + the missing correction) as a HF model directory.
@@ -459,7 +531,7 @@ class LSSFCallback(Callback):
             store, prefix = ModuleStore(hf_model), ""
         path = None
         if trainer.is_global_zero:
-            extra = self.alpha - self.applied_alpha
+            extra = self.current_alpha - self.applied_alpha
             edits = {key: (lambda w, n=name: self.subspace.fuse_tensor(n, w, extra)) for key, name in
                      self._matched(store.keys()).items()}
             names = {k: None if is_adapter_key(k) else canonical_key(k.removeprefix(prefix)) for k in store.keys()}
