@@ -13,16 +13,6 @@ from lssf_lightning.core.svd import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These matrices are small: with 2 OpenMP threads on a busy machine, barrier waits made this file ~100×
-    slower (135 s instead of 1 s)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def matrix_with_spectrum(d_out: int, d_in: int, sigma, seed: int = 0, dtype=torch.float32) -> torch.Tensor:
     """``U·diag(σ)·Vᵀ`` with random orthonormal ``U``, ``V`` (built in float64)."""
     generator = torch.Generator().manual_seed(seed)
