@@ -1,7 +1,7 @@
 """What LSSFCallback costs a run: checkpoint save time with and without it, and the refusal monitor's share
 of a training epoch, on the demo's configuration (SmolLM2-135M, the generated topic task, batch 8).
 
-    python benchmarks/bench_callback.py [--models demo_output/models] [--train-examples 256]
+    python benchmarks/bench_callback.py [--models demo_output/models] [--train-examples 384]
 
 Uses the demo's aligned and base models when `lssf-lightning demo` has written them; otherwise real
 SmolLM2-135M weights as the aligned model and a copy with a synthetic low-rank difference as the base.
@@ -69,7 +69,8 @@ def synthetic_pair(root: Path) -> tuple[Path, Path]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="demo_output/models")
-    parser.add_argument("--train-examples", type=int, default=256, help="rows per epoch (batch 8)")
+    parser.add_argument("--train-examples", type=int, default=384,
+                        help="rows per epoch, batch 8 (default: the full demo's task_train.jsonl)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="lssf-bench-callback-"))

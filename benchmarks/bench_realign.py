@@ -7,7 +7,8 @@ written them (``demo_output/models``), otherwise real SmolLM2-135M weights as th
 vector (aligned = base + δ) and a synthetic fine-tune (fine-tuned = aligned + noise). Every measurement runs
 in its own process; memory is the peak resident set minus the resident set of the same process once its
 imports are done ("above an idle interpreter"). Files are read once beforehand so that every row reads
-from the page cache.
+from the page cache; with ``--cold`` (root only) the page cache is dropped before every row instead, so that
+every row reads from disk, as a post-hoc run on a freshly downloaded checkpoint does.
 """
 
 from __future__ import annotations
@@ -34,14 +35,14 @@ ROWS = {
     "realign": """
         from lssf_lightning.realign import realign_checkpoint
         start()
-        realign_checkpoint(FT, OUT, aligned=ALIGNED, unaligned=BASE, progress=False)
+        realign_checkpoint(FT, f"{OUT}/model", aligned=ALIGNED, unaligned=BASE, progress=False)
     """,
     "realign --subspace": """
         from lssf_lightning.realign import realign_checkpoint
         from lssf_lightning.subspace import SafetySubspace
         SafetySubspace.from_weights(ALIGNED, BASE, progress=False).save(f"{OUT}.subspace")
         start()
-        realign_checkpoint(FT, OUT, subspace=f"{OUT}.subspace", progress=False)
+        realign_checkpoint(FT, f"{OUT}/model", subspace=f"{OUT}.subspace", progress=False)
     """,
     "all in memory (reference)": """
         import torch
@@ -126,9 +127,17 @@ def prepare_synthetic(root: Path) -> tuple[Path, Path, Path]:
     return base, root / "aligned", root / "finetuned"
 
 
-def measure(name: str, code: str, ft: Path, aligned: Path, base: Path, work: Path, threads: int) -> dict:
+def drop_page_cache() -> None:
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def measure(name: str, code: str, ft: Path, aligned: Path, base: Path, work: Path, threads: int,
+            cold: bool = False) -> dict:
     out = work / name.replace(" ", "_").replace("(", "").replace(")", "")
     shutil.rmtree(out, ignore_errors=True)
+    if cold:
+        drop_page_cache()
     script = PRELUDE.format(threads=threads, ft=str(ft), aligned=str(aligned), base=str(base), out=str(out))
     script += textwrap.dedent(code) + EPILOGUE
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
@@ -142,7 +151,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default="demo_output/models", help="directory with base/aligned/finetuned")
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--cold", action="store_true", help="drop the page cache before every row (needs root)")
     args = parser.parse_args()
+    if args.cold and not os.access("/proc/sys/vm/drop_caches", os.W_OK):
+        parser.error("--cold needs write access to /proc/sys/vm/drop_caches (run as root)")
     work = Path(tempfile.mkdtemp(prefix="lssf-bench-"))
     models = Path(args.models)
     try:
@@ -152,14 +164,16 @@ def main() -> None:
         else:
             base, aligned, ft = prepare_synthetic(work / "inputs")
             source = "real SmolLM2-135M base, synthetic safety vector and fine-tune"
-        for directory in (base, aligned, ft):  # warm the page cache
+        for directory in () if args.cold else (base, aligned, ft):  # warm the page cache
             for file in directory.glob("*.safetensors"):
                 with open(file, "rb") as f:
                     while f.read(1 << 24):
                         pass
         size_mb = model_bytes(ft) / 1e6 / 1.048576
-        print(f"inputs: {source}; one model = {size_mb:.0f} MiB; {args.threads} threads")
-        results = {name: measure(name, code, ft, aligned, base, work, args.threads) for name, code in ROWS.items()}
+        cache = "cold page cache (dropped before every row)" if args.cold else "warm page cache"
+        print(f"inputs: {source}; one model = {size_mb:.0f} MiB; {args.threads} threads; {cache}")
+        results = {name: measure(name, code, ft, aligned, base, work, args.threads, args.cold)
+                   for name, code in ROWS.items()}
         copy = results["copy"]
         print(f"{'':28} {'seconds':>8} {'x copy':>7} {'peak MiB':>9} {'x model':>8}")
         for name, row in results.items():

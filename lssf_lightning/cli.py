@@ -91,9 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--plot", help="also draw ranks and entropies per layer into this PNG")
     ins.add_argument("--all", action="store_true", help="print every matrix (default: the first 40)")
 
-    demo = commands.add_parser("demo", help="the built-in end-to-end demo on SmolLM2-135M (offline, CPU)")
-    demo.add_argument("--quick", action="store_true", help="the short version (CI): fewer steps, smaller evaluation")
-    demo.add_argument("--output", default="demo_output", help="output directory (default ./demo_output)")
+    commands.add_parser("demo", help="the built-in end-to-end demo on SmolLM2-135M (offline, CPU; "
+                        "see `lssf-lightning demo --help`)", add_help=False)
 
     commands.add_parser("fit", help="fine-tune with LSSFCallback via LightningCLI (see `lssf-lightning fit --help`)",
                         add_help=False)
@@ -144,10 +143,10 @@ def _run_inspect(args) -> None:
         print(f"saved {plot_subspace(subspace, args.plot)}")
 
 
-def _run_demo(args) -> None:
-    from lssf_lightning.demo.run import run_demo
+def _run_demo(argv: Sequence[str]) -> None:
+    from lssf_lightning.demo.run import main as demo_main
 
-    run_demo(output=args.output, quick=args.quick)
+    demo_main(list(argv))
 
 
 def _run_fit(argv: Sequence[str]) -> None:
@@ -158,10 +157,11 @@ def _run_fit(argv: Sequence[str]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = [str(arg) for arg in (sys.argv[1:] if argv is None else argv)]
-    if argv[:1] == ["fit"]:
-        return _guarded(lambda: _run_fit(argv[1:]), "fit")
+    delegated = {"fit": _run_fit, "demo": _run_demo}  # these parse their own options
+    if argv[:1] and argv[0] in delegated:
+        return _guarded(lambda: delegated[argv[0]](argv[1:]), argv[0])
     args = build_parser().parse_args(argv)
-    runner = {"subspace": _run_subspace, "realign": _run_realign, "inspect": _run_inspect, "demo": _run_demo}
+    runner = {"subspace": _run_subspace, "realign": _run_realign, "inspect": _run_inspect}
     return _guarded(lambda: runner[args.command](args), args.command)
 
 

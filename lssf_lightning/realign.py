@@ -3,7 +3,7 @@
 ``realign_checkpoint`` reads the fine-tuned model's safetensors one tensor at a time, edits the targeted
 matrices (LSSF, RESTA or SafeLoRA), and writes a complete model directory — sharded safetensors, index, config,
 generation config and tokenizer files — into a temporary sibling that is renamed into place at the end.
-Peak memory is the subspace factors plus a few tensors, whatever the model's size.
+Peak memory is a few tensors (plus the factors of a precomputed subspace), whatever the model's size.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from lssf_lightning.baselines import Resta, SafeLoRA
 from lssf_lightning.io.export import copy_support_files, write_model_directory
 from lssf_lightning.io.lora import LoraAdapter, MergedLoraStore, is_adapter_dir
 from lssf_lightning.io.weights import WeightStore, open_weights
-from lssf_lightning.subspace import SafetySubspace, select_target_pairs
+from lssf_lightning.io.names import KeyMatcher
+from lssf_lightning.subspace import SafetySubspace, SubspaceBuilder, fuse_entry, select_target_pairs
 
 __all__ = ["RealignReport", "open_finetuned", "realign_checkpoint"]
 
@@ -125,8 +126,8 @@ def realign_checkpoint(
         if needs_pair:
             # Fail before any SVD when the fine-tuned model lacks the aligned model's target weights.
             select_target_pairs(open_weights(aligned, name="aligned"), store, target_modules, exclude_modules)
-        edits, details = _lssf_edits(store, subspace, aligned, unaligned, alpha, eta, alpha_1, source, calibration,
-                                     target_modules, exclude_modules, max_rank, progress)
+        edits, details, ranks = _lssf_edits(store, subspace, aligned, unaligned, alpha, eta, alpha_1, source,
+                                            calibration, target_modules, exclude_modules, max_rank, progress)
     elif method == "resta":
         edits = Resta(aligned, unaligned, beta, drop_rate, seed, target_modules, exclude_modules).plan(store)
         details = {"beta": beta, "drop_rate": drop_rate}
@@ -140,6 +141,8 @@ def realign_checkpoint(
         store, output, edits=edits, max_shard_bytes=max_shard_bytes, overwrite=overwrite, progress=progress,
         write_support_files=lambda staging: _copy_support_files(support_dirs, staging, output),
     )
+    if method == "lssf":
+        details["mean_rank"] = round(sum(ranks.values()) / max(len(ranks), 1), 1)
     if method == "safelora":
         details["projected"] = f"{sum(planner.projected.values())}/{len(planner.projected)} layers"
     return RealignReport(method, output, tensors, len(edits), time.perf_counter() - started, details)
@@ -147,23 +150,36 @@ def realign_checkpoint(
 
 def _lssf_edits(store, subspace, aligned, unaligned, alpha, eta, alpha_1, source, calibration, target_modules,
                 exclude_modules, max_rank, progress):
+    """``{fine-tuned key: edit}``. Without a precomputed subspace each entry is built when its weight streams
+    past and dropped after fusing, so only one matrix's factors are ever held."""
     if subspace is None:
-        subspace = SafetySubspace.from_weights(
+        builder = SubspaceBuilder(
             aligned, unaligned, eta=eta, alpha_1=alpha_1, source=source, calibration=calibration,
             target_modules=target_modules, exclude_modules=exclude_modules, max_rank=max_rank, progress=progress,
         )
-    elif not isinstance(subspace, SafetySubspace):
-        subspace = SafetySubspace.load(subspace)
-    matched = subspace.match(store.keys())
-    missing = set(subspace.keys()) - set(matched.values())
+        names, ranks = builder.names, builder.ranks
+
+        def edit(weight, name):
+            return fuse_entry(name, builder.build(name), weight, alpha)
+    else:
+        if not isinstance(subspace, SafetySubspace):
+            subspace = SafetySubspace.load(subspace)
+        names, ranks = subspace.keys(), subspace.ranks
+
+        def edit(weight, name):
+            return subspace.fuse_tensor(name, weight, alpha)
+
+    matched = KeyMatcher(names).match_all(store.keys())
+    missing = set(names) - set(matched.values())
     if missing:
         raise ValueError(
-            f"{len(missing)} of {len(subspace)} subspace matrices have no weight in {store.location} "
+            f"{len(missing)} of {len(names)} subspace matrices have no weight in {store.location} "
             f"(mismatched architectures?), e.g. {sorted(missing)[:3]}"
         )
-    edits = {key: (lambda w, name=name: subspace.fuse_tensor(name, w, alpha)) for key, name in matched.items()}
-    ranks = list(subspace.ranks.values())
-    return edits, {"alpha": alpha, "mean_rank": round(sum(ranks) / max(len(ranks), 1), 1)}
+    edits = {key: (lambda w, name=name: edit(w, name)) for key, name in matched.items()}
+    details = {"alpha": alpha}
+    # ``ranks`` fills in as the entries are built; the report reads it after the write.
+    return edits, details, ranks
 
 
 def _copy_support_files(support_dirs, staging, output) -> None:

@@ -25,7 +25,14 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lssf_lightning.core.basis import add_correction, check_alpha_1, fusion_factors, low_rank_product, weighted_basis
+from lssf_lightning.core.basis import (
+    add_correction,
+    check_alpha_1,
+    fusion_factors,
+    low_rank_product,
+    weighted_basis,
+)
+from lssf_lightning.core.checks import all_finite
 from lssf_lightning.core.entropy import check_eta
 from lssf_lightning.core.svd import safety_spectrum
 from lssf_lightning.io.calibration import calibration_factors, calibration_identity
@@ -38,9 +45,9 @@ from lssf_lightning.io.names import (
     module_name,
 )
 from lssf_lightning.io.shards import SafetensorsReader, read_header, write_safetensors
-from lssf_lightning.io.weights import ModuleStore, WeightStore, WeightsLike, open_weights
+from lssf_lightning.io.weights import ModuleStore, WeightsLike, WeightStore, open_weights
 
-__all__ = ["SafetySubspace", "SubspaceEntry", "select_target_pairs"]
+__all__ = ["SafetySubspace", "SubspaceBuilder", "SubspaceEntry", "fuse_entry", "select_target_pairs"]
 
 FORMAT = "lssf_lightning.safety_subspace"
 FORMAT_VERSION = 1
@@ -265,36 +272,17 @@ class SafetySubspace:
             max_calibration_tokens: stop collecting after this many response tokens.
             progress: show a progress bar.
         """
-        settings = _settings(eta, alpha_1, source, max_rank, target_modules, exclude_modules, calibration)
-        aligned_store = open_weights(aligned, name="aligned")
-        unaligned_store = open_weights(unaligned, name="unaligned")
-        pairs = select_target_pairs(aligned_store, unaligned_store, target_modules, exclude_modules)
-        right_factors: dict[str, Tensor] = {}
-        calibration_stats = None
-        if source == "activations":
-            right_factors, calibration_stats = calibration_factors(
-                aligned_store, aligned, pairs, calibration, tokenizer, max_calibration_tokens, progress
-            )
-        fingerprint = _Fingerprint(settings)
-        entries: dict[str, SubspaceEntry] = {}
-        for name, (aligned_key, unaligned_key) in tqdm(
-            pairs.items(), desc="safety subspace", disable=not progress, unit="matrix"
-        ):
-            entries[name] = _build_entry(
-                name, aligned_store, unaligned_store, aligned_key, unaligned_key, fingerprint,
-                eta=eta, alpha_1=alpha_1, max_rank=max_rank, svd_method=svd_method, device=device, dtype=dtype,
-                activation_factor=right_factors.get(name),
-            )
-        metadata = {
-            **settings,
-            "svd_method": svd_method,
-            "fingerprint": fingerprint.hexdigest(),
-            "aligned": aligned_store.location,
-            "unaligned": unaligned_store.location,
+        builder = SubspaceBuilder(
+            aligned, unaligned, eta=eta, alpha_1=alpha_1, source=source, calibration=calibration,
+            tokenizer=tokenizer, target_modules=target_modules, exclude_modules=exclude_modules, max_rank=max_rank,
+            svd_method=svd_method, device=device, dtype=dtype, max_calibration_tokens=max_calibration_tokens,
+            progress=progress,
+        )
+        entries = {
+            name: builder.build(name)
+            for name in tqdm(builder.names, desc="safety subspace", disable=not progress, unit="matrix")
         }
-        if calibration_stats:
-            metadata["calibration_stats"] = calibration_stats
-        return cls(entries, metadata)
+        return cls(entries, builder.metadata())
 
     @staticmethod
     def fingerprint(
@@ -431,12 +419,23 @@ class SafetySubspace:
                     for key, name in self._match_target(store).items():
                         parameter = store.parameter(key)
                         saved[key] = parameter.detach().to("cpu", copy=True)
-                        parameter.copy_(self._fused(name, parameter, alpha))
+                        self._fuse_parameter(name, parameter, alpha)
             yield module
         finally:
             with torch.no_grad():
                 for key, raw in saved.items():
                     store.parameter(key).copy_(raw)
+
+    def _fuse_parameter(self, name: str, parameter: Tensor, alpha: float) -> None:
+        """``parameter ← parameter + α·U'U'ᵀδ`` in place, rounding exactly as :func:`fuse_entry` does."""
+        entry = self.entries[name]
+        if entry.rank == 0 or alpha == 0:
+            return
+        product = self.product(name, parameter)
+        if product.dtype == parameter.dtype and tuple(product.shape) == tuple(parameter.shape):
+            parameter.add_(product, alpha=float(alpha))  # the same single rounding, without a new tensor
+        else:
+            parameter.copy_(fuse_entry(name, entry, parameter, alpha))
 
     def fuse_tensor(self, key: str, weight: Tensor, alpha: float = 1.0) -> Tensor:
         """``weight + α·U'U'ᵀδ`` for the subspace entry ``key`` (a new tensor, in ``weight``'s dtype)."""
@@ -445,9 +444,7 @@ class SafetySubspace:
     def product(self, key: str, like: Tensor) -> Tensor:
         """The dense ``U'U'ᵀδ`` of entry ``key`` in the checkpoint's layout, in at least float32, on ``like``'s
         device. Memory: one matrix."""
-        entry = self.entries[key]
-        product = low_rank_product(entry.left, entry.right, like)
-        return product.T if entry.conv1d else product
+        return _entry_product(self.entries[key], like)
 
     def match(self, keys: Sequence[str]) -> dict[str, str]:
         """``{target key: subspace key}`` for the keys that name a weight of this subspace."""
@@ -474,12 +471,7 @@ class SafetySubspace:
         return matched
 
     def _fused(self, name: str, weight: Tensor, alpha: float) -> Tensor:
-        entry = self.entries[name]
-        if tuple(weight.shape) != entry.shape:
-            raise ValueError(f"{name}: weight of shape {tuple(weight.shape)} does not match the subspace's {entry.shape}")
-        if entry.rank == 0 or alpha == 0:
-            return weight.detach().clone()
-        return add_correction(weight.detach(), self.product(name, weight), alpha)
+        return fuse_entry(name, self.entries[name], weight, alpha)
 
     # -- persistence ------------------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
@@ -533,6 +525,91 @@ class SafetySubspace:
         return cls(entries, header["metadata"])
 
 
+def _entry_product(entry: SubspaceEntry, like: Tensor) -> Tensor:
+    product = low_rank_product(entry.left, entry.right, like)
+    return product.T if entry.conv1d else product
+
+
+def fuse_entry(name: str, entry: SubspaceEntry, weight: Tensor, alpha: float) -> Tensor:
+    """``weight + α·U'U'ᵀδ`` for one subspace entry (a new tensor, in ``weight``'s dtype)."""
+    if tuple(weight.shape) != entry.shape:
+        raise ValueError(f"{name}: weight of shape {tuple(weight.shape)} does not match the subspace's {entry.shape}")
+    if entry.rank == 0 or alpha == 0:
+        return weight.detach().clone()
+    return add_correction(weight.detach(), _entry_product(entry, weight), alpha)
+
+
+class SubspaceBuilder:
+    """Builds the entries of a safety subspace one matrix at a time, in any order.
+
+    :meth:`SafetySubspace.from_weights` builds every entry with it; :func:`lssf_lightning.realign_checkpoint`
+    builds each entry just when the fine-tuned weight it edits streams past and drops it after, so a post-hoc
+    run never holds the factors of the whole model. Arguments as in :meth:`SafetySubspace.from_weights`.
+    """
+
+    def __init__(
+        self,
+        aligned: WeightsLike,
+        unaligned: WeightsLike,
+        *,
+        eta: float = 0.9,
+        alpha_1: float = 1.0,
+        source: Source = "weights",
+        calibration: str | Sequence[str] | Sequence[tuple[str, str]] | None = None,
+        tokenizer: Any = None,
+        target_modules: str | Sequence[str] | None = None,
+        exclude_modules: str | Sequence[str] | None = None,
+        max_rank: int | None = None,
+        svd_method: SVDMethod = "auto",
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        max_calibration_tokens: int | None = None,
+        progress: bool = True,
+    ) -> None:
+        self.settings = _settings(eta, alpha_1, source, max_rank, target_modules, exclude_modules, calibration)
+        self.aligned = open_weights(aligned, name="aligned")
+        self.unaligned = open_weights(unaligned, name="unaligned")
+        self.pairs = select_target_pairs(self.aligned, self.unaligned, target_modules, exclude_modules)
+        self._right_factors: dict[str, Tensor] = {}
+        self._calibration_stats = None
+        if source == "activations":
+            self._right_factors, self._calibration_stats = calibration_factors(
+                self.aligned, aligned, self.pairs, calibration, tokenizer, max_calibration_tokens, progress
+            )
+        self._fingerprint = _Fingerprint(self.settings)
+        self._options = {"eta": eta, "alpha_1": alpha_1, "max_rank": max_rank, "svd_method": svd_method,
+                         "device": device, "dtype": dtype}
+        self.ranks: dict[str, int] = {}
+
+    @property
+    def names(self) -> list[str]:
+        """The state-dict keys of the targeted matrices."""
+        return list(self.pairs)
+
+    def build(self, name: str) -> SubspaceEntry:
+        """The entry of matrix ``name`` (reads its aligned and unaligned weights)."""
+        aligned_key, unaligned_key = self.pairs[name]
+        entry = _build_entry(
+            name, self.aligned, self.unaligned, aligned_key, unaligned_key, self._fingerprint,
+            activation_factor=self._right_factors.get(name), **self._options,
+        )
+        self.ranks[name] = entry.rank
+        return entry
+
+    def metadata(self) -> dict[str, Any]:
+        """The subspace's metadata; the fingerprint covers the entries built so far."""
+        metadata = {
+            **self.settings,
+            "svd_method": self._options["svd_method"],
+            "fingerprint": self._fingerprint.hexdigest(),
+            "aligned": self.aligned.location,
+            "unaligned": self.unaligned.location,
+        }
+        if self._calibration_stats:
+            metadata["calibration_stats"] = self._calibration_stats
+        return metadata
+
+
 def _build_entry(
     name: str,
     aligned: WeightStore,
@@ -557,8 +634,8 @@ def _build_entry(
     target_device = torch.device(device) if device is not None else w_aligned.device
     delta = w_aligned.to(target_device, compute) - w_unaligned.to(target_device, compute)
     del w_unaligned
-    if not torch.isfinite(delta).all():
-        culprit = "aligned" if not torch.isfinite(w_aligned).all() else "unaligned"
+    if not all_finite(delta):
+        culprit = "aligned" if not all_finite(w_aligned) else "unaligned"
         raise ValueError(f"{name}: the {culprit} weights hold NaN or inf")
     conv1d = aligned.is_conv1d(aligned_key)
     if conv1d:

@@ -62,3 +62,18 @@ def test_fuse_weight_returns_new_tensor_in_weight_dtype():
     assert out32.data_ptr() != f32.data_ptr() and f32.abs().sum() == 0
     with pytest.raises(ValueError, match="does not match"):
         fuse_weight(torch.zeros(2, 2), torch.ones(3, 1), torch.ones(1, 2))
+
+
+def test_all_finite_agrees_with_the_element_wise_mask_including_overflowing_sums():
+    from lssf_lightning.core.checks import all_finite
+
+    big = torch.full((4,), 3e38)  # finite values whose float32 sum overflows to inf
+    cases = {
+        "finite": (torch.randn(5, 3), True), "nan": (torch.tensor([1.0, float("nan")]), False),
+        "inf": (torch.tensor([float("inf"), 1.0]), False), "both signs": (torch.tensor([float("inf"), -float("inf")]), False),
+        "overflowing sum": (big, True), "overflow and nan": (torch.cat([big, torch.tensor([float("nan")])]), False),
+        "bf16": (torch.randn(8).bfloat16(), True), "ints": (torch.arange(4), True), "empty": (torch.empty(0), True),
+    }
+    for name, (tensor, expected) in cases.items():
+        assert all_finite(tensor) is expected, name
+        assert expected is bool(torch.isfinite(tensor).all()), name

@@ -3,13 +3,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import state
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy
 from transformers import AutoModelForCausalLM
 
-from conftest import state
 from lssf_lightning.lightning.callback import RAW_WEIGHTS_KEY, LSSFCallback
 from lssf_lightning.lightning.finetune import CausalLMModule, ChatDataModule, write_chat_jsonl
 from lssf_lightning.subspace import SafetySubspace

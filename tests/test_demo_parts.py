@@ -236,3 +236,17 @@ def test_validation_refusal_pools_in_and_out_of_distribution_prompts():
     assert point.harmful_refusal == pytest.approx((0.9 * 30 + 0.5 * 10) / 40)
     assert (point.alpha, point.harmless_refusal, point.task_accuracy) == (1.5, 0.25, 1.0)
     assert point.extra == {"harmful_refusal_ood": 0.5, "harmful_refusal_advbench": 0.9}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [(["--bogus"], "unrecognized arguments: --bogus"), (["--threads", "0"], "--threads must be at least 1, got 0"),
+     (["--alpha", "strong"], "--alpha must be a number or 'auto', got 'strong'")],
+)
+def test_demo_command_rejects_bad_options_before_any_work(args, message, capsys):
+    from lssf_lightning.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", *args])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

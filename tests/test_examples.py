@@ -5,10 +5,10 @@ import sys
 from pathlib import Path
 
 import torch
+from conftest import state
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from conftest import state
 from lssf_lightning.lightning.finetune import write_chat_jsonl
 from lssf_lightning.subspace import SafetySubspace
 

@@ -5,15 +5,15 @@ These run only where CUDA is available (CI has none): they are the check behind 
 
 import pytest
 import torch
+from conftest import state
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import FSDPStrategy
+from test_callback import ROWS, EpochEndWeights, StartSnapshot, correction
 from transformers import AutoModelForCausalLM
 
-from conftest import state
 from lssf_lightning.lightning.callback import LSSFCallback
 from lssf_lightning.lightning.finetune import CausalLMModule, ChatDataModule, write_chat_jsonl
-from test_callback import ROWS, EpochEndWeights, StartSnapshot, correction
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP needs a CUDA device")]
 

@@ -4,15 +4,15 @@ import sys
 
 import pytest
 import torch
+from conftest import state
 from safetensors.torch import load_file, save_file
+from test_subspace import dense_lssf, rel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import state
 from lssf_lightning.cli import main
 from lssf_lightning.core.baselines import safelora_project
 from lssf_lightning.realign import realign_checkpoint
 from lssf_lightning.subspace import SafetySubspace
-from test_subspace import dense_lssf, rel
 
 
 def load_dir(path):
@@ -179,3 +179,17 @@ def test_inspect_prints_the_table_and_plots(llama_trio, tmp_path):
     code, stdout, _ = run_cli("inspect", subspace_file, "--plot", tmp_path / "ranks.png")
     assert code == 0 and "model.layers.1.mlp.down_proj.weight" in stdout and "14 matrices" in stdout
     assert (tmp_path / "ranks.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_streamed_build_writes_the_same_weights_as_a_precomputed_subspace(llama_trio, tmp_path):
+    subspace = SafetySubspace.from_weights(llama_trio.aligned, llama_trio.base, eta=0.7, progress=False)
+    with_subspace = realign_checkpoint(llama_trio.finetuned, tmp_path / "a", subspace=subspace, alpha=1.5,
+                                       progress=False)
+    streamed = realign_checkpoint(llama_trio.finetuned, tmp_path / "b", aligned=llama_trio.aligned,
+                                  unaligned=llama_trio.base, eta=0.7, alpha=1.5, progress=False)
+    first, second = load_dir(tmp_path / "a"), load_dir(tmp_path / "b")
+    assert first.keys() == second.keys() and streamed.edited == with_subspace.edited == len(subspace) > 0
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+    ranks = list(subspace.ranks.values())
+    assert streamed.details["mean_rank"] == round(sum(ranks) / len(ranks), 1)

@@ -1,9 +1,11 @@
+import copy
+
 import pytest
 import torch
+from conftest import state
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from conftest import state
 from lssf_lightning.core.entropy import safety_critical_rank
 from lssf_lightning.subspace import SafetySubspace
 
@@ -281,3 +283,19 @@ def test_activation_subspace_generates_missing_responses(llama_trio, tiny_tokeni
                                            target_modules=["q_proj"], progress=False)
     assert len(subspace) == 2 and subspace.metadata["calibration_stats"]["pairs"] == 1
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_temporarily_fused_equals_fuse_inside_and_restores_the_exact_weights(llama_trio, dtype):
+    subspace = SafetySubspace.from_weights(llama_trio.aligned, llama_trio.base, eta=0.8, progress=False)
+    model = copy.deepcopy(llama_trio.models["finetuned"]).to(dtype)
+    raw = {k: v.clone() for k, v in state(model).items()}
+    expected = state(subspace.fuse(model, alpha=1.5))
+    with subspace.temporarily_fused(model, 1.5) as inside:
+        assert inside is model
+        fused = state(model)
+        for key in raw:
+            assert torch.equal(fused[key], expected[key]), key
+        assert any(not torch.equal(fused[k], raw[k]) for k in subspace.keys())
+    for key, value in state(model).items():
+        assert torch.equal(value, raw[key]), key

@@ -1,7 +1,7 @@
 import pytest
 import torch
-
 from conftest import state
+
 from lssf_lightning.metrics import generate_responses, harmful_refusal_rate
 from lssf_lightning.subspace import SafetySubspace
 from lssf_lightning.tuning import AlphaPoint, refusal_curve, smallest_alpha_reaching

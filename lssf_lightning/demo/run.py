@@ -303,10 +303,10 @@ def _evaluate(model, tokenizer, sets: EvalSets, config: DemoConfig, log: _Progre
     return result
 
 
-def _task_rows_file(output: Path, examples) -> Path:
+def _task_rows_file(output: Path, name: str, examples) -> Path:
     from lssf_lightning.lightning.finetune import write_chat_jsonl
 
-    return write_chat_jsonl(output / "data" / "task_train.jsonl", [e.to_row() for e in examples])
+    return write_chat_jsonl(output / "data" / f"task_{name}.jsonl", [e.to_row() for e in examples])
 
 
 def _finetune(run, lora: bool):
@@ -465,7 +465,8 @@ def _assets_stage(run: _Run) -> None:
         run.test_sets.extra_harmful["bundled"] = load_prompts("harmful")
     run.val_sets = EvalSets(harmful=prompts.val_harmful, harmless=prompts.val_harmless, task=task_val,
                             extra_harmful={"ood": prompts.val_ood_harmful} if prompts.val_ood_harmful else {})
-    run.train_file = _task_rows_file(run.output, run.task_train)
+    run.train_file = _task_rows_file(run.output, "train", run.task_train)
+    _task_rows_file(run.output, "val", task_val)  # for configs/demo.yaml
     log.info(f"base: {run.base_dir}")
     log.info("splits: " + ", ".join(f"{k} {len(v)}" for k, v in prompts.to_dict().items() if isinstance(v, list))
              + f"; task train/val/test {len(run.task_train)}/{len(task_val)}/{len(task_test)}")
@@ -602,7 +603,7 @@ def _report_stage(run: _Run, subspace) -> dict:
 
 
 def run_demo(
-    output: str | os.PathLike = "lssf_demo",
+    output: str | os.PathLike = "demo_output",
     quick: bool = False,
     config: DemoConfig | None = None,
     cache: str | os.PathLike | None = None,
@@ -645,18 +646,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     """``lssf-lightning demo [--quick] [--output DIR] [--threads N] [--no-lora] [--cache DIR]``."""
     parser = argparse.ArgumentParser(prog="lssf-lightning demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller splits and fewer steps (≈ 6 min on 2 cores)")
-    parser.add_argument("--output", default="lssf_demo", help="output directory (default: ./lssf_demo)")
+    parser.add_argument("--output", default="demo_output", help="output directory (default: ./demo_output)")
     parser.add_argument("--cache", help="cache root (default: $LSSF_LIGHTNING_CACHE or ~/.cache/lssf_lightning)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-lora", action="store_true", help="skip the LoRA fine-tune")
     parser.add_argument("--alpha", default="auto", help="fusion strength, or 'auto' (default: chosen on validation)")
     parser.add_argument("--no-models", action="store_true", help="do not write the model directories")
     args = parser.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        parser.error(f"--threads must be at least 1, got {args.threads}")
+    if args.alpha != "auto":
+        try:
+            alpha = float(args.alpha)
+        except ValueError:
+            parser.error(f"--alpha must be a number or 'auto', got {args.alpha!r}")
     overrides: dict[str, Any] = {"threads": args.threads}
     if args.no_lora:
         overrides["lora"] = False
     if args.alpha != "auto":
-        overrides["alpha"] = float(args.alpha)
+        overrides["alpha"] = alpha
     if args.no_models:
         overrides["save_models"] = False
     config = DemoConfig.quick(**overrides) if args.quick else DemoConfig.full(**overrides)

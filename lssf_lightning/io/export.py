@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from lssf_lightning.core.checks import all_finite
 from lssf_lightning.io.shards import ShardedWriter
 
 __all__ = ["SUPPORT_FILES", "atomic_directory", "copy_support_files", "write_model_directory"]
@@ -120,7 +121,7 @@ def write_model_directory(
             with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="writing", disable=not progress) as bar:
                 for key, (name, dtype, shape) in zip(keys, plan):
                     tensor = store.get(key)
-                    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                    if not all_finite(tensor):
                         raise ValueError(f"{store.location}: tensor {key} holds NaN or inf")
                     if key in edits:
                         tensor = edits[key](tensor)

@@ -141,8 +141,7 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, Tensor], metad
     with open(path, "wb") as f:
         header = _header_bytes(plan, metadata or {})
         f.write(struct.pack("<Q", len(header)) + header)
-        for tensor in tensors.values():
-            f.write(_tensor_bytes(tensor))
+        f.writelines(_tensor_bytes(tensor) for tensor in tensors.values())
 
 
 class ShardedWriter:

@@ -30,7 +30,7 @@ __all__ = [
     "open_weights",
 ]
 
-WeightsLike = Union[nn.Module, Mapping[str, Tensor], str, os.PathLike, Sequence[Union[str, os.PathLike]]]
+WeightsLike = Union[nn.Module, Mapping[str, Tensor], str, os.PathLike, Sequence[str | os.PathLike]]
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 

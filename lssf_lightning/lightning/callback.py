@@ -106,7 +106,8 @@ class LSSFCallback(Callback):
         refusal_prompts: harmful prompts for the monitor (a .txt/.jsonl/.csv path); default: the bundled set.
         harmless_prompts: harmless prompts for the over-refusal rate; default: the bundled set.
         num_monitor_prompts: how many prompts of each set the monitor uses.
-        monitor_max_new_tokens: tokens generated per answer (the judge reads only the start).
+        monitor_max_new_tokens: tokens generated per answer. The judge reads only the start: on the demo's
+            1,920 answers, cutting 16 tokens to 8 changed one verdict.
         judge: ``None``/``"phrases"`` (refusal-phrase matching), a local HF classifier directory, or a callable
             ``list[str] -> list[bool]`` (in YAML: its dotted import path).
         min_refusal_rate: if set, realign the live weights when the monitored raw refusal rate falls below it.
@@ -148,7 +149,7 @@ class LSSFCallback(Callback):
         refusal_prompts: str | None = None,
         harmless_prompts: str | None = None,
         num_monitor_prompts: int = 16,
-        monitor_max_new_tokens: int = 16,
+        monitor_max_new_tokens: int = 8,
         judge: str | Callable[[list[str]], list[bool]] | None = None,
         min_refusal_rate: float | None = None,
         model_attribute: str | None = None,
