@@ -159,3 +159,11 @@ def test_rejects_tokenizer_without_pad_or_eos(model):
     tokenizer.eos_token = None
     with pytest.raises(ValueError, match="neither a pad token nor an eos token"):
         generate_responses(model, tokenizer, PROMPTS)
+
+
+def test_frozen_model_matches_manual_greedy_and_no_hook_is_left_behind(model, tokenizer):
+    frozen = copy.deepcopy(model)
+    frozen.requires_grad_(False)  # the LM head input is made contiguous while generating (see generation.py)
+    responses = generate_responses(frozen, tokenizer, PROMPTS, max_new_tokens=10, batch_size=4)
+    assert responses == [manual_greedy(model, tokenizer, p, 10) for p in PROMPTS]
+    assert not frozen.get_output_embeddings()._forward_pre_hooks

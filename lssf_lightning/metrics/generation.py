@@ -79,6 +79,7 @@ def generate_responses(
     # Per module, so that parts a user froze in eval mode inside a training model stay that way.
     modes = [(module, module.training) for module in model.modules()]
     model.eval()
+    contiguous_hook = _contiguous_head_inputs(model)
     try:
         with torch.inference_mode():
             for batch in batches:
@@ -92,7 +93,23 @@ def generate_responses(
     finally:
         for module, training in modes:
             module.training = training
+        if contiguous_hook is not None:
+            contiguous_hook.remove()
     return responses
+
+
+def _contiguous_head_inputs(model: nn.Module):
+    """Make the output layer's input contiguous while generating; returns the hook handle (or ``None``).
+
+    ``generate`` feeds the LM head the last position only, a strided view of the hidden states. For such a 3-D
+    input and a weight that does not require grad (frozen or tied embeddings, LoRA bases) ``torch.matmul``
+    does not fold the batch and instead copies the weight once per sequence: batch × vocabulary × hidden
+    elements (1.8 G for 32 prompts on a 49k vocabulary), which doubled the generation time of such models.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, nn.Module):
+        return None
+    return head.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]) if args else None)
 
 
 def _check_positive(name: str, value: int) -> None:
