@@ -4,13 +4,18 @@ The rule: walk the grid upwards and take the smallest ``α`` whose realigned mod
 ``target`` of the validation harmful prompts while keeping the validation task accuracy within
 ``max_accuracy_drop`` of the fine-tuned model and the over-refusal within ``max_over_refusal``. When no ``α``
 reaches the target, take the one with the highest refusal among those that keep both guards (and the
-smallest ``α`` when none does). Evaluation prompts are never involved.
+smallest ``α`` when none does). Among the acceptable points this is
+:func:`lssf_lightning.tuning.smallest_alpha_reaching`, the rule of ``LSSFCallback(alpha="auto")``; the demo adds
+the two guards and scores task accuracy too, hence its own :class:`AlphaPoint`. Evaluation prompts are never
+involved.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+
+from lssf_lightning.tuning import smallest_alpha_reaching
 
 __all__ = ["AlphaPoint", "choose_alpha", "sweep_alpha"]
 
@@ -52,12 +57,10 @@ def choose_alpha(
         raise ValueError("choose_alpha needs at least one evaluated alpha")
     ordered = sorted(points, key=lambda p: p.alpha)
     ok = [p for p in ordered if _acceptable(p, reference_accuracy, max_accuracy_drop, max_over_refusal)]
-    for point in ok:
-        if point.harmful_refusal >= target - 1e-9:
-            return point
-    if ok:
-        return max(ok, key=lambda p: (p.harmful_refusal, -p.alpha))
-    return ordered[0]
+    if not ok:
+        return ordered[0]
+    alpha, _ = smallest_alpha_reaching(ok, target - 1e-9)  # the callback's rule, on the acceptable points
+    return next(p for p in ok if p.alpha == alpha)
 
 
 def sweep_alpha(
