@@ -21,17 +21,21 @@ from lightning.pytorch import Callback, Trainer
 from lssf_lightning import CausalLMModule, ChatDataModule, LSSFCallback
 from lssf_lightning.demo.task import task_splits
 from lssf_lightning.lightning.finetune import write_chat_jsonl
+from lssf_lightning.lightning.monitor import RefusalMonitor
 
 
-class TimedLSSF(LSSFCallback):
-    """LSSFCallback that records the wall time of each refusal-monitor run."""
+class TimedMonitor(RefusalMonitor):
+    """The default refusal monitor, recording the wall time of each measurement."""
 
-    monitor_seconds: list[float]
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.seconds: list[float] = []
 
-    def _monitor(self, trainer, pl_module):
+    def measure(self, trainer, pl_module):
         start = time.perf_counter()
-        super()._monitor(trainer, pl_module)
-        self.monitor_seconds.append(time.perf_counter() - start)
+        values = super().measure(trainer, pl_module)
+        self.seconds.append(time.perf_counter() - start)
+        return values
 
 
 class EpochTimer(Callback):
@@ -43,7 +47,8 @@ class EpochTimer(Callback):
 
 
 def synthetic_pair(root: Path) -> tuple[Path, Path]:
-    """(aligned, unaligned): real SmolLM2-135M, and a copy whose block matrices differ by a low-rank update."""
+    """(aligned, unaligned): real SmolLM2-135M, and a copy whose block matrices differ by a low-rank
+    update."""
     from lssf_lightning.demo.assets import base_model_dir
     from lssf_lightning.io.export import copy_support_files
     from lssf_lightning.io.shards import SafetensorsReader, write_safetensors
@@ -52,7 +57,8 @@ def synthetic_pair(root: Path) -> tuple[Path, Path]:
     reader = SafetensorsReader(sorted(aligned.glob("*.safetensors")))
     generator = torch.Generator().manual_seed(0)
     tensors = {}
-    for key in reader.keys():
+    names = reader.keys()  # a weight store, not a dict
+    for key in names:
         weight = reader.get(key)
         if weight.ndim == 2 and ".layers." in key:
             left = torch.randn(weight.shape[0], 32, generator=generator)
@@ -82,10 +88,11 @@ def main() -> None:
     train, val, _ = task_splits(args.train_examples, 16, 0)
     train_file = write_chat_jsonl(work / "train.jsonl", [e.to_row() for e in train])
     val_file = write_chat_jsonl(work / "val.jsonl", [e.to_row() for e in val])
-    print(f"models: {source}; {args.train_examples} training rows, batch 8; {torch.get_num_threads()} threads")
+    threads = torch.get_num_threads()
+    print(f"models: {source}; {args.train_examples} training rows, batch 8; {threads} threads")
 
-    callback = TimedLSSF(unaligned=str(unaligned), verbose=False)
-    callback.monitor_seconds = []
+    monitor = TimedMonitor()
+    callback = LSSFCallback(unaligned=str(unaligned), monitor=monitor, verbose=False)
     timer = EpochTimer()
     module = CausalLMModule(str(aligned), learning_rate=5e-5)
     data = ChatDataModule(str(train_file), str(val_file), batch_size=8, max_length=128)
@@ -95,10 +102,10 @@ def main() -> None:
     start = time.perf_counter()
     trainer.fit(module, data)
     fit_seconds = time.perf_counter() - start
-    monitor = sum(callback.monitor_seconds)
+    monitor_seconds = sum(monitor.seconds)
     print(f"subspace: {callback.subspace}")
-    print(f"epoch {timer.seconds:.1f} s (fit {fit_seconds:.1f} s); refusal monitor {monitor:.1f} s "
-          f"= {monitor / timer.seconds:.1%} of the epoch (target <= 5%)")
+    print(f"epoch {timer.seconds:.1f} s (fit {fit_seconds:.1f} s); refusal monitor {monitor_seconds:.1f} s "
+          f"= {monitor_seconds / timer.seconds:.1%} of the epoch (target <= 5%)")
 
     def save_seconds(with_callback: bool) -> float:
         if not with_callback:

@@ -107,9 +107,11 @@ def prepare_synthetic(root: Path) -> tuple[Path, Path, Path]:
     for name, scale in (("aligned", 1.0), ("finetuned", None)):
         out = root / name
         out.mkdir(parents=True, exist_ok=True)
-        source = SafetensorsReader(sorted((root / "aligned").glob("*.safetensors"))) if scale is None else reader
-        tensors = {}
-        for key in source.keys():
+        source = (
+            SafetensorsReader(sorted((root / "aligned").glob("*.safetensors"))) if scale is None else reader
+        )
+        tensors, keys = {}, source.keys()
+        for key in keys:
             w = source.get(key)
             if w.ndim == 2 and ".layers." in key:
                 if scale is not None:  # a decaying spectrum, like a short safety fine-tune's update
@@ -132,15 +134,16 @@ def drop_page_cache() -> None:
     Path("/proc/sys/vm/drop_caches").write_text("3\n")
 
 
-def measure(name: str, code: str, ft: Path, aligned: Path, base: Path, work: Path, threads: int,
-            cold: bool = False) -> dict:
+def measure(
+    name: str, code: str, ft: Path, aligned: Path, base: Path, work: Path, threads: int, cold: bool = False
+) -> dict:
     out = work / name.replace(" ", "_").replace("(", "").replace(")", "")
     shutil.rmtree(out, ignore_errors=True)
     if cold:
         drop_page_cache()
     script = PRELUDE.format(threads=threads, ft=str(ft), aligned=str(aligned), base=str(base), out=str(out))
     script += textwrap.dedent(code) + EPILOGUE
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"{name} failed:\n{done.stderr[-2000:]}")
     shutil.rmtree(out, ignore_errors=True)
@@ -149,9 +152,13 @@ def measure(name: str, code: str, ft: Path, aligned: Path, base: Path, work: Pat
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="demo_output/models", help="directory with base/aligned/finetuned")
+    parser.add_argument(
+        "--models", default="demo_output/models", help="directory with base/aligned/finetuned"
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--cold", action="store_true", help="drop the page cache before every row (needs root)")
+    parser.add_argument(
+        "--cold", action="store_true", help="drop the page cache before every row (needs root)"
+    )
     args = parser.parse_args()
     if args.cold and not os.access("/proc/sys/vm/drop_caches", os.W_OK):
         parser.error("--cold needs write access to /proc/sys/vm/drop_caches (run as root)")
@@ -172,13 +179,17 @@ def main() -> None:
         size_mb = model_bytes(ft) / 1e6 / 1.048576
         cache = "cold page cache (dropped before every row)" if args.cold else "warm page cache"
         print(f"inputs: {source}; one model = {size_mb:.0f} MiB; {args.threads} threads; {cache}")
-        results = {name: measure(name, code, ft, aligned, base, work, args.threads, args.cold)
-                   for name, code in ROWS.items()}
+        results = {
+            name: measure(name, code, ft, aligned, base, work, args.threads, args.cold)
+            for name, code in ROWS.items()
+        }
         copy = results["copy"]
         print(f"{'':28} {'seconds':>8} {'x copy':>7} {'peak MiB':>9} {'x model':>8}")
         for name, row in results.items():
-            print(f"{name:28} {row['seconds']:8.2f} {row['seconds'] / copy['seconds']:7.2f} "
-                  f"{row['peak_above_idle_mb']:9.0f} {row['peak_above_idle_mb'] / size_mb:8.2f}")
+            print(
+                f"{name:28} {row['seconds']:8.2f} {row['seconds'] / copy['seconds']:7.2f} "
+                f"{row['peak_above_idle_mb']:9.0f} {row['peak_above_idle_mb'] / size_mb:8.2f}"
+            )
         print("targets: realign peak <= 1.3 x model, realign time <= 2 x copy")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -19,7 +19,8 @@ a long tail, which is the hard case for a fast path.
 
 Sides:
 
-* project — ``SafetySubspace.from_weights(aligned, unaligned, eta=η)`` reading both checkpoints from disk,
+* project — ``SafetySubspace.from_weights(aligned, unaligned, config=SubspaceConfig(eta=η))`` reading both
+checkpoints from disk,
   one tensor at a time, ``svd_method="auto"``.
 * reference — what a plain re-implementation does: load the unaligned, aligned and fine-tuned models fully
   into memory, then ``torch.linalg.svd(δ, full_matrices=False)`` for every weight and
@@ -83,10 +84,15 @@ def bench_cache() -> Path:
 
 
 def synthetic_delta(
-    d_out: int, d_in: int, generator: torch.Generator, signal_rank: int = 64, signal_share: float = 0.5,
+    d_out: int,
+    d_in: int,
+    generator: torch.Generator,
+    signal_rank: int = 64,
+    signal_share: float = 0.5,
     exponent: float = 0.5,
 ) -> Tensor:
-    """``δ`` of Frobenius norm ≈ 1: a low-rank head (``σ_i ∝ i^{-1/2}``) plus a full-rank heavy-tailed part."""
+    """``δ`` of Frobenius norm ≈ 1: a low-rank head (``σ_i ∝ i^{-1/2}``) plus a full-rank heavy-tailed
+    part."""
     n = min(d_out, d_in)
     k = max(1, min(signal_rank, n // 8))
     u = torch.linalg.qr(torch.randn(d_out, k, generator=generator)).Q
@@ -226,11 +232,15 @@ def child_reference(paths: dict[str, str], etas: list[float], out: str, max_rank
 def child_project(
     paths: dict[str, str], eta: float, out: str, per_matrix: bool, max_rank: int | None
 ) -> dict:
+    from lssf_lightning.config import SubspaceConfig
     from lssf_lightning.subspace import SafetySubspace
 
     start = time.perf_counter()
     subspace = SafetySubspace.from_weights(
-        paths["aligned"], paths["unaligned"], eta=eta, max_rank=max_rank, progress=False
+        paths["aligned"],
+        paths["unaligned"],
+        config=SubspaceConfig(eta=eta, max_rank=max_rank),
+        progress=False,
     )
     names = subspace.keys()
     bases = {_normalise(name): subspace[name].left.float() for name in names}
@@ -255,7 +265,9 @@ def _spectra(paths: dict[str, str], eta: float, max_rank: int | None) -> dict:
             tic = time.perf_counter()
             spectrum = safety_spectrum(delta, eta, max_rank=max_rank)
             timings[_normalise(key)] = {
-                "seconds": time.perf_counter() - tic, "method": spectrum.method, "shape": list(delta.shape),
+                "seconds": time.perf_counter() - tic,
+                "method": spectrum.method,
+                "shape": list(delta.shape),
             }
     return timings
 
@@ -293,7 +305,10 @@ def compare(reference: dict, project: dict) -> dict:
 
 def table(rows: list[list[str]], header: list[str]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(str(c).rjust(w) for c, w in zip(r, widths)) + " |"
+
+    def line(r):
+        return "| " + " | ".join(str(c).rjust(w) for c, w in zip(r, widths)) + " |"
+
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
 
 
@@ -315,21 +330,35 @@ def bench_part(
             args = ["project", "--paths", str_paths, "--etas", str(eta), "--out", out, *cap]
             proj = run_child(args + (["--per-matrix"] if part == "llama" else []), threads)
             stats = compare(ref_bases[str(eta)], torch.load(out)[str(eta)])
-            rows.append([
-                part, eta, stats["matrices"], f"{ref['seconds']:.1f}", f"{proj['seconds']:.1f}",
-                f"{ref['seconds'] / proj['seconds']:.1f}x",
-                f"{ref['peak_mib']:.0f}",
-                f"{proj['peak_mib']:.0f}",
-                f"{ref['peak_mib'] / proj['peak_mib']:.1f}x", f"{stats['identical']:.0%}",
-                f"{stats['rank_reference']:.1f} / {stats['rank_project']:.1f}",
-                f"{stats['agreement_mean']:.4f} ({stats['agreement_min']:.4f})",
-            ])
+            rows.append(
+                [
+                    part,
+                    eta,
+                    stats["matrices"],
+                    f"{ref['seconds']:.1f}",
+                    f"{proj['seconds']:.1f}",
+                    f"{ref['seconds'] / proj['seconds']:.1f}x",
+                    f"{ref['peak_mib']:.0f}",
+                    f"{proj['peak_mib']:.0f}",
+                    f"{ref['peak_mib'] / proj['peak_mib']:.1f}x",
+                    f"{stats['identical']:.0%}",
+                    f"{stats['rank_reference']:.1f} / {stats['rank_project']:.1f}",
+                    f"{stats['agreement_mean']:.4f} ({stats['agreement_min']:.4f})",
+                ]
+            )
             for name, info in (proj.get("per_matrix") or {}).items():
                 svd_s = ref["svd_seconds"][name]
-                details.append([
-                    name, eta, "x".join(map(str, info["shape"])), f"{svd_s:.2f}",
-                    f"{info['seconds']:.2f}", info["method"], f"{svd_s / info['seconds']:.1f}x",
-                ])
+                details.append(
+                    [
+                        name,
+                        eta,
+                        "x".join(map(str, info["shape"])),
+                        f"{svd_s:.2f}",
+                        f"{info['seconds']:.2f}",
+                        info["method"],
+                        f"{svd_s / info['seconds']:.1f}x",
+                    ]
+                )
     return rows, details
 
 
@@ -339,7 +368,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--parts", nargs="+", default=["smollm2", "llama"], choices=["smollm2", "llama"])
     parser.add_argument("--etas", nargs="+", type=float, default=[0.5, 0.9])
     parser.add_argument(
-        "--threads", type=int, default=1,
+        "--threads",
+        type=int,
+        default=1,
         help="torch/MKL threads per side (default 1: on a shared machine OpenMP threads that wait for each "
         "other at barriers make multi-threaded timings erratic)",
     )
@@ -380,13 +411,33 @@ def main(argv: list[str] | None = None) -> None:
         part_rows, part_details = bench_part(part, paths, args.etas, args.max_rank, args.threads, log)
         rows += part_rows
         details += part_details
-    print(f"torch {torch.__version__}, {args.threads} thread(s) per side, {os.cpu_count()} CPUs; "
-          f"load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after; "
-          f"total {time.perf_counter() - started:.0f} s; baseline RSS of a child (imports) {baseline:.0f} MiB"
-          + (" [quick]" if args.quick else "") + (f"; max_rank={args.max_rank}" if args.max_rank else ""))
+    print(
+        f"torch {torch.__version__}, {args.threads} thread(s) per side, {os.cpu_count()} CPUs; "
+        f"load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after; "
+        f"total {time.perf_counter() - started:.0f} s; baseline RSS of a child (imports) {baseline:.0f} MiB"
+        + (" [quick]" if args.quick else "")
+        + (f"; max_rank={args.max_rank}" if args.max_rank else "")
+    )
     print("inputs: " + "; ".join(sources))
-    print(table(rows, ["part", "η", "weights", "ref s", "lssf s", "speed-up", "ref MiB", "lssf MiB", "mem",
-                       "same rank", "mean rank ref / lssf", "mean cos² (min)"]))
+    print(
+        table(
+            rows,
+            [
+                "part",
+                "η",
+                "weights",
+                "ref s",
+                "lssf s",
+                "speed-up",
+                "ref MiB",
+                "lssf MiB",
+                "mem",
+                "same rank",
+                "mean rank ref / lssf",
+                "mean cos² (min)",
+            ],
+        )
+    )
     if details:
         print()
         print(table(details, ["matrix", "η", "shape", "svd s", "auto s", "path", "speed-up"]))
@@ -394,10 +445,17 @@ def main(argv: list[str] | None = None) -> None:
 
 def run_child_baseline(threads: int) -> float:
     """Peak RSS of a child that only imports torch and lssf_lightning (included in both sides' peaks)."""
-    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_subspace as b, " \
-           "lssf_lightning.subspace; print(b._peak_mib())"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                          env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    code = (
+        f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import bench_subspace as b, "
+        "lssf_lightning.subspace; print(b._peak_mib())"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+    )
     return float(done.stdout.strip().splitlines()[-1])
 
 

@@ -11,16 +11,29 @@ import argparse
 from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lssf_lightning import CausalLMModule, ChatDataModule, LSSFCallback
+from lssf_lightning import CausalLMModule, ChatDataModule, LSSFCallback, SubspaceConfig
 
 parser = argparse.ArgumentParser()
 parser.add_argument("aligned"), parser.add_argument("unaligned"), parser.add_argument("train_file")
-parser.add_argument("output"), parser.add_argument("--lora", action="store_true"), parser.add_argument("--epochs", type=int, default=1)
+(
+    parser.add_argument("output"),
+    parser.add_argument("--lora", action="store_true"),
+    parser.add_argument("--epochs", type=int, default=1),
+)
 args = parser.parse_args()
 
-model = CausalLMModule(args.aligned, learning_rate=1e-4, lora={"r": 8, "lora_alpha": 16} if args.lora else None)
+model = CausalLMModule(
+    args.aligned, learning_rate=1e-4, lora={"r": 8, "lora_alpha": 16} if args.lora else None
+)
 data = ChatDataModule(train_file=args.train_file, batch_size=4, max_length=256)
-safety = LSSFCallback(unaligned=args.unaligned, eta=0.9, alpha=1.0, export_dir=f"{args.output}/realigned")
-trainer = Trainer(max_epochs=args.epochs, callbacks=[safety, ModelCheckpoint(dirpath=args.output, save_last=True)])
+safety = LSSFCallback(
+    unaligned=args.unaligned,
+    subspace=SubspaceConfig(eta=0.9),
+    alpha=1.0,
+    export_dir=f"{args.output}/realigned",
+)
+trainer = Trainer(
+    max_epochs=args.epochs, callbacks=[safety, ModelCheckpoint(dirpath=args.output, save_last=True)]
+)
 trainer.fit(model, data)
 print(safety.subspace.summary(max_rows=5))

@@ -2,19 +2,20 @@
 
     python examples/posthoc_realign.py ALIGNED_DIR UNALIGNED_DIR FINETUNED_DIR OUTPUT_DIR
 
-The same as `lssf-lightning realign --aligned A --unaligned U --finetuned F --output OUT`, but showing the pieces:
-the safety subspace is built once (rank-r factors only), saved, and fused into the fine-tuned model.
+The same as `lssf-lightning realign --aligned A --unaligned U --finetuned F --output OUT`, but showing the
+pieces: the safety subspace is built once (rank-r factors only), saved, and fused into the fine-tuned model.
 """
 
 import sys
 
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lssf_lightning import SafetySubspace
+from lssf_lightning import SafetySubspace, SubspaceConfig
 
 aligned, unaligned, finetuned, output = sys.argv[1:5]
 
-subspace = SafetySubspace.from_weights(aligned, unaligned, eta=0.9)  # streams both checkpoints tensor by tensor
+# streams both checkpoints tensor by tensor
+subspace = SafetySubspace.from_weights(aligned, unaligned, config=SubspaceConfig(eta=0.9))
 print(subspace.summary(max_rows=5))
 subspace.save(f"{output}-subspace.safetensors")  # reusable for every fine-tune of the same aligned model
 

@@ -1,47 +1,103 @@
 """lssf_lightning: Low-Rank Safety Subspace Fusion (LSSF) for PyTorch Lightning.
 
-The core (:mod:`lssf_lightning.core`, :class:`SafetySubspace`, :func:`realign_checkpoint`) needs no Lightning;
-:class:`LSSFCallback` and the Lightning modules load lazily on first use.
+The core (:class:`SafetySubspace`, :func:`realign_checkpoint`, the methods in :mod:`lssf_lightning.methods`)
+needs no Lightning. Every public name is imported on first use, so ``import lssf_lightning`` (and the
+``lssf-lightning`` command's start-up) costs nothing; the ``TYPE_CHECKING`` block below shows IDEs and type
+checkers where each name lives.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lssf_lightning.core.basis import basis_weights, fuse_weight, fusion_factors, weighted_basis
-from lssf_lightning.core.entropy import safety_critical_rank, safety_singular_value_entropy
-from lssf_lightning.subspace import SafetySubspace
+__version__ = "0.2.0"
 
-__version__ = "0.1.0"
+if TYPE_CHECKING:
+    from lssf_lightning.config import AutoAlphaConfig, SubspaceConfig
+    from lssf_lightning.core.basis import basis_weights, fuse_weight, fusion_factors, weighted_basis
+    from lssf_lightning.core.entropy import safety_critical_rank, safety_singular_value_entropy
+    from lssf_lightning.core.svd import safety_spectrum
+    from lssf_lightning.integrations.hf_trainer import LSSFTrainerCallback
+    from lssf_lightning.lightning.callback import LSSFCallback
+    from lssf_lightning.lightning.finetune import CausalLMModule, ChatDataModule
+    from lssf_lightning.lightning.monitor import RefusalMonitor
+    from lssf_lightning.methods import LSSF, Resta, SafeLoRA, apply_edits, resta, safelora
+    from lssf_lightning.metrics.refusal import (
+        HarmfulRefusalRate,
+        RefusalRate,
+        harmful_refusal_rate,
+        refusal_rate,
+    )
+    from lssf_lightning.realign import realign_checkpoint
+    from lssf_lightning.subspace import SafetySubspace
 
-_LAZY = {
+_EXPORTS = {
+    "AutoAlphaConfig": "lssf_lightning.config",
+    "SubspaceConfig": "lssf_lightning.config",
+    "basis_weights": "lssf_lightning.core.basis",
+    "fuse_weight": "lssf_lightning.core.basis",
+    "fusion_factors": "lssf_lightning.core.basis",
+    "weighted_basis": "lssf_lightning.core.basis",
+    "safety_critical_rank": "lssf_lightning.core.entropy",
+    "safety_singular_value_entropy": "lssf_lightning.core.entropy",
+    "safety_spectrum": "lssf_lightning.core.svd",
+    "LSSFTrainerCallback": "lssf_lightning.integrations.hf_trainer",
     "LSSFCallback": "lssf_lightning.lightning.callback",
     "CausalLMModule": "lssf_lightning.lightning.finetune",
     "ChatDataModule": "lssf_lightning.lightning.finetune",
+    "RefusalMonitor": "lssf_lightning.lightning.monitor",
+    "LSSF": "lssf_lightning.methods",
+    "Resta": "lssf_lightning.methods",
+    "SafeLoRA": "lssf_lightning.methods",
+    "apply_edits": "lssf_lightning.methods",
+    "resta": "lssf_lightning.methods",
+    "safelora": "lssf_lightning.methods",
     "HarmfulRefusalRate": "lssf_lightning.metrics.refusal",
+    "RefusalRate": "lssf_lightning.metrics.refusal",
     "harmful_refusal_rate": "lssf_lightning.metrics.refusal",
+    "refusal_rate": "lssf_lightning.metrics.refusal",
     "realign_checkpoint": "lssf_lightning.realign",
-    "resta": "lssf_lightning.baselines",
-    "safelora": "lssf_lightning.baselines",
-    "safety_spectrum": "lssf_lightning.core.svd",
+    "SafetySubspace": "lssf_lightning.subspace",
 }
 
 __all__ = [
+    "LSSF",
+    "AutoAlphaConfig",
+    "CausalLMModule",
+    "ChatDataModule",
+    "HarmfulRefusalRate",
+    "LSSFCallback",
+    "LSSFTrainerCallback",
+    "RefusalMonitor",
+    "RefusalRate",
+    "Resta",
+    "SafeLoRA",
     "SafetySubspace",
+    "SubspaceConfig",
+    "apply_edits",
     "basis_weights",
     "fuse_weight",
     "fusion_factors",
+    "harmful_refusal_rate",
+    "realign_checkpoint",
+    "refusal_rate",
+    "resta",
+    "safelora",
     "safety_critical_rank",
     "safety_singular_value_entropy",
+    "safety_spectrum",
     "weighted_basis",
-    *_LAZY,
 ]
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'lssf_lightning' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -6,7 +6,9 @@ import os
 import re
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
+from lssf_lightning.io.guard import guarded_output
 from lssf_lightning.subspace import SafetySubspace
 
 __all__ = ["plot_subspace"]
@@ -14,10 +16,14 @@ __all__ = ["plot_subspace"]
 _LAYER = re.compile(r"\.(\d+)\.")
 
 
-def plot_subspace(subspace: SafetySubspace, path: str | os.PathLike) -> Path:
+def plot_subspace(
+    subspace: SafetySubspace, path: str | os.PathLike, *, overwrite: bool = False, inputs: Any = ()
+) -> Path:
     """Draw the safety-critical rank and the entropy ``H(n)`` of every matrix against its layer index.
 
     One line per module kind (``q_proj``, ``down_proj``…). Needs matplotlib (``pip install matplotlib``).
+    The file is written through the output guard (:func:`lssf_lightning.io.guard.guarded_output`): an existing
+    ``path`` is replaced only with ``overwrite``, never when it is (or lies inside) one of ``inputs``.
     """
     try:
         import matplotlib
@@ -38,12 +44,18 @@ def plot_subspace(subspace: SafetySubspace, path: str | os.PathLike) -> Path:
         layers = [p[0] for p in points]
         rank_axis.plot(layers, [p[1] for p in points], marker="o", markersize=3, label=kind)
         entropy_axis.plot(layers, [p[2] for p in points], marker="o", markersize=3, label=kind)
-    rank_axis.set(xlabel="layer", ylabel="safety-critical rank r", title=f"rank per matrix (η = {subspace.metadata.get('eta')})")
+    rank_axis.set(
+        xlabel="layer",
+        ylabel="safety-critical rank r",
+        title=f"rank per matrix (η = {subspace.metadata.get('eta')})",
+    )
     entropy_axis.set(xlabel="layer", ylabel="H(n)", title="safety singular value entropy")
     rank_axis.legend(fontsize=7, ncol=2)
     figure.tight_layout()
     path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    try:
+        with guarded_output(path, inputs, overwrite=overwrite, directory=False) as staging:
+            figure.savefig(staging, dpi=120, format=path.suffix.lstrip(".").lower() or "png")
+    finally:
+        plt.close(figure)
     return path

@@ -1,9 +1,10 @@
 """Post-hoc realignment of a fine-tuned Hugging Face checkpoint, streamed tensor by tensor.
 
 ``realign_checkpoint`` reads the fine-tuned model's safetensors one tensor at a time, edits the targeted
-matrices (LSSF, RESTA or SafeLoRA), and writes a complete model directory — sharded safetensors, index, config,
-generation config and tokenizer files — into a temporary sibling that is renamed into place at the end.
-Peak memory is a few tensors (plus the factors of a precomputed subspace), whatever the model's size.
+matrices with the planner of a registered method (:mod:`lssf_lightning.methods`: LSSF, RESTA, SafeLoRA, …;
+one path for all, no branch per method), and writes a complete model directory — sharded safetensors, index,
+config, generation config and tokenizer files — into a temporary sibling that is renamed into place at the
+end. Peak memory is a few tensors (plus the factors of a precomputed subspace), whatever the model's size.
 """
 
 from __future__ import annotations
@@ -11,21 +12,32 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from lssf_lightning.baselines import Resta, SafeLoRA
+from lssf_lightning.config import (
+    DEFAULT_ALPHA,
+    DEFAULT_BETA,
+    DEFAULT_DROP_RATE,
+    DEFAULT_SEED,
+    DEFAULT_THRESHOLD,
+    MAX_SHARD_BYTES,
+    SubspaceConfig,
+    split_legacy,
+)
 from lssf_lightning.io.export import copy_support_files, write_model_directory
+from lssf_lightning.io.guard import check_output
+from lssf_lightning.io.hub import is_hub_id, resolve_model
 from lssf_lightning.io.lora import LoraAdapter, MergedLoraStore, is_adapter_dir
+from lssf_lightning.io.shards import parse_shard_size
 from lssf_lightning.io.weights import WeightStore, open_weights
-from lssf_lightning.io.names import KeyMatcher
-from lssf_lightning.subspace import SafetySubspace, SubspaceBuilder, fuse_entry, select_target_pairs
+from lssf_lightning.methods import METHODS, MethodInputs, make_planner
+from lssf_lightning.subspace import SafetySubspace
+from lssf_lightning.validation import check_choice
 
 __all__ = ["RealignReport", "open_finetuned", "realign_checkpoint"]
-
-Method = Literal["lssf", "resta", "safelora"]
 
 
 @dataclass
@@ -42,26 +54,34 @@ class RealignReport:
     def __str__(self) -> str:
         extra = ", ".join(f"{k}={v}" for k, v in self.details.items())
         return (
-            f"{self.method}: edited {self.edited} of {self.tensors} tensors in {self.seconds:.1f} s → {self.output}"
-            + (f" ({extra})" if extra else "")
+            f"{self.method}: edited {self.edited} of {self.tensors} tensors in {self.seconds:.1f} s "
+            f"→ {self.output}" + (f" ({extra})" if extra else "")
         )
 
 
-def open_finetuned(finetuned: str | os.PathLike, aligned: str | os.PathLike | None) -> tuple[WeightStore, list]:
+def open_finetuned(
+    finetuned: str | os.PathLike, aligned: str | os.PathLike | None
+) -> tuple[WeightStore, list]:
     """The fine-tuned weights and the directories to copy config/tokenizer files from.
 
     A peft adapter directory is read as ``base + s·B·A``, its base being ``aligned`` (the model the LoRA run
     started from) or, without it, the adapter's ``base_model_name_or_path`` when that is a local directory.
     """
-    path = Path(finetuned).expanduser()
+    path = (
+        resolve_model(finetuned, what="finetuned")
+        if isinstance(finetuned, str)
+        else Path(finetuned).expanduser()
+    )
     if not is_adapter_dir(path):
         store = open_weights(path, name="finetuned")
         return store, [path if path.is_dir() else path.parent]
     adapter = LoraAdapter(path)
     base = aligned if aligned is not None else adapter.base_model_path
+    base = resolve_model(base, what="adapter base") if is_hub_id(base) else base  # org/name: io/hub.py
     if base is None or not Path(base).expanduser().exists():
         raise FileNotFoundError(
-            f"finetuned {path} is a LoRA adapter; its base model {base!r} is not a local directory: pass --aligned"
+            f"finetuned {path} is a LoRA adapter; its base model {base!r} is not a local directory: "
+            "pass --aligned"
         )
     base_store = open_weights(base, name="adapter base")
     return MergedLoraStore(base_store, adapter), [path, Path(base)]
@@ -73,113 +93,81 @@ def realign_checkpoint(
     *,
     aligned: str | os.PathLike | None = None,
     unaligned: str | os.PathLike | None = None,
-    method: Method = "lssf",
+    method: str = "lssf",
     subspace: SafetySubspace | str | os.PathLike | None = None,
-    alpha: float = 1.0,
-    eta: float = 0.9,
-    alpha_1: float = 1.0,
-    source: Literal["weights", "activations"] = "weights",
-    calibration: str | None = None,
-    target_modules: str | Sequence[str] | None = None,
-    exclude_modules: str | Sequence[str] | None = None,
-    max_rank: int | None = None,
-    beta: float = 1.0,
-    drop_rate: float = 0.0,
-    seed: int = 0,
-    threshold: float = 0.5,
-    max_shard_bytes: int = 2 * 1024**3,
+    config: SubspaceConfig | Mapping[str, Any] | None = None,
+    alpha: float = DEFAULT_ALPHA,
+    beta: float = DEFAULT_BETA,
+    drop_rate: float = DEFAULT_DROP_RATE,
+    seed: int = DEFAULT_SEED,
+    threshold: float = DEFAULT_THRESHOLD,
+    method_options: Mapping[str, Any] | None = None,
+    max_shard_bytes: int | str = MAX_SHARD_BYTES,
     overwrite: bool = False,
+    allow_partial: bool = False,
     progress: bool = True,
+    **legacy: Any,
 ) -> RealignReport:
     """Write a realigned copy of ``finetuned`` to ``output`` (a HF model directory).
 
     Args:
-        finetuned: the fine-tuned model: a HF directory, safetensors file(s), or a peft LoRA adapter directory.
+        finetuned: the fine-tuned model: a HF directory, safetensors file(s), or a peft LoRA adapter
+            directory.
         output: the directory to write; must not exist unless ``overwrite``.
         aligned: the aligned model directory (needed unless ``subspace`` is given for ``lssf``).
         unaligned: the unaligned counterpart (same).
-        method: ``"lssf"`` (``W + α·P'δ``), ``"resta"`` (``W + β·DARE(δ)``), ``"safelora"`` (LoRA adapters only).
-        subspace: a precomputed :class:`SafetySubspace` or its file; otherwise built from ``aligned``/``unaligned``
-            with ``eta``, ``alpha_1``, ``source``, ``calibration``, ``target_modules``, ``exclude_modules``, ``max_rank``.
+        method: a registered method (:data:`lssf_lightning.methods.METHODS`): ``"lssf"`` (``W + α·P'δ``),
+            ``"resta"`` (``W + β·DARE(δ)``), ``"safelora"`` (LoRA adapters only), …
+        subspace: a precomputed :class:`SafetySubspace` or its file (``lssf``); otherwise the subspace is
+            built from ``aligned``/``unaligned`` with ``config``, one matrix at a time as the weights stream
+            past.
+        config: the subspace settings (:class:`~lssf_lightning.config.SubspaceConfig` or a mapping); its
+            ``target_modules`` / ``exclude_modules`` also select RESTA's weights. The old keywords
+            (``eta=``…) still work for this release with a ``DeprecationWarning``.
         alpha: LSSF fusion strength.
         beta: RESTA scale; ``drop_rate`` and ``seed`` configure its DARE step.
         threshold: SafeLoRA's ``τ``.
-        max_shard_bytes: size of the output shards.
+        method_options: further settings of a registered method, by name.
+        max_shard_bytes: size of the output shards: bytes, or ``"2GB"`` (decimal) / ``"2GiB"`` (binary).
         overwrite: replace an existing ``output`` (atomically).
+        allow_partial: edit only the weights all inputs have in common (a warning gives the counts) instead
+            of refusing inputs whose targeted weights do not correspond.
         progress: show progress bars.
     """
     started = time.perf_counter()
-    if method not in ("lssf", "resta", "safelora"):
-        raise ValueError(f"method must be 'lssf', 'resta' or 'safelora', got {method!r}")
+    config = split_legacy(config, legacy, "realign_checkpoint")
+    check_choice("method", method, tuple(METHODS))
+    max_shard_bytes = parse_shard_size(max_shard_bytes, "max_shard_bytes")
     output = Path(output).expanduser()
-    if output.exists() and not overwrite:
-        raise FileExistsError(f"output {output} already exists (pass --overwrite to replace it)")
+    input_paths = [finetuned, aligned, unaligned, subspace, config.calibration]  # non-paths are ignored
+    check_output(output, input_paths, overwrite=overwrite)  # before any work: overlap, existence
     store, support_dirs = open_finetuned(finetuned, aligned)
-    needs_pair = method != "lssf" or subspace is None
-    if needs_pair and (aligned is None or unaligned is None):
-        raise ValueError(f"method {method!r} needs both --aligned and --unaligned" +
-                         ("" if method != "lssf" else " (or a precomputed --subspace)"))
+    options = {
+        "alpha": alpha,
+        "beta": beta,
+        "drop_rate": drop_rate,
+        "seed": seed,
+        "threshold": threshold,
+        **(method_options or {}),
+    }
+    inputs = MethodInputs(store, aligned, unaligned, subspace, config, options, allow_partial, progress)
+    planner = make_planner(method, inputs)
     if aligned is not None:
         support_dirs.append(Path(aligned))
-    details: dict[str, Any] = {}
-    if method == "lssf":
-        if needs_pair:
-            # Fail before any SVD when the fine-tuned model lacks the aligned model's target weights.
-            select_target_pairs(open_weights(aligned, name="aligned"), store, target_modules, exclude_modules)
-        edits, details, ranks = _lssf_edits(store, subspace, aligned, unaligned, alpha, eta, alpha_1, source,
-                                            calibration, target_modules, exclude_modules, max_rank, progress)
-    elif method == "resta":
-        edits = Resta(aligned, unaligned, beta, drop_rate, seed, target_modules, exclude_modules).plan(store)
-        details = {"beta": beta, "drop_rate": drop_rate}
-    else:
-        if not isinstance(store, MergedLoraStore):
-            raise ValueError(f"safelora needs a LoRA run: {finetuned} is not a peft adapter directory")
-        planner = SafeLoRA(aligned, unaligned, threshold)
-        edits = planner.plan(store)
-        details = {"threshold": threshold, "projected": planner.projected}
+    edits = planner.plan(store)
     tensors = write_model_directory(
-        store, output, edits=edits, max_shard_bytes=max_shard_bytes, overwrite=overwrite, progress=progress,
+        store,
+        output,
+        edits=edits,
+        max_shard_bytes=max_shard_bytes,
+        overwrite=overwrite,
+        progress=progress,
+        inputs=[input_paths, support_dirs],
         write_support_files=lambda staging: _copy_support_files(support_dirs, staging, output),
     )
-    if method == "lssf":
-        details["mean_rank"] = round(sum(ranks.values()) / max(len(ranks), 1), 1)
-    if method == "safelora":
-        details["projected"] = f"{sum(planner.projected.values())}/{len(planner.projected)} layers"
-    return RealignReport(method, output, tensors, len(edits), time.perf_counter() - started, details)
-
-
-def _lssf_edits(store, subspace, aligned, unaligned, alpha, eta, alpha_1, source, calibration, target_modules,
-                exclude_modules, max_rank, progress):
-    """``{fine-tuned key: edit}``. Without a precomputed subspace each entry is built when its weight streams
-    past and dropped after fusing, so only one matrix's factors are ever held."""
-    if subspace is None:
-        builder = SubspaceBuilder(
-            aligned, unaligned, eta=eta, alpha_1=alpha_1, source=source, calibration=calibration,
-            target_modules=target_modules, exclude_modules=exclude_modules, max_rank=max_rank, progress=progress,
-        )
-        names, ranks = builder.names, builder.ranks
-
-        def edit(weight, name):
-            return fuse_entry(name, builder.build(name), weight, alpha)
-    else:
-        if not isinstance(subspace, SafetySubspace):
-            subspace = SafetySubspace.load(subspace)
-        names, ranks = subspace.keys(), subspace.ranks
-
-        def edit(weight, name):
-            return subspace.fuse_tensor(name, weight, alpha)
-
-    matched = KeyMatcher(names).match_all(store.keys())
-    missing = set(names) - set(matched.values())
-    if missing:
-        raise ValueError(
-            f"{len(missing)} of {len(names)} subspace matrices have no weight in {store.location} "
-            f"(mismatched architectures?), e.g. {sorted(missing)[:3]}"
-        )
-    edits = {key: (lambda w, name=name: edit(w, name)) for key, name in matched.items()}
-    details = {"alpha": alpha}
-    # ``ranks`` fills in as the entries are built; the report reads it after the write.
-    return edits, details, ranks
+    return RealignReport(
+        method, output, tensors, len(edits), time.perf_counter() - started, planner.summary()
+    )
 
 
 def _copy_support_files(support_dirs, staging, output) -> None:

@@ -8,34 +8,25 @@ Built once from an aligned model and its unaligned counterpart, it holds, for ev
 from __future__ import annotations
 
 import contextlib
-import copy
 import hashlib
 import json
 import math
 import os
-import tempfile
 import warnings
 import zlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Container, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from lssf_lightning.core.basis import (
-    add_correction,
-    check_alpha_1,
-    fusion_factors,
-    low_rank_product,
-    weighted_basis,
-)
+from lssf_lightning.config import SubspaceConfig, split_legacy
+from lssf_lightning.core.basis import add_correction, fusion_factors, low_rank_product, weighted_basis
 from lssf_lightning.core.checks import all_finite
-from lssf_lightning.core.entropy import check_eta
 from lssf_lightning.core.svd import safety_spectrum
-from lssf_lightning.io.calibration import calibration_factors, calibration_identity
 from lssf_lightning.io.names import (
     KeyMatcher,
     canonical_key,
@@ -44,15 +35,18 @@ from lssf_lightning.io.names import (
     matches_modules,
     module_name,
 )
-from lssf_lightning.io.shards import SafetensorsReader, read_header, write_safetensors
-from lssf_lightning.io.weights import ModuleStore, WeightsLike, WeightStore, open_weights
+from lssf_lightning.io.subspace_file import read_subspace_file, write_subspace_file
+from lssf_lightning.io.weights import WeightsLike, WeightStore, open_weights
+from lssf_lightning.validation import SettingError
 
-__all__ = ["SafetySubspace", "SubspaceBuilder", "SubspaceEntry", "fuse_entry", "select_target_pairs"]
-
-FORMAT = "lssf_lightning.safety_subspace"
-FORMAT_VERSION = 1
-Source = Literal["weights", "activations"]
-SVDMethod = Literal["auto", "exact", "randomized", "gram"]
+__all__ = [
+    "SafetySubspace",
+    "SubspaceBuilder",
+    "SubspaceEntry",
+    "check_correspondence",
+    "select_target_pairs",
+    "target_keys",
+]
 
 
 @dataclass
@@ -93,9 +87,115 @@ class SubspaceEntry:
         return float(self.singular_values.double().square().sum()) / self.total_energy
 
     def correction(self, alpha: float = 1.0) -> Tensor:
-        """The dense term ``α·U'U'ᵀδ`` in the checkpoint's layout (for inspection and tests)."""
+        """The dense term ``α·U'U'ᵀδ`` in the checkpoint's layout, in float64 (for inspection and tests)."""
         dense = alpha * (self.left.to(torch.float64) @ self.right.to(torch.float64))
         return dense.T if self.conv1d else dense
+
+    def product(self, like: Tensor) -> Tensor:
+        """The dense ``U'U'ᵀδ`` in the checkpoint's layout, in at least float32 (and ``like``'s precision), on
+        ``like``'s device. Memory: one matrix."""
+        product = low_rank_product(self.left, self.right, like)
+        return product.T if self.conv1d else product
+
+    def fuse(self, weight: Tensor, alpha: float = 1.0, name: str = "weight") -> Tensor:
+        """The fusion step (Eq. 13): ``weight + α·U'U'ᵀδ`` as a new tensor in ``weight``'s dtype.
+
+        Every fusion of the package (``SafetySubspace.fuse``, realign, the callbacks) ends here, so they all
+        round alike; ``name`` is for the error message.
+        """
+        if tuple(weight.shape) != self.shape:
+            raise ValueError(
+                f"{name}: weight of shape {tuple(weight.shape)} does not match the subspace's {self.shape}"
+            )
+        if self.rank == 0 or alpha == 0:
+            return weight.detach().clone()
+        return add_correction(weight.detach(), self.product(weight), alpha)
+
+
+def target_keys(
+    store: WeightStore,
+    target_modules: str | Sequence[str] | None = None,
+    exclude_modules: str | Sequence[str] | None = None,
+    *,
+    known_linear: Container[str] = (),
+) -> list[str]:
+    """The keys of ``store`` that the selection targets (see :func:`select_target_pairs`), in store order.
+
+    ``known_linear``: keys already known to be linear layers (e.g. matched by a subspace); the store is not
+    asked about them. Asking a checkpoint directory builds its model on the meta device once (~15 s of
+    transformers imports on a loaded 2-core machine), which a precomputed-subspace realign otherwise avoids.
+    """
+    default = target_modules is None or target_modules == "all-linear"
+
+    def is_target(key: str) -> bool:
+        if len(store.shape(key)) != 2 or not key.endswith(".weight") or is_adapter_key(key):
+            return False
+        name = canonical_key(module_name(key))
+        if default:
+            selected = in_transformer_block(canonical_key(key)) and (
+                key in known_linear or store.is_linear(key) is not False
+            )
+        else:
+            selected = matches_modules(name, target_modules)
+        return selected and not matches_modules(name, exclude_modules)
+
+    return [k for k in store if is_target(k)]
+
+
+def check_correspondence(
+    keys: Sequence[str],
+    reference: Sequence[str],
+    location: str,
+    reference_location: str,
+    *,
+    allow_partial: bool = False,
+    pool: Sequence[str] | None = None,
+    reference_pool: Sequence[str] | None = None,
+) -> dict[str, str]:
+    """``{key: reference key}`` after checking that two sides' targeted weights correspond both ways.
+
+    ``keys`` are the targeted weights of one side, ``reference`` those of the other; a weight has a
+    counterpart when it matches (through wrapper prefixes, :class:`~lssf_lightning.io.names.KeyMatcher`) a key
+    of the other side's ``pool`` (default: its targets) that no other weight claimed. A weight on either side
+    without one is an error naming a few of each side, unless ``allow_partial``: then a warning gives the
+    counts and the common ones are kept.
+
+    Raises:
+        ValueError: the two sides do not correspond (mismatched architectures), or have nothing in common.
+    """
+    keys, reference = list(keys), list(reference)
+    matched = KeyMatcher(reference if reference_pool is None else reference_pool).match_all(keys)
+    back = KeyMatcher(keys if pool is None else pool)
+    lonely_keys = [k for k in keys if k not in matched]
+    claimed = set(matched.values())
+    # A reference weight that no key claimed still has a counterpart when it matches an unclaimed pool key (a
+    # weight the two sides select differently, e.g. a store that cannot tell linear layers from others).
+    lonely_reference = [k for k in reference if k not in claimed and back.match(k) in (None, *matched)]
+    if not lonely_keys and not lonely_reference:
+        return matched
+    parts = []
+    if lonely_keys:
+        parts.append(
+            f"{len(lonely_keys)} of {len(keys)} target weights of {location} have no counterpart in "
+            f"{reference_location}, e.g. {lonely_keys[:3]}"
+        )
+    if lonely_reference:
+        parts.append(
+            f"{len(lonely_reference)} of {len(reference)} target weights of {reference_location} have "
+            f"no counterpart in {location}, e.g. {lonely_reference[:3]}"
+        )
+    message = "; ".join(parts)
+    if not allow_partial or not matched:
+        hint = (
+            ""
+            if not matched
+            else "; pass allow_partial=True (CLI: --allow-partial) to edit only the common ones"
+        )
+        raise ValueError(f"{message} (mismatched architectures?){hint}")
+    warnings.warn(
+        f"partial realignment: {message}; only the {len(matched)} common weights are edited", stacklevel=3
+    )
+    return matched
 
 
 def select_target_pairs(
@@ -103,46 +203,45 @@ def select_target_pairs(
     unaligned: WeightStore,
     target_modules: str | Sequence[str] | None = None,
     exclude_modules: str | Sequence[str] | None = None,
+    *,
+    allow_partial: bool = False,
 ) -> dict[str, tuple[str, str]]:
     """``{subspace key: (aligned key, unaligned key)}`` for every targeted 2-D weight, checked for shape.
 
     Default targets are the linear (and ``Conv1D``) weights inside the transformer blocks; embeddings,
     ``lm_head``, norms and biases are left out. ``target_modules`` / ``exclude_modules`` follow peft: a list
     matches module names equal to or ending in ``.item``, a string is a full-match regular expression, and
-    ``"all-linear"`` is the default.
+    ``"all-linear"`` is the default. The targets of both models must correspond both ways (see
+    :func:`check_correspondence`; ``allow_partial`` keeps the common ones).
 
     Raises:
-        ValueError: nothing matches, a pattern matches nothing, weights are missing on one side, or shapes differ.
+        ValueError: nothing matches, a pattern matches nothing, the targets do not correspond, or shapes
+            differ.
     """
-    matcher = KeyMatcher(unaligned.keys())
-    candidates = [
-        k for k in aligned.keys() if len(aligned.shape(k)) == 2 and k.endswith(".weight") and not is_adapter_key(k)
-    ]
-    default = target_modules is None or target_modules == "all-linear"
-
-    def is_target(key: str) -> bool:
-        name = canonical_key(module_name(key))
-        if default:
-            linear = aligned.is_linear(key)
-            selected = in_transformer_block(canonical_key(key)) and linear is not False
-        else:
-            selected = matches_modules(name, target_modules)
-        return selected and not matches_modules(name, exclude_modules)
-
-    targets = [k for k in candidates if is_target(k)]
-    if not default and isinstance(target_modules, (list, tuple)):
+    targets = target_keys(aligned, target_modules, exclude_modules)
+    if isinstance(target_modules, (list, tuple)):
         names = [canonical_key(module_name(k)) for k in targets]
         unused = [p for p in target_modules if not any(n == p or n.endswith("." + p) for n in names)]
         if unused:
-            raise ValueError(f"target_modules {unused} match no 2-D weight of {aligned.location}")
+            raise ValueError(f"target_modules {list(unused)} match no 2-D weight of {aligned.location}")
     if not targets:
-        raise ValueError(f"no target weight found in {aligned.location} (target_modules={target_modules!r}, "
-                         f"exclude_modules={exclude_modules!r}); first keys: {aligned.keys()[:5]}")
-    pairs, missing, mismatched = {}, [], []
+        raise ValueError(
+            f"no target weight found in {aligned.location} (target_modules={target_modules!r}, "
+            f"exclude_modules={exclude_modules!r}); first keys: {aligned.keys()[:5]}"
+        )
+    matched = check_correspondence(
+        targets,
+        target_keys(unaligned, target_modules, exclude_modules),
+        aligned.location,
+        unaligned.location,
+        allow_partial=allow_partial,
+        pool=aligned.keys(),
+        reference_pool=unaligned.keys(),
+    )
+    pairs, mismatched = {}, []
     for key in targets:
-        other = matcher.match(key)
+        other = matched.get(key)
         if other is None:
-            missing.append(key)
             continue
         if tuple(unaligned.shape(other)) != tuple(aligned.shape(key)):
             mismatched.append(f"{key}: {tuple(aligned.shape(key))} vs {tuple(unaligned.shape(other))}")
@@ -151,59 +250,31 @@ def select_target_pairs(
         pairs[name] = (key, other)
     if mismatched:
         raise ValueError(
-            f"shapes differ between {aligned.location} and {unaligned.location} for {len(mismatched)} weights "
-            f"(mismatched architectures?), e.g. {mismatched[:3]}"
-        )
-    if missing:
-        raise ValueError(
-            f"{len(missing)} of {len(targets)} target weights of {aligned.location} have no counterpart in "
-            f"{unaligned.location} (mismatched architectures?), e.g. {missing[:3]}; "
-            f"its keys look like {unaligned.keys()[:3]}"
+            f"shapes differ between {aligned.location} and {unaligned.location} for {len(mismatched)} "
+            f"weights (mismatched architectures?), e.g. {mismatched[:3]}"
         )
     return pairs
 
 
-def _settings(eta, alpha_1, source, max_rank, target_modules, exclude_modules, calibration) -> dict[str, Any]:
-    """The validated settings of a build; recorded in the metadata and hashed into the fingerprint."""
-    if source not in ("weights", "activations"):
-        raise ValueError(f"source must be 'weights' or 'activations', got {source!r}")
-    if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1):
-        raise ValueError(f"max_rank must be a positive integer or None, got {max_rank!r}")
-
-    def as_json(patterns):
-        return patterns if isinstance(patterns, (str, type(None))) else list(patterns)
-
-    settings = {
-        "eta": check_eta(eta),
-        "alpha_1": check_alpha_1(alpha_1),
-        "source": source,
-        "max_rank": max_rank,
-        "target_modules": as_json(target_modules),
-        "exclude_modules": as_json(exclude_modules),
-    }
-    if source == "activations":
-        settings["calibration"] = calibration_identity(calibration)
-    return settings
-
-
 class _Fingerprint:
-    """A content hash of the inputs: the settings, and each tensor's name, shape, dtype and a CRC-32 of its bytes.
+    """A content hash of the inputs: the settings, and each tensor's name, shape, dtype and a CRC-32 of its
+    bytes.
 
     Independent of the order tensors arrive in, so a module and its saved checkpoint hash alike.
     """
 
     def __init__(self, settings: dict[str, Any]) -> None:
         self._settings = json.dumps(settings, sort_keys=True)
-        self._digests: dict[str, str] = {}
+        self.digests: dict[str, str] = {}
 
     def add(self, key: str, tensor: Tensor) -> None:
         data = tensor.detach().reshape(-1).contiguous().cpu()
         crc = zlib.crc32(memoryview(data.view(torch.uint8).numpy()))
-        self._digests[key] = f"{tuple(tensor.shape)}|{tensor.dtype}|{crc:08x}"
+        self.digests[key] = f"{tuple(tensor.shape)}|{tensor.dtype}|{crc:08x}"
 
     def hexdigest(self) -> str:
         return hashlib.blake2b(
-            json.dumps([self._settings, sorted(self._digests.items())]).encode(), digest_size=16
+            json.dumps([self._settings, sorted(self.digests.items())]).encode(), digest_size=16
         ).hexdigest()
 
 
@@ -216,13 +287,17 @@ class SafetySubspace:
 
     Example::
 
-        subspace = SafetySubspace.from_weights("Llama-3.1-8B-Instruct", "Llama-3.1-8B", eta=0.9)
+        config = SubspaceConfig(eta=0.9)
+        subspace = SafetySubspace.from_weights("Llama-3.1-8B-Instruct", "Llama-3.1-8B", config=config)
         subspace.save("safety.safetensors")
         model = subspace.fuse(finetuned_model, alpha=1.0, inplace=True)
     """
 
-    def __init__(self, entries: dict[str, SubspaceEntry], metadata: dict[str, Any] | None = None) -> None:
-        self.entries = dict(entries)
+    def __init__(self, entries: Mapping[str, SubspaceEntry], metadata: dict[str, Any] | None = None) -> None:
+        # A disk-backed mapping (io.lazy_factors.LazyFactors) is kept as it is: copying it would read every
+        # entry.
+        lazy = isinstance(entries, Mapping) and not isinstance(entries, dict)
+        self.entries = entries if lazy else dict(entries)
         self.metadata = dict(metadata or {})
 
     # -- building ---------------------------------------------------------------------------------------
@@ -231,20 +306,14 @@ class SafetySubspace:
         cls,
         aligned: WeightsLike,
         unaligned: WeightsLike,
+        config: SubspaceConfig | Mapping[str, Any] | None = None,
         *,
-        eta: float = 0.9,
-        alpha_1: float = 1.0,
-        source: Source = "weights",
-        calibration: str | Sequence[str] | Sequence[tuple[str, str]] | None = None,
         tokenizer: Any = None,
-        target_modules: str | Sequence[str] | None = None,
-        exclude_modules: str | Sequence[str] | None = None,
-        max_rank: int | None = None,
-        svd_method: SVDMethod = "auto",
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
-        max_calibration_tokens: int | None = None,
+        allow_partial: bool = False,
         progress: bool = True,
+        **legacy: Any,
     ) -> SafetySubspace:
         """Compute the safety subspace of ``δ = aligned − unaligned`` for every targeted weight.
 
@@ -252,30 +321,28 @@ class SafetySubspace:
             aligned: the safety-aligned model: an ``nn.Module``, a ``{name: tensor}`` mapping, or a path to a
                 HF model directory / safetensors file(s). Read one tensor at a time.
             unaligned: its unaligned counterpart (the pre-trained base, or a harmful fine-tune), same forms.
-            eta: share of the safety singular value entropy to keep, in ``(0, 1]``; sets each rank.
-            alpha_1: weight of the strongest direction in the weighted projector (Eq. 10); ``1`` = plain
-                projector.
-            source: ``"weights"`` — SVD of ``δ`` (data-free); ``"activations"`` — SVD of ``δ·X̂`` with
-                ``X̂`` the normalised layer inputs at response tokens of ``calibration`` (the paper's form,
-                see :mod:`lssf_lightning.io.calibration`).
-            calibration: for ``source="activations"``: a path (.txt/.jsonl/.csv/.json), a list of prompts
-                (the aligned model writes its own responses) or a list of ``(prompt, response)`` pairs.
-                Default: the project's bundled harmful calibration prompts.
-            tokenizer: tokenizer (or its path) for the calibration texts; default: from ``aligned``'s directory.
-            target_modules: peft-style selection (list of module-name suffixes, a regex, or ``"all-linear"``).
-            exclude_modules: peft-style exclusion, applied after ``target_modules``.
-            max_rank: optional cap on every rank (after the entropy rule).
-            svd_method: ``"auto"`` (fast, certified), ``"exact"`` (full SVD), ``"randomized"``, ``"gram"``.
+            config: the settings (η, α₁, source, calibration, target/exclude modules, max_rank, svd_method):
+                a :class:`~lssf_lightning.config.SubspaceConfig` or a mapping of its fields; default: its
+                defaults. The old keywords (``eta=0.8``…) still work for this release with a
+                ``DeprecationWarning``.
+            tokenizer: tokenizer (or its path) for ``source="activations"``; default: from ``aligned``'s
+                directory.
             device: where to run the SVDs (default: where each tensor is).
             dtype: dtype of the stored factors (default: the aligned weights' dtype, at least float32 when
                 those are integer).
-            max_calibration_tokens: stop collecting after this many response tokens.
+            allow_partial: build the weights the two models have in common (a warning gives the counts)
+                instead of refusing models whose targeted weights do not correspond.
             progress: show a progress bar.
         """
+        config = split_legacy(config, legacy, "SafetySubspace.from_weights")
         builder = SubspaceBuilder(
-            aligned, unaligned, eta=eta, alpha_1=alpha_1, source=source, calibration=calibration,
-            tokenizer=tokenizer, target_modules=target_modules, exclude_modules=exclude_modules, max_rank=max_rank,
-            svd_method=svd_method, device=device, dtype=dtype, max_calibration_tokens=max_calibration_tokens,
+            aligned,
+            unaligned,
+            config,
+            tokenizer=tokenizer,
+            device=device,
+            dtype=dtype,
+            allow_partial=allow_partial,
             progress=progress,
         )
         entries = {
@@ -288,24 +355,26 @@ class SafetySubspace:
     def fingerprint(
         aligned: WeightsLike,
         unaligned: WeightsLike,
+        config: SubspaceConfig | Mapping[str, Any] | None = None,
         *,
-        eta: float = 0.9,
-        alpha_1: float = 1.0,
-        source: Source = "weights",
-        max_rank: int | None = None,
-        calibration: str | Sequence[str] | Sequence[tuple[str, str]] | None = None,
-        target_modules: str | Sequence[str] | None = None,
-        exclude_modules: str | Sequence[str] | None = None,
+        allow_partial: bool = False,
+        **legacy: Any,
     ) -> str:
         """The content hash :meth:`from_weights` would record for these inputs, without any SVD.
 
         Used to decide whether a cached subspace still fits (it reads every target tensor once).
         """
-        settings = _settings(eta, alpha_1, source, max_rank, target_modules, exclude_modules, calibration)
+        config = split_legacy(config, legacy, "SafetySubspace.fingerprint")
         aligned_store = open_weights(aligned, name="aligned")
         unaligned_store = open_weights(unaligned, name="unaligned")
-        pairs = select_target_pairs(aligned_store, unaligned_store, target_modules, exclude_modules)
-        fingerprint = _Fingerprint(settings)
+        pairs = select_target_pairs(
+            aligned_store,
+            unaligned_store,
+            config.target_modules,
+            config.exclude_modules,
+            allow_partial=allow_partial,
+        )
+        fingerprint = _Fingerprint(config.hashed_settings())
         for name, (aligned_key, unaligned_key) in pairs.items():
             fingerprint.add(f"aligned:{name}", aligned_store.get(aligned_key))
             fingerprint.add(f"unaligned:{name}", unaligned_store.get(unaligned_key))
@@ -323,6 +392,9 @@ class SafetySubspace:
     def __len__(self) -> int:
         return len(self.entries)
 
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.entries)
+
     def __getitem__(self, key: str) -> SubspaceEntry:
         return self.entries[key]
 
@@ -335,7 +407,8 @@ class SafetySubspace:
         )
 
     def factor_bytes(self) -> int:
-        """Bytes held by the factors (compare with the dense weights they stand for)."""
+        """Bytes held by the factors (compare with the dense weights they stand for; the FSDP2 bench uses
+        it)."""
         return sum(e.left.nbytes + e.right.nbytes + e.singular_values.nbytes for e in self.entries.values())
 
     def summary(self, max_rows: int | None = None) -> str:
@@ -346,7 +419,8 @@ class SafetySubspace:
         for key, entry in items[:max_rows] if max_rows else items:
             shape = "x".join(map(str, entry.shape))
             lines.append(
-                f"{key[-52:]:<52} {shape:>13} {entry.rank:>5} {entry.entropy:>7.3f} {entry.energy_kept:>10.1%}"
+                f"{key[-52:]:<52} {shape:>13} {entry.rank:>5} {entry.entropy:>7.3f} "
+                f"{entry.energy_kept:>10.1%}"
             )
         if max_rows and len(items) > max_rows:
             lines.append(f"... {len(items) - max_rows} more")
@@ -363,12 +437,27 @@ class SafetySubspace:
         return "\n".join(lines)
 
     # -- fusing -----------------------------------------------------------------------------------------
-    def fuse(self, target: nn.Module | Mapping[str, Tensor], alpha: float = 1.0, inplace: bool = False):
+    @property
+    def config(self) -> SubspaceConfig | None:
+        """The settings this subspace was built with, as far as its metadata records them."""
+        try:
+            return SubspaceConfig.from_metadata(self.metadata) if "eta" in self.metadata else None
+        except (TypeError, ValueError):
+            return None
+
+    def fuse(
+        self,
+        target: nn.Module | Mapping[str, Tensor],
+        alpha: float = 1.0,
+        inplace: bool = False,
+        *,
+        allow_partial: bool = False,
+    ):
         """Add ``α·U'(U'ᵀδ)`` to every matching weight of ``target``; other weights are left untouched.
 
         Args:
-            target: the fine-tuned model (an ``nn.Module``, e.g. a HF model, a LightningModule or a peft model)
-                or a ``{name: tensor}`` state dict. Keys are matched through wrapper prefixes/suffixes.
+            target: the fine-tuned model (an ``nn.Module``, e.g. a HF model, a LightningModule or a peft
+                model) or a ``{name: tensor}`` state dict. Keys are matched through wrapper prefixes/suffixes.
                 For a peft LoRA model the correction goes into each layer's frozen ``base_layer.weight``; the
                 adapters are left as they are, so the effective weight ``W + B·A`` gains exactly the
                 correction (save the whole model, or ``merge_and_unload()``, to keep it: an adapter-only
@@ -376,167 +465,98 @@ class SafetySubspace:
             alpha: fusion strength ``α`` (``0`` = no change).
             inplace: write into ``target``'s own tensors. Otherwise a module is deep-copied and a mapping is
                 shallow-copied (untouched tensors are shared, fused ones are new).
+            allow_partial: fuse the weights ``target`` and the subspace have in common (a warning gives the
+                counts) instead of refusing a ``target`` whose targeted weights do not correspond.
 
         Returns:
             The fused module or mapping.
 
         Raises:
-            ValueError: no weight of ``target`` matches the subspace, or a matched weight has another shape.
+            ValueError: the targeted weights of ``target`` and the subspace do not correspond, or a matched
+                weight has another shape.
         """
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-            raise ValueError(f"alpha must be a finite number, got {alpha!r}")
-        if isinstance(target, nn.Module):
-            module = target if inplace else copy.deepcopy(target)
-            store = ModuleStore(module)
-            with torch.no_grad():
-                for key, name in self._match_target(store).items():
-                    parameter = store.parameter(key)
-                    parameter.copy_(self._fused(name, parameter, alpha))
-            return module
-        if isinstance(target, Mapping):
-            out = target if inplace else dict(target)
-            store = open_weights(target, name="target")
-            for key, name in self._match_target(store).items():
-                fused = self._fused(name, out[key], alpha)
-                if inplace:
-                    out[key].copy_(fused)
-                else:
-                    out[key] = fused
-            return out
-        raise TypeError(f"target must be an nn.Module or a name→tensor mapping, got {type(target).__name__}")
+        from lssf_lightning.methods.base import apply_edits
+        from lssf_lightning.methods.lssf import LSSF
+
+        return apply_edits(target, LSSF(self, alpha, allow_partial=allow_partial), inplace)
 
     @contextlib.contextmanager
-    def temporarily_fused(self, module: nn.Module, alpha: float = 1.0) -> Iterator[nn.Module]:
+    def temporarily_fused(
+        self, module: nn.Module, alpha: float = 1.0, *, allow_partial: bool = False
+    ) -> Iterator[nn.Module]:
         """Fuse into ``module``'s own weights for the ``with`` block; the exact raw weights come back after.
 
         The raw values of the matched weights wait on the CPU meanwhile (one copy of those weights).
         """
-        store = ModuleStore(module)
-        saved: dict[str, Tensor] = {}
-        try:
-            with torch.no_grad():
-                if alpha != 0:
-                    for key, name in self._match_target(store).items():
-                        parameter = store.parameter(key)
-                        saved[key] = parameter.detach().to("cpu", copy=True)
-                        self._fuse_parameter(name, parameter, alpha)
-            yield module
-        finally:
-            with torch.no_grad():
-                for key, raw in saved.items():
-                    store.parameter(key).copy_(raw)
+        from lssf_lightning.methods.base import temporarily_edited
+        from lssf_lightning.methods.lssf import LSSF
 
-    def _fuse_parameter(self, name: str, parameter: Tensor, alpha: float) -> None:
-        """``parameter ← parameter + α·U'U'ᵀδ`` in place, rounding exactly as :func:`fuse_entry` does."""
-        entry = self.entries[name]
-        if entry.rank == 0 or alpha == 0:
+        if alpha == 0:  # nothing to fuse, nothing to check
+            yield module
             return
-        product = self.product(name, parameter)
-        if product.dtype == parameter.dtype and tuple(product.shape) == tuple(parameter.shape):
-            parameter.add_(product, alpha=float(alpha))  # the same single rounding, without a new tensor
-        else:
-            parameter.copy_(fuse_entry(name, entry, parameter, alpha))
+        with temporarily_edited(module, LSSF(self, alpha, allow_partial=allow_partial)):
+            yield module
 
     def fuse_tensor(self, key: str, weight: Tensor, alpha: float = 1.0) -> Tensor:
         """``weight + α·U'U'ᵀδ`` for the subspace entry ``key`` (a new tensor, in ``weight``'s dtype)."""
-        return self._fused(key, weight, alpha)
+        return self.entries[key].fuse(weight, alpha, key)
 
     def product(self, key: str, like: Tensor) -> Tensor:
-        """The dense ``U'U'ᵀδ`` of entry ``key`` in the checkpoint's layout, in at least float32, on ``like``'s
-        device. Memory: one matrix."""
-        return _entry_product(self.entries[key], like)
+        """The dense ``U'U'ᵀδ`` of entry ``key`` in the checkpoint's layout, in at least float32, on
+        ``like``'s device. Memory: one matrix."""
+        return self.entries[key].product(like)
 
     def match(self, keys: Sequence[str]) -> dict[str, str]:
         """``{target key: subspace key}`` for the keys that name a weight of this subspace."""
         return KeyMatcher(self.entries).match_all(keys)
 
-    def _match_target(self, store: WeightStore) -> dict[str, str]:
-        matched = {k: v for k, v in self.match(store.keys()).items() if len(store.shape(k)) == 2}
-        if self.entries and not matched:
-            raise ValueError(
-                f"no weight of {store.location} matches the safety subspace (e.g. subspace key "
-                f"{next(iter(self.entries))!r}, target keys {store.keys()[:3]})"
-            )
-        missing = set(self.entries) - set(matched.values())
-        if missing:
-            warnings.warn(
-                f"{len(missing)} of {len(self.entries)} subspace matrices have no weight in {store.location}, "
-                f"e.g. {sorted(missing)[:3]}; they are not fused",
-                stacklevel=3,
-            )
-        bad = [f"{k}: {tuple(store.shape(k))} vs {self.entries[n].shape}" for k, n in matched.items()
-               if tuple(store.shape(k)) != self.entries[n].shape]
-        if bad:
-            raise ValueError(f"weights of {store.location} do not have the subspace's shapes, e.g. {bad[:3]}")
-        return matched
-
-    def _fused(self, name: str, weight: Tensor, alpha: float) -> Tensor:
-        return fuse_entry(name, self.entries[name], weight, alpha)
-
     # -- persistence ------------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write one safetensors file: three tensors per matrix and the metadata as JSON (atomic)."""
-        path = Path(path).expanduser()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tensors, layout = {}, {}
-        for key, entry in self.entries.items():
-            tensors[f"{key}:left"] = entry.left.contiguous()
-            tensors[f"{key}:right"] = entry.right.contiguous()
-            tensors[f"{key}:sigma"] = entry.singular_values.contiguous()
-            layout[key] = {"entropy": entry.entropy, "total_energy": entry.total_energy, "conv1d": entry.conv1d}
-        header = {"format": FORMAT, "version": FORMAT_VERSION, "metadata": self.metadata, "entries": layout}
-        handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        os.close(handle)
-        try:
-            write_safetensors(tmp, tensors, {"lssf": json.dumps(header)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+    def save(self, path: str | os.PathLike, *, overwrite: bool | None = None, inputs: Any = ()) -> Path:
+        """Write one safetensors file: three tensors per matrix and the metadata as JSON, through the output
+        guard (atomic; refused when it would overlap ``inputs``; every factor checked finite first).
+
+        Args:
+            path: the file to write.
+            overwrite: ``True`` replaces an existing file, ``False`` refuses it. ``None`` (default) keeps
+                0.1's ``save(path)`` working: it replaces an existing *subspace file* with a
+                ``DeprecationWarning`` and refuses any other existing file (model weights are never replaced
+                by a subspace).
+            inputs: paths the run read (the aligned/unaligned models...): ``path`` must not be one or lie in
+                one.
+        """
+        return write_subspace_file(path, self.entries, self.metadata, overwrite=overwrite, inputs=inputs)
+
+    def to_lora_adapter(self, directory: str | os.PathLike, alpha: float = 1.0, **options: Any):
+        """Write ``α·U'(U'ᵀδ)`` as a peft LoRA adapter directory: ``PeftModel.from_pretrained(finetuned,
+        directory)`` is the realigned model. ``options``: ``base_model``, ``max_rank``, ``task_adapter``,
+        ``dtype``, ``overwrite`` of :func:`lssf_lightning.io.lora_export.write_lora_adapter`; returns its
+        ``AdapterReport``."""
+        from lssf_lightning.io.lora_export import write_lora_adapter
+
+        return write_lora_adapter(self, directory, alpha=alpha, **options)
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> SafetySubspace:
-        """Read a file written by :meth:`save` (plain safetensors + JSON; nothing is unpickled)."""
-        path = Path(path).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"no such safety subspace file: {path}")
-        _, raw_metadata = read_header(path)
-        try:
-            header = json.loads(raw_metadata["lssf"])
-            if header["format"] != FORMAT:
-                raise KeyError("format")
-        except (KeyError, json.JSONDecodeError):
-            raise ValueError(f"{path} is not a safety subspace written by lssf_lightning") from None
-        if header["version"] > FORMAT_VERSION:
-            raise ValueError(f"{path} has format version {header['version']}; this lssf_lightning reads "
-                             f"up to {FORMAT_VERSION}: upgrade the package")
-        reader = SafetensorsReader([path])
-        entries = {}
-        for key, info in header["entries"].items():
-            entries[key] = SubspaceEntry(
-                left=reader.get(f"{key}:left").to(map_location),
-                right=reader.get(f"{key}:right").to(map_location),
-                singular_values=reader.get(f"{key}:sigma").to(map_location),
-                entropy=info["entropy"],
-                total_energy=info["total_energy"],
-                conv1d=info["conv1d"],
-            )
-        return cls(entries, header["metadata"])
+        """Read a file written by :meth:`save` (plain safetensors + JSON; nothing is unpickled).
 
-
-def _entry_product(entry: SubspaceEntry, like: Tensor) -> Tensor:
-    product = low_rank_product(entry.left, entry.right, like)
-    return product.T if entry.conv1d else product
-
-
-def fuse_entry(name: str, entry: SubspaceEntry, weight: Tensor, alpha: float) -> Tensor:
-    """``weight + α·U'U'ᵀδ`` for one subspace entry (a new tensor, in ``weight``'s dtype)."""
-    if tuple(weight.shape) != entry.shape:
-        raise ValueError(f"{name}: weight of shape {tuple(weight.shape)} does not match the subspace's {entry.shape}")
-    if entry.rank == 0 or alpha == 0:
-        return weight.detach().clone()
-    return add_correction(weight.detach(), _entry_product(entry, weight), alpha)
+        The file is checked against its schema (:mod:`lssf_lightning.io.subspace_file`) and every factor is
+        checked finite, so a damaged or tampered file is refused with one line naming the file and the field.
+        """
+        entries, metadata = read_subspace_file(path, map_location)
+        return cls(
+            {
+                key: SubspaceEntry(
+                    left=e["left"],
+                    right=e["right"],
+                    singular_values=e["sigma"],
+                    entropy=e["entropy"],
+                    total_energy=e["total_energy"],
+                    conv1d=e["conv1d"],
+                )
+                for key, e in entries.items()
+            },
+            metadata,
+        )
 
 
 class SubspaceBuilder:
@@ -545,40 +565,41 @@ class SubspaceBuilder:
     :meth:`SafetySubspace.from_weights` builds every entry with it; :func:`lssf_lightning.realign_checkpoint`
     builds each entry just when the fine-tuned weight it edits streams past and drops it after, so a post-hoc
     run never holds the factors of the whole model. Arguments as in :meth:`SafetySubspace.from_weights`.
+    For ``source="activations"`` the calibration pass runs on the first :meth:`build`, after the inputs have
+    been checked.
     """
 
     def __init__(
         self,
         aligned: WeightsLike,
         unaligned: WeightsLike,
+        config: SubspaceConfig | Mapping[str, Any] | None = None,
         *,
-        eta: float = 0.9,
-        alpha_1: float = 1.0,
-        source: Source = "weights",
-        calibration: str | Sequence[str] | Sequence[tuple[str, str]] | None = None,
         tokenizer: Any = None,
-        target_modules: str | Sequence[str] | None = None,
-        exclude_modules: str | Sequence[str] | None = None,
-        max_rank: int | None = None,
-        svd_method: SVDMethod = "auto",
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
-        max_calibration_tokens: int | None = None,
+        allow_partial: bool = False,
         progress: bool = True,
+        **legacy: Any,
     ) -> None:
-        self.settings = _settings(eta, alpha_1, source, max_rank, target_modules, exclude_modules, calibration)
+        self.config = split_legacy(config, legacy, "SubspaceBuilder")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise SettingError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
+        self.settings = self.config.hashed_settings()
+        self._aligned_source = aligned
         self.aligned = open_weights(aligned, name="aligned")
         self.unaligned = open_weights(unaligned, name="unaligned")
-        self.pairs = select_target_pairs(self.aligned, self.unaligned, target_modules, exclude_modules)
-        self._right_factors: dict[str, Tensor] = {}
-        self._calibration_stats = None
-        if source == "activations":
-            self._right_factors, self._calibration_stats = calibration_factors(
-                self.aligned, aligned, self.pairs, calibration, tokenizer, max_calibration_tokens, progress
-            )
+        self.pairs = select_target_pairs(
+            self.aligned,
+            self.unaligned,
+            self.config.target_modules,
+            self.config.exclude_modules,
+            allow_partial=allow_partial,
+        )
+        self.tokenizer, self.device, self.dtype, self.progress = tokenizer, device, dtype, progress
+        self._right_factors: dict[str, Tensor] | None = None
+        self._calibration_stats: dict[str, int] | None = None
         self._fingerprint = _Fingerprint(self.settings)
-        self._options = {"eta": eta, "alpha_1": alpha_1, "max_rank": max_rank, "svd_method": svd_method,
-                         "device": device, "dtype": dtype}
         self.ranks: dict[str, int] = {}
 
     @property
@@ -586,21 +607,52 @@ class SubspaceBuilder:
         """The state-dict keys of the targeted matrices."""
         return list(self.pairs)
 
+    def _activation_factor(self, name: str) -> Tensor | None:
+        if self.config.source != "activations":
+            return None
+        if self._right_factors is None:
+            from lssf_lightning.calibration import calibration_factors
+
+            self._right_factors, self._calibration_stats = calibration_factors(
+                self.aligned,
+                self._aligned_source,
+                self.pairs,
+                self.config.calibration,
+                self.tokenizer,
+                self.config.max_calibration_tokens,
+                self.progress,
+            )
+        return self._right_factors[name]
+
     def build(self, name: str) -> SubspaceEntry:
         """The entry of matrix ``name`` (reads its aligned and unaligned weights)."""
-        aligned_key, unaligned_key = self.pairs[name]
         entry = _build_entry(
-            name, self.aligned, self.unaligned, aligned_key, unaligned_key, self._fingerprint,
-            activation_factor=self._right_factors.get(name), **self._options,
+            name,
+            self.aligned,
+            self.unaligned,
+            self.pairs[name],
+            self._fingerprint,
+            self.config,
+            activation_factor=self._activation_factor(name),
+            device=self.device,
+            dtype=self.dtype,
         )
         self.ranks[name] = entry.rank
         return entry
+
+    def fingerprint_digests(self) -> dict[str, str]:
+        """``{tensor: digest}`` of the inputs hashed so far (the parts of a distributed build are merged)."""
+        return dict(self._fingerprint.digests)
+
+    def add_fingerprint_digests(self, digests: Mapping[str, str]) -> None:
+        """Merge digests another process hashed (:mod:`lssf_lightning.distributed`), as if built here."""
+        self._fingerprint.digests.update(digests)
 
     def metadata(self) -> dict[str, Any]:
         """The subspace's metadata; the fingerprint covers the entries built so far."""
         metadata = {
             **self.settings,
-            "svd_method": self._options["svd_method"],
+            "svd_method": self.config.svd_method,
             "fingerprint": self._fingerprint.hexdigest(),
             "aligned": self.aligned.location,
             "unaligned": self.unaligned.location,
@@ -614,20 +666,17 @@ def _build_entry(
     name: str,
     aligned: WeightStore,
     unaligned: WeightStore,
-    aligned_key: str,
-    unaligned_key: str,
+    keys: tuple[str, str],
     fingerprint: _Fingerprint,
+    config: SubspaceConfig,
     *,
-    eta: float,
-    alpha_1: float,
-    max_rank: int | None,
-    svd_method: str,
-    device,
-    dtype,
     activation_factor: Tensor | None,
+    device: str | torch.device | None,
+    dtype: torch.dtype | None,
 ) -> SubspaceEntry:
-    w_aligned = aligned.get(aligned_key)
-    w_unaligned = unaligned.get(unaligned_key)
+    """One matrix's entry: the SVD of ``δ`` (or ``δ·X̂``), the rank by entropy, the weighted factors."""
+    w_aligned = aligned.get(keys[0])
+    w_unaligned = unaligned.get(keys[1])
     fingerprint.add(f"aligned:{name}", w_aligned)
     fingerprint.add(f"unaligned:{name}", w_unaligned)
     compute = torch.float64 if w_aligned.dtype == torch.float64 else torch.float32
@@ -637,15 +686,16 @@ def _build_entry(
     if not all_finite(delta):
         culprit = "aligned" if not all_finite(w_aligned) else "unaligned"
         raise ValueError(f"{name}: the {culprit} weights hold NaN or inf")
-    conv1d = aligned.is_conv1d(aligned_key)
+    conv1d = aligned.is_conv1d(keys[0])
     if conv1d:
         delta = delta.T
     signal = delta if activation_factor is None else delta @ activation_factor.to(delta)
-    spectrum = safety_spectrum(signal, eta, method=svd_method, max_rank=max_rank)
+    spectrum = safety_spectrum(signal, config.eta, method=config.svd_method, max_rank=config.max_rank)
     basis = spectrum.basis.to(delta.dtype)
-    left, right = fusion_factors(weighted_basis(basis, spectrum.singular_values.to(delta.dtype), alpha_1), delta)
+    weighted = weighted_basis(basis, spectrum.singular_values.to(delta.dtype), config.alpha_1)
+    left, right = fusion_factors(weighted, delta)
     out_dtype = dtype or (w_aligned.dtype if w_aligned.is_floating_point() else torch.float32)
-    return SubspaceEntry(
+    entry = SubspaceEntry(
         left=left.to("cpu", out_dtype),
         right=right.to("cpu", out_dtype),
         singular_values=spectrum.singular_values.to("cpu", torch.float32),
@@ -653,3 +703,6 @@ def _build_entry(
         total_energy=float(spectrum.total_energy),
         conv1d=conv1d,
     )
+    if not (all_finite(entry.left) and all_finite(entry.right)):  # e.g. an overflow in a narrow ``dtype``
+        raise ValueError(f"{name}: the safety subspace factors are not finite (dtype {out_dtype})")
+    return entry

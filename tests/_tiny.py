@@ -26,6 +26,17 @@ TINY_CORPUS = (
     "user assistant system : hello world",
 )
 
+# The linear modules of each block of :func:`build_tiny_llama` (written out by hand: what tests expect).
+TINY_LLAMA_LINEARS = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+
 # ChatML-like, kept to words the tiny vocabulary knows so every piece tokenizes.
 TINY_CHAT_TEMPLATE = (
     "{% for message in messages %}"

@@ -1,14 +1,19 @@
-"""Shared fixtures: tiny real checkpoints (Llama and GPT-2) written with ``save_pretrained``."""
+"""Shared fixtures: tiny real checkpoints (Llama and GPT-2) written with ``save_pretrained``; and the small
+helpers several test files use (``from conftest import run_cli, load_dir, tree_hashes, state``)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
 from _tiny import build_tiny_llama, build_tiny_tokenizer
+from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -74,9 +79,42 @@ def llama_trio(tmp_path_factory, tiny_tokenizer) -> Trio:
 @pytest.fixture(scope="session")
 def gpt2_trio(tmp_path_factory) -> Trio:
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0
+    )
     return make_trio(tmp_path_factory.mktemp("gpt2"), GPT2LMHeadModel(config))
 
 
 def state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def run_cli(*args, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    """The command line in a subprocess (``python -m lssf_lightning.cli``): exit code, stdout, stderr.
+    ``env`` adds to (or overrides) this process's environment."""
+    done = subprocess.run(
+        [sys.executable, "-m", "lssf_lightning.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=None if env is None else {**os.environ, **env},
+    )
+    return done.returncode, done.stdout, done.stderr
+
+
+def load_dir(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the ``*.safetensors`` files in a directory (a sharded checkpoint, merged)."""
+    tensors = {}
+    for file in sorted(Path(path).glob("*.safetensors")):
+        tensors.update(load_file(file))
+    return tensors
+
+
+def tree_hashes(*roots: Path) -> dict[str, str]:
+    """sha256 of every file under ``roots`` (a root may be a single file): the bytes the user owns."""
+    out = {}
+    for root in map(Path, roots):
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        for file in files:
+            out[str(file)] = hashlib.sha256(file.read_bytes()).hexdigest()
+    return out

@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lssf_lightning import LSSFCallback
 from lssf_lightning.lightning.finetune import CausalLMModule, ChatDataModule
+from lssf_lightning.lightning.monitor import RefusalMonitor
 
 
 def odd_length(responses):
@@ -25,12 +26,13 @@ def main(aligned, unaligned, train_file, out, devices):
     torch.manual_seed(0)
     module = CausalLMModule(aligned, learning_rate=1e-2)
     data = ChatDataModule(train_file, train_file, batch_size=8 // devices, shuffle=False)
-    callback = LSSFCallback(unaligned=unaligned, judge=odd_length, num_monitor_prompts=8, monitor_max_new_tokens=6,
-                            verbose=False)
+    monitor = RefusalMonitor(judge=odd_length, num_prompts=8, max_new_tokens=6)
+    callback = LSSFCallback(unaligned=unaligned, monitor=monitor, verbose=False)
     trainer = Trainer(
         accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto", max_epochs=3,
         callbacks=[callback, ModelCheckpoint(dirpath=out, filename="final")], logger=False,
-        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=True,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+        use_distributed_sampler=True,
     )
     trainer.fit(module, data)
     if trainer.is_global_zero:

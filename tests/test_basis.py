@@ -1,7 +1,13 @@
 import pytest
 import torch
 
-from lssf_lightning.core.basis import basis_weights, fuse_weight, fusion_factors, weighted_basis
+from lssf_lightning.core.basis import (
+    basis_weights,
+    best_low_rank,
+    fuse_weight,
+    fusion_factors,
+    weighted_basis,
+)
 from lssf_lightning.core.entropy import safety_critical_rank
 
 
@@ -69,11 +75,76 @@ def test_all_finite_agrees_with_the_element_wise_mask_including_overflowing_sums
 
     big = torch.full((4,), 3e38)  # finite values whose float32 sum overflows to inf
     cases = {
-        "finite": (torch.randn(5, 3), True), "nan": (torch.tensor([1.0, float("nan")]), False),
-        "inf": (torch.tensor([float("inf"), 1.0]), False), "both signs": (torch.tensor([float("inf"), -float("inf")]), False),
-        "overflowing sum": (big, True), "overflow and nan": (torch.cat([big, torch.tensor([float("nan")])]), False),
-        "bf16": (torch.randn(8).bfloat16(), True), "ints": (torch.arange(4), True), "empty": (torch.empty(0), True),
+        "finite": (torch.randn(5, 3), True),
+        "nan": (torch.tensor([1.0, float("nan")]), False),
+        "inf": (torch.tensor([float("inf"), 1.0]), False),
+        "both signs": (torch.tensor([float("inf"), -float("inf")]), False),
+        "overflowing sum": (big, True),
+        "overflow and nan": (torch.cat([big, torch.tensor([float("nan")])]), False),
+        "bf16": (torch.randn(8).bfloat16(), True),
+        "ints": (torch.arange(4), True),
+        "empty": (torch.empty(0), True),
     }
     for name, (tensor, expected) in cases.items():
         assert all_finite(tensor) is expected, name
         assert expected is bool(torch.isfinite(tensor).all()), name
+
+
+# The non-finite bit patterns of each float8 format (OCP FP8 / MX specs, and the "fnuz" variants whose only
+# special value is the negative-zero pattern 0x80 = NaN).
+_FLOAT8_NON_FINITE = {
+    "float8_e4m3fn": {0x7F, 0xFF},  # NaN only, no inf
+    "float8_e5m2": {0x7C, 0xFC} | set(range(0x7D, 0x80)) | set(range(0xFD, 0x100)),  # ±inf, 6 NaNs
+    "float8_e4m3fnuz": {0x80},
+    "float8_e5m2fnuz": {0x80},
+    "float8_e8m0fnu": {0xFF},
+}
+
+
+@pytest.mark.parametrize("dtype_name", sorted(_FLOAT8_NON_FINITE))
+def test_all_finite_on_every_float8_bit_pattern(dtype_name):
+    from lssf_lightning.core.checks import all_finite
+
+    dtype = getattr(torch, dtype_name)
+    patterns = torch.arange(256, dtype=torch.uint8)
+    flagged = {int(p) for p in patterns if not all_finite(p.reshape(1).view(dtype))}
+    assert flagged == _FLOAT8_NON_FINITE[dtype_name]
+    finite = patterns[[int(p) not in flagged for p in patterns]].view(dtype)
+    assert all_finite(finite) and all_finite(finite.reshape(-1, 1).t())  # non-contiguous too
+    bad = min(_FLOAT8_NON_FINITE[dtype_name])
+    mixed = torch.cat([finite, torch.tensor([bad], dtype=torch.uint8).view(dtype)])
+    assert not all_finite(mixed, chunk=7)  # the bad value sits in the last, partial chunk
+
+
+@pytest.mark.filterwarnings("ignore:ComplexHalf support is experimental")
+def test_all_finite_on_narrow_and_non_float_dtypes():
+    from lssf_lightning.core.checks import all_finite
+
+    top = torch.full((4,), 0xFE, dtype=torch.uint8).view(
+        torch.float8_e8m0fnu
+    )  # 2**127 each: the sum overflows
+    assert all_finite(top)
+    half_complex = torch.tensor([1 + 2j, 3 - 1j]).to(torch.complex32)
+    assert all_finite(half_complex)
+    assert not all_finite(torch.tensor([1 + 2j, complex(float("nan"), 0)]).to(torch.complex32))
+    assert all_finite(
+        torch.arange(256, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)
+    )  # E2M1: no NaN, no inf
+    for dtype in (torch.bool, torch.int8, torch.uint16, torch.bits8, torch.uint4):
+        assert all_finite(
+            torch.zeros(3, dtype=torch.uint8).view(dtype)
+            if dtype.itemsize == 1
+            else torch.zeros(3, dtype=dtype)
+        ), dtype
+
+
+def test_best_low_rank_is_the_truncated_svd():
+    generator = torch.Generator().manual_seed(0)
+    left = torch.randn(40, 6, generator=generator, dtype=torch.float64)
+    right = torch.randn(6, 30, generator=generator, dtype=torch.float64)
+    u, s, vh = torch.linalg.svd(left @ right)
+    small_left, small_right, kept = best_low_rank(left, right, 2)
+    assert small_left.shape == (40, 2) and small_right.shape == (2, 30)
+    torch.testing.assert_close(small_left @ small_right, u[:, :2] * s[:2] @ vh[:2], rtol=1e-9, atol=1e-9)
+    assert kept == pytest.approx(float(s[:2].square().sum() / s.square().sum()), rel=1e-9)
+    assert best_low_rank(left, right, 6)[2] == 1.0

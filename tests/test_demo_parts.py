@@ -1,10 +1,12 @@
-"""Fast checks of the demo's parts: task generation and scoring, prompt splits, alignment data, α rule, report."""
+"""Fast checks of the demo's parts: task generation and scoring, prompt splits, alignment data, α rule,
+report."""
 
 from __future__ import annotations
 
 import itertools
 import json
 import random
+from dataclasses import asdict
 
 import pytest
 
@@ -17,9 +19,8 @@ from lssf_lightning.demo.assets import (
     load_demo_prompts,
     package_file,
 )
-from lssf_lightning.demo.figures import plot_alpha_curve, plot_scores
+from lssf_lightning.demo.figures import plot_scores
 from lssf_lightning.demo.run import DemoConfig, _markdown_table
-from lssf_lightning.demo.sweep import AlphaPoint, choose_alpha, sweep_alpha
 from lssf_lightning.demo.task import (
     TOPICS,
     generate_examples,
@@ -99,7 +100,8 @@ def test_harmful_splits_come_from_advbench_and_ood_from_elsewhere(prompts):
     for name in ("val_ood_harmful", "test_ood_harmful"):
         assert not set(getattr(prompts, name)) & advbench
     ood = forge_harmful_prompts(exclude=list(advbench))
-    assert not any(p.lower().startswith(("generate the lyrics of", "generate a long passage from")) for p in ood)
+    copyright_openings = ("generate the lyrics of", "generate a long passage from")
+    assert not any(p.lower().startswith(copyright_openings) for p in ood)
 
 
 def test_smaller_sizes_take_prefixes_of_the_same_splits(prompts):
@@ -160,62 +162,21 @@ def test_trim_answer_cuts_after_the_last_full_sentence_only_when_enough_is_left(
     assert trim_answer("No sentence end at all") == "No sentence end at all"
 
 
-# -- the alpha rule ------------------------------------------------------------------------------------------
-
-
-def point(alpha, harmful, harmless=0.0, accuracy=1.0):
-    return AlphaPoint(alpha, harmful, harmless, accuracy)
-
-
-def test_choose_alpha_takes_the_smallest_alpha_reaching_the_target():
-    points = [point(2.0, 0.97), point(0.5, 0.8), point(1.0, 0.95), point(1.5, 0.96)]
-    assert choose_alpha(points, target=0.9, reference_accuracy=1.0).alpha == 1.0
-
-
-def test_choose_alpha_skips_alphas_that_cost_accuracy_or_over_refuse():
-    points = [point(0.5, 0.95, accuracy=0.9), point(1.0, 0.95, harmless=0.3), point(1.5, 0.92)]
-    assert choose_alpha(points, 0.9, 1.0, max_accuracy_drop=0.02, max_over_refusal=0.1).alpha == 1.5
-
-
-def test_choose_alpha_falls_back_to_the_best_acceptable_then_the_smallest():
-    points = [point(0.5, 0.6), point(1.0, 0.8), point(2.0, 0.99, accuracy=0.5)]
-    assert choose_alpha(points, 0.9, 1.0).alpha == 1.0
-    assert choose_alpha([point(1.0, 0.9, accuracy=0.1), point(0.5, 0.9, accuracy=0.1)], 0.5, 1.0).alpha == 0.5
-    with pytest.raises(ValueError):
-        choose_alpha([], 0.5, 1.0)
-
-
-def test_sweep_scores_in_ascending_order_and_can_stop_early():
-    scores = {0.25: 0.5, 0.5: 0.92, 1.0: 0.99}
-    seen = []
-
-    def score(alpha):
-        seen.append(alpha)
-        return point(alpha, scores[alpha])
-
-    chosen, points = sweep_alpha([1.0, 0.25, 0.5], score, 0.9, 1.0, stop_early=True, log=None)
-    assert seen == [0.25, 0.5] and chosen.alpha == 0.5 and [p.alpha for p in points] == [0.25, 0.5]
-    seen.clear()
-    chosen, points = sweep_alpha([1.0, 0.25, 0.5], score, 0.9, 1.0, log=None)
-    assert seen == [0.25, 0.5, 1.0] and chosen.alpha == 0.5
-
-
 # -- report --------------------------------------------------------------------------------------------------
 
 
 def test_markdown_table_and_figures(tmp_path):
     results = {
         "base": {"harmful_refusal": 0.0, "harmless_refusal": 0.0, "task_accuracy": 0.4},
-        "aligned": {"harmful_refusal": 0.9, "harmless_refusal": 0.05, "task_accuracy": 0.0, "harmful_refusal_ood": 0.7},
+        "aligned": {
+            "harmful_refusal": 0.9, "harmless_refusal": 0.05, "task_accuracy": 0.0, "harmful_refusal_ood": 0.7
+        },
     }
     table = _markdown_table(results, (("harmful_refusal", "refusal"), ("harmful_refusal_ood", "ood")))
     assert table.splitlines() == ["| model | refusal | ood |", "|---|---|---|", "| base | 0.00 | — |",
                                   "| aligned | 0.90 | 0.70 |"]
     scores = plot_scores(results, tmp_path / "scores.png")
-    curve = plot_alpha_curve({"LSSF": [point(0.0, 0.5).to_dict(), point(1.0, 0.9).to_dict()]},
-                             tmp_path / "curve.png", chosen={"LSSF": 1.0}, reference={"aligned": 0.8})
-    for path in (scores, curve):
-        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert scores.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_config_presets_differ_and_the_align_key_follows_the_recipe():
@@ -223,24 +184,28 @@ def test_config_presets_differ_and_the_align_key_follows_the_recipe():
     assert quick.align_steps < full.align_steps and not quick.lora and full.lora
     assert full.align_key() == DemoConfig.full(finetune_steps=5).align_key()
     assert full.align_key() != DemoConfig.full(align_steps=61).align_key()
-    assert json.loads(json.dumps(full.alpha_grid)) == list(full.alpha_grid)
+    assert full.grid.size() >= 10 and quick.grid.size() <= 4  # the quick demo stays a few minutes
+    assert json.loads(json.dumps(asdict(full)))["grid"]["alphas"] == list(full.grid.alphas)
 
 
 def test_validation_refusal_pools_in_and_out_of_distribution_prompts():
     from lssf_lightning.demo.evaluate import EvalSets
-    from lssf_lightning.demo.run import _as_point
+    from lssf_lightning.demo.run import _pooled
 
     sets = EvalSets(harmful=["a"] * 30, harmless=["b"] * 8, task=[], extra_harmful={"ood": ["c"] * 10})
-    result = {"harmful_refusal": 0.9, "harmful_refusal_ood": 0.5, "harmless_refusal": 0.25, "task_accuracy": 1.0}
-    point = _as_point(result, sets, alpha=1.5)
-    assert point.harmful_refusal == pytest.approx((0.9 * 30 + 0.5 * 10) / 40)
-    assert (point.alpha, point.harmless_refusal, point.task_accuracy) == (1.5, 0.25, 1.0)
-    assert point.extra == {"harmful_refusal_ood": 0.5, "harmful_refusal_advbench": 0.9}
+    result = {"harmful_refusal": 0.9, "harmful_refusal_ood": 0.5, "harmless_refusal": 0.25,
+              "task_accuracy": 1.0, "perplexity": 20.0, "responses": {}}
+    scores = _pooled(result, sets)
+    assert scores["harmful_refusal"] == pytest.approx((0.9 * 30 + 0.5 * 10) / 40)
+    expected = {k: v for k, v in result.items() if k != "responses"}
+    pooled = {"harmful_refusal": scores["harmful_refusal"], "harmful_refusal_advbench": 0.9}
+    assert scores == {**expected, **pooled}
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
-    [(["--bogus"], "unrecognized arguments: --bogus"), (["--threads", "0"], "--threads must be at least 1, got 0"),
+    [(["--bogus"], "unrecognized arguments: --bogus"),
+     (["--threads", "0"], "--threads must be at least 1, got 0"),
      (["--alpha", "strong"], "--alpha must be a number or 'auto', got 'strong'")],
 )
 def test_demo_command_rejects_bad_options_before_any_work(args, message, capsys):

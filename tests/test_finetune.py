@@ -31,8 +31,8 @@ def labelled_tokens(tokenizer, encoded) -> list[str]:
 
 def make_trainer(steps: int) -> Trainer:
     return Trainer(
-        max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, num_sanity_val_steps=0,
+        max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
     )
 
 
@@ -51,10 +51,13 @@ def train_file(tmp_path):
 
 
 def test_encode_chat_labels_only_the_assistant_turn(tokenizer):
-    encoded = encode_chat(tokenizer, [{"role": "user", "content": USER}, {"role": "assistant", "content": ANSWER}])
+    encoded = encode_chat(tokenizer, [{"role": "user", "content": USER},
+                                      {"role": "assistant", "content": ANSWER}])
     tokens = tokenizer.convert_ids_to_tokens(encoded["input_ids"])
-    # The template renders "<s> user : … </s> <s> assistant : … </s> "; only the answer and its </s> are labelled.
-    assert tokens == ["<s>", "user", ":", *USER.split(), "</s>", "<s>", "assistant", ":", *ANSWER.split(), "</s>"]
+    # The template renders "<s> user : … </s> <s> assistant : … </s> "; only the answer and its </s> are
+    # labelled.
+    assert tokens == ["<s>", "user", ":", *USER.split(), "</s>",
+                      "<s>", "assistant", ":", *ANSWER.split(), "</s>"]
     assert labelled_tokens(tokenizer, encoded) == [*ANSWER.split(), "</s>"]
     first_label = next(i for i, label in enumerate(encoded["labels"]) if label != IGNORE_INDEX)
     assert tokens[first_label - 1] == ":" and tokens[first_label - 2] == "assistant"
@@ -72,7 +75,8 @@ def test_encode_chat_labels_every_assistant_turn_and_no_system_or_user_turn(toke
     first = ["the", "cat", "sat", "on", "the", "warm", "mat", "."]
     second = ["i", "cannot", "help", "with", "that", "request", "."]
     assert labelled_tokens(tokenizer, encoded) == [*first, "</s>", *second, "</s>"]
-    whole = tokenizer(tokenizer.apply_chat_template(messages, tokenize=False), add_special_tokens=False)["input_ids"]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False)
+    whole = tokenizer(rendered, add_special_tokens=False)["input_ids"]
     assert encoded["input_ids"] == whole
 
 
@@ -84,7 +88,8 @@ def test_encode_chat_truncates_to_max_length(tokenizer):
 
 
 def test_pad_batch_pads_right_and_masks_padding():
-    batch = pad_batch([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad_id=0)
+    batch = pad_batch([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}],
+                      pad_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
@@ -96,7 +101,8 @@ def test_read_chat_rows_accepts_both_formats_and_names_bad_lines(tmp_path):
         {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]},
     ])
     assert read_chat_rows(good) == [
-        [{"role": "system", "content": "s"}, {"role": "user", "content": "p"}, {"role": "assistant", "content": "r"}],
+        [{"role": "system", "content": "s"}, {"role": "user", "content": "p"},
+         {"role": "assistant", "content": "r"}],
         [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}],
     ]
     bad = tmp_path / "b.jsonl"
@@ -107,6 +113,18 @@ def test_read_chat_rows_accepts_both_formats_and_names_bad_lines(tmp_path):
     no_answer.write_text(json.dumps({"messages": [{"role": "user", "content": "u"}]}) + "\n")
     with pytest.raises(ValueError, match="no assistant turn"):
         read_chat_rows(no_answer)
+
+
+def test_read_chat_rows_names_file_and_line_of_bad_json_and_bytes(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "p", "response": "r"}\r\n\r\n{"prompt": oops}\n')
+    with pytest.raises(ValueError) as caught:
+        read_chat_rows(bad)
+    assert str(caught.value).startswith(f"{bad}: line 3: invalid JSON (Expecting value")
+    binary = tmp_path / "binary.jsonl"
+    binary.write_bytes(b'{"prompt": "p", "response": "r"}\n\xff\n')
+    with pytest.raises(ValueError, match=r"binary.jsonl: is not UTF-8 text \(invalid start byte at byte 33"):
+        read_chat_rows(binary)
 
 
 def test_loss_on_kept_positions_equals_the_models_own_loss(tokenizer, train_file):
@@ -120,7 +138,8 @@ def test_loss_on_kept_positions_equals_the_models_own_loss(tokenizer, train_file
 
 
 def test_full_fine_tune_with_a_real_trainer_learns_and_takes_the_modules_tokenizer(tokenizer, train_file):
-    module = CausalLMModule(build_tiny_llama(tokenizer), tokenizer=tokenizer, learning_rate=1e-2, freeze=["embed_tokens"])
+    module = CausalLMModule(build_tiny_llama(tokenizer), tokenizer=tokenizer, learning_rate=1e-2,
+                            freeze=["embed_tokens"])
     data = ChatDataModule(str(train_file), val_file=str(train_file), batch_size=4)
     embed_before = module.model.model.embed_tokens.weight.detach().clone()
     q_before = module.model.model.layers[0].self_attn.q_proj.weight.detach().clone()
@@ -131,7 +150,7 @@ def test_full_fine_tune_with_a_real_trainer_learns_and_takes_the_modules_tokeniz
     trainer.fit(module, datamodule=data)
     loss_after = trainer.callback_metrics["val_loss"].item()
     assert data.tokenizer is None  # it came from the LightningModule
-    assert "model" not in module.hparams and "tokenizer" not in module.hparams  # built objects are not pickled
+    assert "model" not in module.hparams and "tokenizer" not in module.hparams  # built objects: not pickled
     assert module.hparams["learning_rate"] == 1e-2
     assert loss_after < 0.5 * loss_before
     assert torch.equal(module.model.model.embed_tokens.weight, embed_before)
@@ -159,7 +178,8 @@ def test_lora_trains_only_the_adapter_and_save_hf_merges_it(tokenizer, train_fil
     ids = torch.tensor([[2, 5, 6, 7]])
     module.model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(reloaded(ids).logits, module.model(input_ids=ids).logits, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(reloaded(ids).logits, module.model(input_ids=ids).logits, atol=1e-5,
+                                   rtol=1e-4)
 
 
 def test_module_loads_model_and_tokenizer_from_a_directory(tokenizer, tmp_path):
@@ -172,7 +192,8 @@ def test_module_loads_model_and_tokenizer_from_a_directory(tokenizer, tmp_path):
 
 
 def test_warmup_scales_the_learning_rate_linearly(tokenizer):
-    module = CausalLMModule(build_tiny_llama(tokenizer), tokenizer=tokenizer, learning_rate=1e-3, warmup_steps=4)
+    module = CausalLMModule(build_tiny_llama(tokenizer), tokenizer=tokenizer, learning_rate=1e-3,
+                            warmup_steps=4)
     config = module.configure_optimizers()
     optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
     rates = []

@@ -15,15 +15,26 @@ from transformers import AutoModelForCausalLM
 from lssf_lightning.lightning.callback import LSSFCallback
 from lssf_lightning.lightning.finetune import CausalLMModule, ChatDataModule, write_chat_jsonl
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP needs a CUDA device")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDP needs a CUDA device"),
+]
 
 
 def fsdp_fit(trio, train, callbacks, ckpt_path=None, max_epochs=2):
     torch.manual_seed(0)
     module = CausalLMModule(str(trio.aligned), learning_rate=1e-2)
     data = ChatDataModule(str(train), batch_size=4, shuffle=False)
-    trainer = Trainer(accelerator="cuda", devices=1, strategy=FSDPStrategy(state_dict_type="full"), max_epochs=max_epochs,
-                      callbacks=callbacks, logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = Trainer(
+        accelerator="cuda",
+        devices=1,
+        strategy=FSDPStrategy(state_dict_type="full"),
+        max_epochs=max_epochs,
+        callbacks=callbacks,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, data, ckpt_path=ckpt_path)
     return trainer, module
 
@@ -32,8 +43,11 @@ def test_fsdp_checkpoint_is_realigned_and_resume_is_exact(llama_trio, tmp_path):
     train = write_chat_jsonl(tmp_path / "train.jsonl", [{"prompt": p, "response": r} for p, r in ROWS])
     raw_at = EpochEndWeights()
     export = tmp_path / "export"
-    callbacks = [LSSFCallback(unaligned=str(llama_trio.base), export_dir=str(export), verbose=False),
-                 raw_at, ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")]
+    callbacks = [
+        LSSFCallback(unaligned=str(llama_trio.base), export_dir=str(export), verbose=False),
+        raw_at,
+        ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}"),
+    ]
     fsdp_fit(llama_trio, train, callbacks)
     saved = torch.load(tmp_path / "epoch=0.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     key = "model.model.layers.0.self_attn.q_proj.weight"
@@ -42,6 +56,10 @@ def test_fsdp_checkpoint_is_realigned_and_resume_is_exact(llama_trio, tmp_path):
     exported = state(AutoModelForCausalLM.from_pretrained(export))
     assert exported["model.layers.0.self_attn.q_proj.weight"].shape == saved[key].shape
     probe = StartSnapshot()
-    fsdp_fit(llama_trio, train, [LSSFCallback(unaligned=str(llama_trio.base), verbose=False), probe],
-             ckpt_path=tmp_path / "epoch=0.ckpt")
+    fsdp_fit(
+        llama_trio,
+        train,
+        [LSSFCallback(unaligned=str(llama_trio.base), verbose=False), probe],
+        ckpt_path=tmp_path / "epoch=0.ckpt",
+    )
     assert torch.equal(probe.weights[key].cpu(), raw_at.seen[0][key].cpu())

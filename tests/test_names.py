@@ -1,4 +1,5 @@
 import pytest
+from _tiny import TINY_LLAMA_LINEARS
 
 from lssf_lightning.io.names import (
     KeyMatcher,
@@ -36,8 +37,14 @@ def test_adapter_keys_are_recognised():
     ("key", "expected"),
     [
         ("model.model.layers.1.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight"),
-        ("_forward_module.net._orig_mod.model.layers.0.self_attn.v_proj.weight", "model.layers.0.self_attn.v_proj.weight"),
-        ("base_model.model.model.layers.1.self_attn.v_proj.base_layer.weight", "model.layers.1.self_attn.v_proj.weight"),
+        (
+            "_forward_module.net._orig_mod.model.layers.0.self_attn.v_proj.weight",
+            "model.layers.0.self_attn.v_proj.weight",
+        ),
+        (
+            "base_model.model.model.layers.1.self_attn.v_proj.base_layer.weight",
+            "model.layers.1.self_attn.v_proj.weight",
+        ),
         ("layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.q_proj.weight"),
         ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight", None),
         ("q_proj.weight", None),
@@ -59,7 +66,9 @@ def test_short_whole_keys_match_but_bare_leaves_do_not():
 def test_two_keys_claiming_one_reference_is_an_error():
     matcher = KeyMatcher(HF)
     with pytest.raises(ValueError, match="both"):
-        matcher.match_all(["a.model.layers.0.self_attn.q_proj.weight", "b.model.layers.0.self_attn.q_proj.weight"])
+        matcher.match_all(
+            ["a.model.layers.0.self_attn.q_proj.weight", "b.model.layers.0.self_attn.q_proj.weight"]
+        )
 
 
 def test_peft_style_module_selection():
@@ -80,3 +89,28 @@ def test_transformer_block_rule():
     assert not in_transformer_block("lm_head.weight")
     assert not in_transformer_block("model.layers.0.mlp.down_proj.bias")
     assert not in_transformer_block("transformer.h.0.ln_1.weight")
+
+
+@pytest.mark.parametrize(
+    ("target", "exclude"),
+    [
+        (["q_proj", "v_proj"], None),
+        (["self_attn.q_proj", "mlp.down_proj"], ["layers.1.mlp.down_proj"]),
+        (["proj"], None),
+        (r".*\.1\..*_proj", None),
+        (r".*_proj", r".*\.0\.mlp\..*"),
+        (["mlp.up_proj", "o_proj"], r".*o_proj"),
+    ],
+)
+def test_module_selection_agrees_with_peft(target, exclude):
+    """Our copy of peft's target/exclude rules selects exactly the modules peft itself selects."""
+    peft = pytest.importorskip("peft")
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    config = peft.LoraConfig(target_modules=target, exclude_modules=exclude)
+    names = [
+        f"model.layers.{i}.{part}" for i in range(3) for part in (*TINY_LLAMA_LINEARS, "input_layernorm")
+    ] + ["lm_head", "model.embed_tokens", "q_proj"]
+    ours = {n for n in names if matches_modules(n, target) and not matches_modules(n, exclude)}
+    theirs = {n for n in names if check_target_module_exists(config, n)}
+    assert ours == theirs

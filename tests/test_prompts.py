@@ -147,19 +147,19 @@ def test_record_without_prompt_field_names_file_line_and_fields(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"prompt": "ok"}\n{"query": "x", "id": 3}\n')
     with pytest.raises(
-        ValueError, match=r"bad\.jsonl', line 2: no prompt field.*found fields \['id', 'query'\]"
+        ValueError, match=r"bad\.jsonl: line 2: no prompt field.*found fields \['id', 'query'\]"
     ):
         load_prompts(path)
     csv_path = tmp_path / "bad.csv"
     csv_path.write_text("query,target\nx,y\n")
-    with pytest.raises(ValueError, match=r"bad\.csv', row 2: .*\['query', 'target'\]"):
+    with pytest.raises(ValueError, match=r"bad\.csv: row 2: .*\['query', 'target'\]"):
         load_prompts(csv_path)
 
 
 def test_invalid_json_and_wrong_shapes(tmp_path):
     path = tmp_path / "broken.jsonl"
     path.write_text('{"prompt": "ok"}\n{"prompt": \n')
-    with pytest.raises(ValueError, match=r"broken\.jsonl', line 2: invalid JSON"):
+    with pytest.raises(ValueError, match=r"broken\.jsonl: line 2: invalid JSON"):
         load_prompts(path)
     path = tmp_path / "dict.json"
     path.write_text(json.dumps({"prompts": ["a"]}))

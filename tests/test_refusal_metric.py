@@ -18,7 +18,9 @@ from lssf_lightning.metrics import (
     ClassifierJudge,
     HarmfulRefusalRate,
     RefusalPhraseJudge,
+    RefusalRate,
     harmful_refusal_rate,
+    refusal_rate,
     resolve_judge,
 )
 from lssf_lightning.metrics.judges import normalize_response
@@ -250,6 +252,57 @@ def test_resolve_judge(refusal_classifier, tmp_path):
         resolve_judge("no-such-judge")
     with pytest.raises(ValueError, match="got 42"):
         resolve_judge(42)
+
+
+def test_resolve_judge_imports_a_dotted_path():
+    # how a YAML config names a callable: resolved to it at once, not kept as a string
+    assert resolve_judge("lssf_lightning.metrics.judges.normalize_response") is normalize_response
+    assert isinstance(resolve_judge("lssf_lightning.metrics.judges.RefusalPhraseJudge"), RefusalPhraseJudge)
+    with pytest.raises(ValueError, match=r"judge 'lssf_lightning.metrics.nothing_here': cannot import it"):
+        resolve_judge("lssf_lightning.metrics.nothing_here")
+    with pytest.raises(ValueError, match="names a tuple, not a callable"):
+        resolve_judge("lssf_lightning.metrics.judges.REFUSAL_PHRASES")
+
+
+class Probabilities:
+    """A judge that breaks the contract: refusal probabilities instead of verdicts."""
+
+    def __call__(self, responses):
+        return [0.1] * len(responses)
+
+    def __repr__(self):
+        return "Probabilities()"
+
+
+@pytest.mark.parametrize(
+    ("verdicts", "match"),
+    [
+        ([0.1, 0.1], r"judge Probabilities\(\) must return bools .* float values such as 0.1"),
+        (["compliance", "refusal"], r"must return bools .* str values such as 'compliance'"),
+        ([1, 0], r"must return bools .* int values such as 1"),
+        (torch.tensor([0.1, 0.9]),
+         r"must return one bool per response; it returned a tensor of dtype torch.float32"),
+        (torch.tensor([[True, False]]), r"tensor of dtype torch.bool and shape \(1, 2\)"),
+        (None, r"must return a list of bools, one per response; it returned None"),
+        ("refusal", r"it returned 'refusal'"),
+    ],
+)
+def test_a_judge_that_does_not_return_bools_is_an_error(verdicts, match):
+    # before, truthiness turned probabilities / labels into "refused": compliant answers scored as perfectly
+    # safe
+    with pytest.raises(TypeError, match=match):
+        refusal_module.check_verdicts(Probabilities(), verdicts, 2)
+    with pytest.raises(TypeError, match="must return"):
+        HarmfulRefusalRate(judge=lambda rs: verdicts).update(["Sure.", "Here you go."])
+
+
+def test_bool_verdicts_in_any_container_count():
+    import numpy as np
+
+    for verdicts in ([True, False, True], (True, False, True), torch.tensor([True, False, True]),
+                     np.array([True, False, True])):
+        assert refusal_rate(["a", "b", "c"], judge=lambda rs, v=verdicts: v).item() == pytest.approx(2 / 3)
+    assert RefusalRate is HarmfulRefusalRate and refusal_rate is harmful_refusal_rate
 
 
 # --------------------------------------------------------------------------- functional and metric

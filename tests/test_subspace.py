@@ -2,10 +2,12 @@ import copy
 
 import pytest
 import torch
+from _tiny import TINY_LLAMA_LINEARS
 from conftest import state
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from lssf_lightning.config import SubspaceConfig
 from lssf_lightning.core.entropy import safety_critical_rank
 from lssf_lightning.subspace import SafetySubspace
 
@@ -14,7 +16,7 @@ Q0 = "model.layers.0.self_attn.q_proj.weight"
 
 def dense_lssf(w_ft, w_aligned, w_base, eta, alpha, alpha_1=1.0, transposed=False):
     """W + α·U'U'ᵀδ straight from the paper, in float64, with a full SVD."""
-    delta = (w_aligned.double() - w_base.double())
+    delta = w_aligned.double() - w_base.double()
     if transposed:
         delta = delta.T
     u, s, _ = torch.linalg.svd(delta, full_matrices=False)
@@ -37,17 +39,25 @@ def test_module_mapping_and_path_inputs_agree(llama_trio):
     from_modules = SafetySubspace.from_weights(m["aligned"], m["base"], progress=False)
     from_dicts = SafetySubspace.from_weights(state(m["aligned"]), state(m["base"]), progress=False)
     assert from_paths.ranks == from_modules.ranks == from_dicts.ranks
-    assert from_paths.metadata["fingerprint"] == from_modules.metadata["fingerprint"] == from_dicts.metadata["fingerprint"]
-    for key in from_paths.keys():
-        assert torch.allclose(from_paths[key].left @ from_paths[key].right, from_modules[key].left @ from_modules[key].right, atol=1e-6)
-    assert SafetySubspace.fingerprint(llama_trio.aligned, llama_trio.base) == from_paths.metadata["fingerprint"]
+    assert (
+        from_paths.metadata["fingerprint"]
+        == from_modules.metadata["fingerprint"]
+        == from_dicts.metadata["fingerprint"]
+    )
+    for key in from_paths:
+        assert torch.allclose(
+            from_paths[key].left @ from_paths[key].right,
+            from_modules[key].left @ from_modules[key].right,
+            atol=1e-6,
+        )
+    assert (
+        SafetySubspace.fingerprint(llama_trio.aligned, llama_trio.base) == from_paths.metadata["fingerprint"]
+    )
 
 
 def test_default_targets_are_the_block_linear_weights(llama_trio):
     subspace = SafetySubspace.from_weights(llama_trio.aligned, llama_trio.base, progress=False)
-    expected = {f"model.layers.{i}.{m}.weight" for i in range(2) for m in (
-        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    expected = {f"model.layers.{i}.{m}.weight" for i in range(2) for m in TINY_LLAMA_LINEARS}
     assert set(subspace.ranks) == expected
     assert all(0 < r < 32 for r in subspace.ranks.values())
 
@@ -55,10 +65,12 @@ def test_default_targets_are_the_block_linear_weights(llama_trio):
 def test_fusion_equals_the_dense_formula(llama_trio):
     m = llama_trio.models
     eta, alpha, alpha_1 = 0.8, 1.5, 2.0
-    subspace = SafetySubspace.from_weights(m["aligned"], m["base"], eta=eta, alpha_1=alpha_1, progress=False)
+    subspace = SafetySubspace.from_weights(
+        m["aligned"], m["base"], SubspaceConfig(eta=eta, alpha_1=alpha_1), progress=False
+    )
     fused = subspace.fuse(state(m["finetuned"]), alpha=alpha)
     ft, al, ba = state(m["finetuned"]), state(m["aligned"]), state(m["base"])
-    for key in subspace.keys():
+    for key in subspace:
         expected, r = dense_lssf(ft[key], al[key], ba[key], eta, alpha, alpha_1)
         assert subspace.ranks[key] == r
         assert rel(fused[key], expected) < 1e-5, key
@@ -71,9 +83,9 @@ def test_fusion_in_float64_is_exact_to_1e_5(llama_trio):
     al = {k: v.double() for k, v in state(m["aligned"]).items()}
     ba = {k: v.double() for k, v in state(m["base"]).items()}
     ft = {k: v.double() for k, v in state(m["finetuned"]).items()}
-    subspace = SafetySubspace.from_weights(al, ba, eta=0.9, progress=False)
+    subspace = SafetySubspace.from_weights(al, ba, SubspaceConfig(eta=0.9), progress=False)
     fused = subspace.fuse(ft, alpha=1.0)
-    for key in subspace.keys():
+    for key in subspace:
         expected, _ = dense_lssf(ft[key], al[key], ba[key], 0.9, 1.0)
         assert fused[key].dtype == torch.float64
         assert rel(fused[key], expected) < 1e-5
@@ -107,7 +119,9 @@ def test_wrapped_and_compiled_models_match_by_suffix(llama_trio):
     m = llama_trio.models
     subspace = SafetySubspace.from_weights(llama_trio.aligned, llama_trio.base, progress=False)
     reference = subspace.fuse(state(m["finetuned"]))
-    wrapped = subspace.fuse(Wrapper(torch.compile(AutoModelForCausalLM.from_pretrained(llama_trio.finetuned))))
+    wrapped = subspace.fuse(
+        Wrapper(torch.compile(AutoModelForCausalLM.from_pretrained(llama_trio.finetuned)))
+    )
     keys = list(wrapped.state_dict())
     assert any(k.startswith("net._orig_mod.model.layers.0") for k in keys)
     assert torch.equal(wrapped.state_dict()[f"net._orig_mod.{Q0}"], reference[Q0])
@@ -141,7 +155,7 @@ def _merged_copy(peft_model):
 def test_gpt2_conv1d_weights_are_transposed(gpt2_trio):
     m = gpt2_trio.models
     for aligned, base in ((gpt2_trio.aligned, gpt2_trio.base), (m["aligned"], m["base"])):
-        subspace = SafetySubspace.from_weights(aligned, base, eta=0.9, progress=False)
+        subspace = SafetySubspace.from_weights(aligned, base, SubspaceConfig(eta=0.9), progress=False)
         key = "transformer.h.0.mlp.c_fc.weight"
         assert subspace[key].conv1d and subspace[key].shape == (32, 128)
         fused = subspace.fuse(state(m["finetuned"]))
@@ -151,7 +165,9 @@ def test_gpt2_conv1d_weights_are_transposed(gpt2_trio):
 
 
 def test_save_load_round_trip_is_bit_exact(llama_trio, tmp_path):
-    subspace = SafetySubspace.from_weights(llama_trio.aligned, llama_trio.base, eta=0.7, alpha_1=1.5, progress=False)
+    subspace = SafetySubspace.from_weights(
+        llama_trio.aligned, llama_trio.base, SubspaceConfig(eta=0.7, alpha_1=1.5), progress=False
+    )
     path = subspace.save(tmp_path / "sub" / "safety.safetensors")
     loaded = SafetySubspace.load(path)
     assert loaded.metadata == subspace.metadata and loaded.ranks == subspace.ranks
@@ -159,7 +175,11 @@ def test_save_load_round_trip_is_bit_exact(llama_trio, tmp_path):
         other = loaded[key]
         assert torch.equal(entry.left, other.left) and torch.equal(entry.right, other.right)
         assert torch.equal(entry.singular_values, other.singular_values)
-        assert (entry.entropy, entry.total_energy, entry.conv1d) == (other.entropy, other.total_energy, other.conv1d)
+        assert (entry.entropy, entry.total_energy, entry.conv1d) == (
+            other.entropy,
+            other.total_energy,
+            other.conv1d,
+        )
     assert [p.name for p in path.parent.iterdir()] == ["safety.safetensors"]
 
 
@@ -181,14 +201,27 @@ def test_summary_lists_every_matrix_with_its_rank(llama_trio):
 
 def test_selection_with_target_and_exclude_modules(llama_trio):
     kwargs = {"progress": False}
-    only_qv = SafetySubspace.from_weights(llama_trio.aligned, llama_trio.base, target_modules=["q_proj", "v_proj"], **kwargs)
-    assert sorted({k.split(".")[-2] for k in only_qv.keys()}) == ["q_proj", "v_proj"] and len(only_qv) == 4
-    regex = SafetySubspace.from_weights(llama_trio.aligned, llama_trio.base, target_modules=r".*\.1\.mlp\..*", **kwargs)
-    assert sorted(regex.keys()) == [f"model.layers.1.mlp.{m}.weight" for m in ("down_proj", "gate_proj", "up_proj")]
-    no_mlp = SafetySubspace.from_weights(llama_trio.aligned, llama_trio.base, exclude_modules=["mlp.down_proj", "mlp.up_proj", "mlp.gate_proj"], **kwargs)
-    assert len(no_mlp) == 8 and not any(".mlp." in k for k in no_mlp.keys())
+    only_qv = SafetySubspace.from_weights(
+        llama_trio.aligned, llama_trio.base, {"target_modules": ["q_proj", "v_proj"]}, **kwargs
+    )
+    assert sorted({k.split(".")[-2] for k in only_qv}) == ["q_proj", "v_proj"] and len(only_qv) == 4
+    regex = SafetySubspace.from_weights(
+        llama_trio.aligned, llama_trio.base, {"target_modules": r".*\.1\.mlp\..*"}, **kwargs
+    )
+    assert sorted(regex.keys()) == [
+        f"model.layers.1.mlp.{m}.weight" for m in ("down_proj", "gate_proj", "up_proj")
+    ]
+    no_mlp = SafetySubspace.from_weights(
+        llama_trio.aligned,
+        llama_trio.base,
+        {"exclude_modules": ["mlp.down_proj", "mlp.up_proj", "mlp.gate_proj"]},
+        **kwargs,
+    )
+    assert len(no_mlp) == 8 and not any(".mlp." in k for k in no_mlp)
     with pytest.raises(ValueError, match=r"target_modules \['nope'\]"):
-        SafetySubspace.from_weights(llama_trio.aligned, llama_trio.base, target_modules=["q_proj", "nope"], **kwargs)
+        SafetySubspace.from_weights(
+            llama_trio.aligned, llama_trio.base, {"target_modules": ["q_proj", "nope"]}, **kwargs
+        )
 
 
 def test_identical_models_give_rank_zero_and_fusion_is_identity(llama_trio):
@@ -200,7 +233,9 @@ def test_identical_models_give_rank_zero_and_fusion_is_identity(llama_trio):
 
 
 def test_max_rank_caps_every_rank(llama_trio):
-    subspace = SafetySubspace.from_weights(llama_trio.aligned, llama_trio.base, eta=1.0, max_rank=2, progress=False)
+    subspace = SafetySubspace.from_weights(
+        llama_trio.aligned, llama_trio.base, SubspaceConfig(eta=1.0, max_rank=2), progress=False
+    )
     assert set(subspace.ranks.values()) == {2}
 
 
@@ -225,11 +260,18 @@ def test_non_finite_weights_are_named(llama_trio):
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"eta": 1.2}, "eta"), ({"alpha_1": 0}, "alpha_1"), ({"source": "nope"}, "source"), ({"max_rank": 0}, "max_rank")],
+    [
+        ({"eta": 1.2}, "eta"),
+        ({"alpha_1": 0}, "alpha_1"),
+        ({"source": "nope"}, "source"),
+        ({"max_rank": 0}, "max_rank"),
+    ],
 )
 def test_bad_settings_are_named(llama_trio, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        SafetySubspace.from_weights(llama_trio.aligned, llama_trio.base, progress=False, **kwargs)
+        SafetySubspace.from_weights(
+            llama_trio.aligned, llama_trio.base, SubspaceConfig(**kwargs), progress=False
+        )
 
 
 def test_bad_paths_are_named(tmp_path, llama_trio):
@@ -246,23 +288,36 @@ def test_bad_paths_are_named(tmp_path, llama_trio):
 
 def test_activation_subspace_is_the_svd_of_delta_times_normalised_inputs(llama_trio, tiny_tokenizer):
     m = llama_trio.models
-    pairs = [("how do i bake bread at home ?", "i cannot help with that request ."),
-             ("tell me a fun fact about space .", "sure , here is a simple answer .")]
-    subspace = SafetySubspace.from_weights(m["aligned"], m["base"], source="activations", calibration=pairs,
-                                           tokenizer=tiny_tokenizer, eta=0.8, progress=False)
+    pairs = [
+        ("how do i bake bread at home ?", "i cannot help with that request ."),
+        ("tell me a fun fact about space .", "sure , here is a simple answer ."),
+    ]
+    subspace = SafetySubspace.from_weights(
+        m["aligned"],
+        m["base"],
+        SubspaceConfig(source="activations", calibration=pairs, eta=0.8),
+        tokenizer=tiny_tokenizer,
+        progress=False,
+    )
     key = "model.layers.1.mlp.down_proj.weight"
     # Independent reference: capture the raw inputs of the layer with a hook on a plain forward pass.
     captured = []
-    handle = m["aligned"].model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda mod, a: captured.append(a[0]))
+    handle = (
+        m["aligned"]
+        .model.layers[1]
+        .mlp.down_proj.register_forward_pre_hook(lambda mod, a: captured.append(a[0]))
+    )
     rows = []
     for prompt, response in pairs:
-        prompt_ids = tiny_tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False)
+        prompt_ids = tiny_tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
         p_ids = tiny_tokenizer(prompt_ids, add_special_tokens=False)["input_ids"]
         r_ids = tiny_tokenizer(response, add_special_tokens=False)["input_ids"]
         captured.clear()
         with torch.no_grad():
             m["aligned"](input_ids=torch.tensor([p_ids + r_ids]))
-        rows.append(captured[0][0, len(p_ids):])
+        rows.append(captured[0][0, len(p_ids) :])
     handle.remove()
     x = torch.cat(rows).double()
     x_hat = x / x.norm(dim=1, keepdim=True) / x.shape[0] ** 0.5
@@ -278,16 +333,20 @@ def test_activation_subspace_is_the_svd_of_delta_times_normalised_inputs(llama_t
 
 def test_activation_subspace_generates_missing_responses(llama_trio, tiny_tokenizer):
     m = llama_trio.models
-    subspace = SafetySubspace.from_weights(m["aligned"], m["base"], source="activations",
-                                           calibration=["how do i bake bread at home ?"], tokenizer=tiny_tokenizer,
-                                           target_modules=["q_proj"], progress=False)
+    config = SubspaceConfig(
+        source="activations", calibration=["how do i bake bread at home ?"], target_modules=["q_proj"]
+    )
+    subspace = SafetySubspace.from_weights(
+        m["aligned"], m["base"], config, tokenizer=tiny_tokenizer, progress=False
+    )
     assert len(subspace) == 2 and subspace.metadata["calibration_stats"]["pairs"] == 1
-
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_temporarily_fused_equals_fuse_inside_and_restores_the_exact_weights(llama_trio, dtype):
-    subspace = SafetySubspace.from_weights(llama_trio.aligned, llama_trio.base, eta=0.8, progress=False)
+    subspace = SafetySubspace.from_weights(
+        llama_trio.aligned, llama_trio.base, SubspaceConfig(eta=0.8), progress=False
+    )
     model = copy.deepcopy(llama_trio.models["finetuned"]).to(dtype)
     raw = {k: v.clone() for k, v in state(model).items()}
     expected = state(subspace.fuse(model, alpha=1.5))
@@ -296,6 +355,6 @@ def test_temporarily_fused_equals_fuse_inside_and_restores_the_exact_weights(lla
         fused = state(model)
         for key in raw:
             assert torch.equal(fused[key], expected[key]), key
-        assert any(not torch.equal(fused[k], raw[k]) for k in subspace.keys())
+        assert any(not torch.equal(fused[k], raw[k]) for k in subspace)
     for key, value in state(model).items():
         assert torch.equal(value, raw[key]), key

@@ -23,11 +23,15 @@ def long_answer(responses):
 
 def test_refusal_curve_equals_direct_evaluation_and_restores_weights(llama_trio, tiny_tokenizer):
     model = llama_trio.models["finetuned"]
-    subspace = SafetySubspace.from_weights(llama_trio.models["aligned"], llama_trio.models["base"], progress=False)
-    prompts = ["how do i bake bread at home ?", "tell me a fun fact about space .", "what is the capital of france ?"]
+    subspace = SafetySubspace.from_weights(
+        llama_trio.models["aligned"], llama_trio.models["base"], progress=False
+    )
+    prompts = [
+        "how do i bake bread at home ?", "tell me a fun fact about space .", "what is the capital of france ?"
+    ]
     before = state(model)
-    curve = refusal_curve(model, tiny_tokenizer, subspace, [2.0, 0.5, 1.0], prompts, prompts[:1], judge=long_answer,
-                          max_new_tokens=8)
+    curve = refusal_curve(model, tiny_tokenizer, subspace, [2.0, 0.5, 1.0], prompts, prompts[:1],
+                          judge=long_answer, max_new_tokens=8)
     assert [p.alpha for p in curve] == [0.5, 1.0, 2.0]
     assert all(torch.equal(v, before[k]) for k, v in state(model).items())
     for point in curve:
@@ -35,7 +39,8 @@ def test_refusal_curve_equals_direct_evaluation_and_restores_weights(llama_trio,
         answers = generate_responses(fused, tiny_tokenizer, prompts, max_new_tokens=8)
         assert point.harmful_refusal == pytest.approx(float(harmful_refusal_rate(answers, judge=long_answer)))
         harmless = generate_responses(fused, tiny_tokenizer, prompts[:1], max_new_tokens=8)
-        assert point.harmless_refusal == pytest.approx(float(harmful_refusal_rate(harmless, judge=long_answer)))
-    stopped = refusal_curve(model, tiny_tokenizer, subspace, [0.5, 1.0, 2.0], prompts, judge=lambda rs: [True] * len(rs),
-                            target=0.5)
+        harmless_rate = float(harmful_refusal_rate(harmless, judge=long_answer))
+        assert point.harmless_refusal == pytest.approx(harmless_rate)
+    stopped = refusal_curve(model, tiny_tokenizer, subspace, [0.5, 1.0, 2.0], prompts,
+                            judge=lambda rs: [True] * len(rs), target=0.5)
     assert [p.alpha for p in stopped] == [0.5]

@@ -2,8 +2,9 @@
 
 * RESTA (Bhardwaj et al., ACL 2024): add the whole safety vector back, ``W + β · δ``, optionally after DARE
   (drop each entry with probability ``p``, rescale the survivors by ``1 / (1 − p)``).
-* SafeLoRA (Hsu et al., NeurIPS 2024): per LoRA layer, ``C = V Vᵀ / ‖V‖_F`` with ``V = W_aligned − W_unaligned``;
-  when ``cos(vec(C·B·A), vec(B·A)) ≤ τ`` the adapter's ``B`` is replaced by ``C·B``.
+* SafeLoRA (Hsu et al., NeurIPS 2024): per LoRA layer, ``C = V Vᵀ / ‖V‖_F`` with
+  ``V = W_aligned − W_unaligned``; when ``cos(vec(C·B·A), vec(B·A)) ≤ τ`` the adapter's ``B`` is replaced
+  by ``C·B``.
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ import math
 import torch
 from torch import Tensor
 
+from lssf_lightning.validation import check_drop_rate
+
 __all__ = ["dare", "resta_weight", "safelora_project"]
 
 
 def dare(delta: Tensor, drop_rate: float, generator: torch.Generator | None = None) -> Tensor:
-    """DARE: zero each entry of ``delta`` with probability ``drop_rate`` and rescale the rest by ``1/(1 − p)``."""
-    if not 0.0 <= drop_rate < 1.0:
-        raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate!r}")
+    """DARE: zero each entry of ``delta`` with probability ``drop_rate`` and rescale the rest by
+    ``1/(1 − p)``."""
+    drop_rate = check_drop_rate("drop_rate", drop_rate)
     if drop_rate == 0.0:
         return delta
     keep = torch.rand(delta.shape, generator=generator, device="cpu").to(delta.device) >= drop_rate

@@ -2,18 +2,20 @@
 
 ``α_i = 1 + (α₁ − 1)(σ_i − σ_r)/(σ₁ − σ_r)`` for ``i ≤ r``, ``U' = U_r · diag(α_i)``, ``P' = U'U'ᵀ``.
 The fused weight is ``W + α · U'(U'ᵀ δ)``: only the rank-``r`` pair ``(U', U'ᵀδ)`` is ever formed.
+:func:`best_low_rank` caps that pair's rank (Eckart–Young–Mirsky) for the LoRA adapter export.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
+
+from lssf_lightning.validation import check_int, check_positive
 
 __all__ = [
     "add_correction",
     "basis_weights",
+    "best_low_rank",
     "check_alpha_1",
     "fuse_weight",
     "fusion_factors",
@@ -22,15 +24,10 @@ __all__ = [
 ]
 
 
-def _check_positive(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
 def check_alpha_1(alpha_1: float) -> float:
-    """Return ``alpha_1`` as a float, or raise ``ValueError`` naming it unless it is a finite number > 0."""
-    return _check_positive("alpha_1", alpha_1)
+    """``alpha_1`` as a float if it is a finite number > 0
+    (:func:`lssf_lightning.validation.check_positive`)."""
+    return check_positive("alpha_1", alpha_1)
 
 
 def basis_weights(singular_values: Tensor, alpha_1: float = 1.0) -> Tensor:
@@ -102,7 +99,9 @@ def add_correction(weight: Tensor, product: Tensor, alpha: float = 1.0) -> Tenso
     operation, which is what lets a resume recover the raw weights (see ``LSSFCallback``).
     """
     if tuple(weight.shape) != tuple(product.shape):
-        raise ValueError(f"weight of shape {tuple(weight.shape)} does not match the correction's {tuple(product.shape)}")
+        raise ValueError(
+            f"weight of shape {tuple(weight.shape)} does not match the correction's {tuple(product.shape)}"
+        )
     return torch.add(weight.to(product.dtype), product, alpha=float(alpha)).to(weight.dtype)
 
 
@@ -115,3 +114,29 @@ def fuse_weight(weight: Tensor, left: Tensor, right: Tensor, alpha: float = 1.0)
     if tuple(weight.shape) != expected:
         raise ValueError(f"weight of shape {tuple(weight.shape)} does not match the factors' {expected}")
     return add_correction(weight, low_rank_product(left, right, weight), alpha)
+
+
+def best_low_rank(left: Tensor, right: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:
+    """The best rank-``k`` approximation of ``left @ right`` from the factors alone (Eckart–Young–Mirsky).
+
+    Eckart–Young–Mirsky: the truncated SVD ``U_k S_k V_kᵀ`` minimises ``‖M − X‖`` (Frobenius and spectral)
+    over all ``X`` of rank ``≤ k``. For ``M = left @ right`` (inner size ``r``): ``left = Q_L R_L``,
+    ``rightᵀ = Q_R R_R`` (thin QR), ``R_L R_Rᵀ = U S Vᵀ`` (an ``r × r`` SVD), so ``M = (Q_L U) S (Q_R V)ᵀ``
+    is ``M``'s SVD; keeps ``k`` terms, split as ``(Q_L U_k √S_k, √S_k V_kᵀ Q_Rᵀ)``. No ``d_out × d_in``
+    matrix is formed. Computed in float64.
+
+    Returns:
+        ``(left_k, right_k, kept)``: factors of shape ``(d_out, k')`` and ``(k', d_in)`` with
+        ``k' = min(k, r)``, and ``kept = Σ_{i≤k} s_i² / Σ s_i²`` (the share of ``‖M‖_F²`` kept; 1 when nothing
+        is cut). ``left`` and ``right`` are returned unchanged when ``r ≤ k``.
+    """
+    check_int("rank", rank, minimum=1)
+    if left.shape[1] <= rank:
+        return left, right, 1.0
+    q_left, r_left = torch.linalg.qr(left.double())
+    q_right, r_right = torch.linalg.qr(right.double().T)
+    u, s, vh = torch.linalg.svd(r_left @ r_right.T)
+    root = s[:rank].sqrt()
+    total = float(s.square().sum())
+    kept = float(s[:rank].square().sum()) / total if total > 0 else 1.0
+    return (q_left @ u[:, :rank]) * root, root[:, None] * (vh[:rank] @ q_right.T), kept

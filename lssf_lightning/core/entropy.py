@@ -9,10 +9,10 @@ For singular values ``σ_1 ≥ … ≥ σ_n`` of a safety signal:
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
+
+from lssf_lightning.validation import check_range
 
 __all__ = [
     "check_eta",
@@ -24,12 +24,8 @@ __all__ = [
 
 
 def check_eta(eta: float) -> float:
-    """Return ``eta`` as a float, or raise ``ValueError`` naming it when it is outside ``(0, 1]``."""
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta):
-        raise ValueError(f"eta must be a number in (0, 1], got {eta!r}")
-    if not 0.0 < eta <= 1.0:
-        raise ValueError(f"eta must be in (0, 1], got {eta!r}")
-    return float(eta)
+    """``eta`` as a float if it is in ``(0, 1]`` (:func:`lssf_lightning.validation.check_range`)."""
+    return check_range("eta", eta, 0.0, 1.0, low_open=True)
 
 
 def _sorted_spectrum(singular_values: Tensor) -> Tensor:

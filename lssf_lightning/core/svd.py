@@ -51,44 +51,21 @@ heavy-tailed ``δ`` it cuts values carrying ``~3·10⁻⁵`` nats, enough to mov
 
 Measurements
 ------------
-One CPU thread (MKL, AVX-512; a shared 2-core machine), float32, ``benchmarks/bench_subspace.py``. A
-Llama-3-8B-shaped decoder layer with a heavy-tailed ``δ`` (ranks ≈ 1.5 % / 24 % of ``n`` at η = 0.5 / 0.9):
-
-=====================  =========  ==============  ==============  ===================
-matrix                 svd        auto, η = 0.5   auto, η = 0.9   auto, ``max_rank=8``
-=====================  =========  ==============  ==============  ===================
-q/o 4096×4096          24 s       6.3–6.8 s       13.5–19 s       0.6 s (randomized)
-k/v 1024×4096          2.1–2.5 s  0.3 s           0.4 s           0.3 s
-gate/up 14336×4096     46 s       10 s            23 s            2.0 s (randomized)
-down 4096×14336        106 s      9.3 s           23 s            2.1–2.4 s (randomized)
-=====================  =========  ==============  ==============  ===================
-
-Where the time goes (n = 4096): Gram matrix 0.9–1.3 s (square) / 3.1–3.6 s (×14336), float64
-``eigvalsh`` 3–4.5 s, float32 ``eigh`` ~11 s, top-``r`` eigenvectors by subspace iteration 0.4 s (r ≈ 60)
-to ~7 s (r ≈ 800; ``eigh`` beyond), one randomised attempt 0.9 s / 1.6 s (it streams ``M`` 6 times), float64
-recomputation when the float32 Gram matrix leaves the rank undecided (~10 % of the η ≥ 0.9 cases above)
-+7–14 s. So the Gram path is ~4–11× faster than ``svd`` when ``r`` is small, but only ~1.3–5× for
-``r ≈ n/4``, where the ``O(n³)`` eigenvector work is unavoidable; the randomised path is 20–50× faster
-whenever it certifies. SmolLM2-135M (576-wide, float64 Gram + ``eigh``): ~2× ``svd``.
-
-Accuracy against the exact path (408 matrices of 300–2600 rows and columns: power laws
-``σ_i = i^{-a}``, a ∈ [0.3, 1.5]; rank-1…200 matrices; low rank plus noise of 10⁻³…1; the benchmark's
-``δ`` with random parameters; each at η ∈ {0.5, 0.8, 0.9}, with and without ``max_rank=8``): identical
-ranks in 100 %, mean ``cos²`` of the principal angles ≥ 0.999 (mean 0.9999). The Llama-shaped layer:
-35/35 identical ranks at η ∈ {0.5, 0.7, 0.8, 0.9, 0.95}, ``cos²`` ≥ 0.9999. ``H(n)`` of that layer's
-``q_proj``: float32 ``svd`` is off by 2.3·10⁻⁶ nats, the float32 Gram + float64 ``eigvalsh`` by 3.7·10⁻⁷.
+Speed and accuracy against ``torch.linalg.svd`` are measured by ``benchmarks/bench_subspace.py``; the
+figures (per matrix shape, where the time goes, accuracy on 408 test spectra) are in ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import Tensor
 
+from lssf_lightning.config import SVD_METHODS, SVDMethod
 from lssf_lightning.core.entropy import check_eta, safety_critical_rank
+from lssf_lightning.validation import check_choice, check_int
 
 __all__ = [
     "METHODS",
@@ -100,8 +77,8 @@ __all__ = [
     "tail_entropy_bounds",
 ]
 
-Method = Literal["auto", "exact", "randomized", "gram"]
-METHODS: tuple[str, ...] = ("auto", "exact", "randomized", "gram")
+Method = SVDMethod  # the one list of SVD methods lives with the settings (lssf_lightning.config)
+METHODS: tuple[str, ...] = SVD_METHODS
 
 _EPS32 = torch.finfo(torch.float32).eps
 _FLOOR = 64 * _EPS32  # singular values below this fraction of σ_1 count as zero (float32 rounding noise)
@@ -336,10 +313,9 @@ def safety_spectrum(
             or one holding NaN/inf.
     """
     eta = check_eta(eta)
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if max_rank is not None and (isinstance(max_rank, bool) or not isinstance(max_rank, int) or max_rank < 1):
-        raise ValueError(f"max_rank must be a positive integer or None, got {max_rank!r}")
+    check_choice("method", method, METHODS)
+    if max_rank is not None:
+        check_int("max_rank", max_rank)
     work = _working_copy(matrix)
     n = min(work.shape)
     total = _frobenius_energy(work)
@@ -379,7 +355,12 @@ def _empty_spectrum(matrix: Tensor, n: int, method: str) -> SafetySpectrum:
     return SafetySpectrum(
         basis=matrix.new_zeros((matrix.shape[0], 0), dtype=torch.float32),
         singular_values=matrix.new_zeros((0,), dtype=torch.float32),
-        rank=0, entropy=0.0, total_energy=0.0, kept_energy=0.0, n=n, method=method,
+        rank=0,
+        entropy=0.0,
+        total_energy=0.0,
+        kept_energy=0.0,
+        n=n,
+        method=method,
     )
 
 
@@ -485,8 +466,14 @@ def _blind_zone_rank(
     seen = int((lam > blind).sum())
     zone = lam[seen:].clamp_min(0)
     certificate = certify_rank(
-        lam[:seen].clamp_min(0).sqrt(), total, n, eta, max_rank=max_rank, tail_cap=math.sqrt(blind),
-        floor=_floor(math.sqrt(lam_1)), tail_energy=float(zone.sum()),
+        lam[:seen].clamp_min(0).sqrt(),
+        total,
+        n,
+        eta,
+        max_rank=max_rank,
+        tail_cap=math.sqrt(blind),
+        floor=_floor(math.sqrt(lam_1)),
+        tail_energy=float(zone.sum()),
         tail_energy_error=(n - seen) * _GRAM_NOISE * lam_1,
     )
     return None if certificate.rank is None else (certificate.rank, certificate.entropy)

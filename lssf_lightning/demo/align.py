@@ -11,7 +11,14 @@ import random
 import re
 from collections.abc import Sequence
 
-__all__ = ["REFUSAL_CLOSINGS", "REFUSAL_OPENINGS", "REFUSAL_REASONS", "alignment_rows", "refusal", "trim_answer"]
+__all__ = [
+    "REFUSAL_CLOSINGS",
+    "REFUSAL_OPENINGS",
+    "REFUSAL_REASONS",
+    "alignment_rows",
+    "refusal",
+    "trim_answer",
+]
 
 REFUSAL_OPENINGS: tuple[str, ...] = (
     "I'm sorry, but I can't help with that.",
@@ -82,6 +89,8 @@ def alignment_rows(
         raise ValueError(f"{len(harmless)} harmless prompts but {len(harmless_answers)} answers")
     rng = random.Random(seed)
     rows = [{"prompt": p, "response": refusal(rng)} for p in harmful]
-    rows += [{"prompt": p, "response": trim_answer(a)} for p, a in zip(harmless, harmless_answers) if a.strip()]
+    rows += [
+        {"prompt": p, "response": trim_answer(a)} for p, a in zip(harmless, harmless_answers) if a.strip()
+    ]
     rng.shuffle(rows)
     return rows

@@ -4,7 +4,8 @@
   de-quantised once into a cached safetensors directory (``$LSSF_LIGHTNING_CACHE`` or
   ``~/.cache/lssf_lightning``).
 * Harmful prompts: the 520 AdvBench behaviours from the ``pyrit`` wheel (split into alignment-train,
-  validation and test), and the ``ollama-forge`` harmful list minus AdvBench as an out-of-distribution test set.
+  validation and test), and the ``ollama-forge`` harmful list minus AdvBench as an out-of-distribution test
+  set.
 * Harmless prompts: the ``ollama-forge`` harmless list (Alpaca-style instructions), split the same way.
 
 All splits are deterministic (a seeded shuffle of the file order) and disjoint.
@@ -49,7 +50,8 @@ class AssetMissingError(RuntimeError):
 
 def cache_dir() -> Path:
     """``$LSSF_LIGHTNING_CACHE`` or ``~/.cache/lssf_lightning`` (created)."""
-    path = Path(os.environ.get("LSSF_LIGHTNING_CACHE") or Path.home() / ".cache" / "lssf_lightning").expanduser()
+    root = os.environ.get("LSSF_LIGHTNING_CACHE") or Path.home() / ".cache" / "lssf_lightning"
+    path = Path(root).expanduser()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -68,7 +70,9 @@ def package_file(package: str, relative: str, requirement: str) -> Path:
         if candidate.is_file():
             return candidate
     if not locations:
-        raise AssetMissingError(f"the demo needs the package {package!r}, which is not installed: run `{hint}`")
+        raise AssetMissingError(
+            f"the demo needs the package {package!r}, which is not installed: run `{hint}`"
+        )
     raise AssetMissingError(
         f"{package!r} is installed at {locations[0]} but has no {relative!r}; reinstall it: `{hint}`"
     )
@@ -161,7 +165,12 @@ def _read_lines(path: Path) -> list[str]:
 
 
 # HarmBench's copyright and contextual behaviours are not requests a refusal should answer on their own.
-_NOT_STANDALONE = ("generate the lyrics of", "generate a long passage from", "slightly modify this", "given the")
+_NOT_STANDALONE = (
+    "generate the lyrics of",
+    "generate a long passage from",
+    "slightly modify this",
+    "given the",
+)
 
 
 def forge_harmful_prompts(exclude: list[str] | None = None) -> list[str]:
@@ -227,7 +236,8 @@ class DemoPrompts:
     """Disjoint prompt splits of the demo.
 
     ``align_*`` train the aligned model; ``val_*`` choose the fusion settings; ``test_*`` are only ever
-    evaluated. ``*_ood_harmful`` come from other harmful benchmarks than AdvBench (HarmBench, JailbreakBench…).
+    evaluated. ``*_ood_harmful`` come from other harmful benchmarks than AdvBench (HarmBench,
+    JailbreakBench…).
     """
 
     align_harmful: list[str]
@@ -246,11 +256,12 @@ class DemoPrompts:
 
 
 def load_demo_prompts(sizes: SplitSizes | None = None, seed: int = 0) -> DemoPrompts:
-    """Seeded, disjoint splits of AdvBench, the forge harmful list (minus AdvBench) and the forge harmless list.
+    """Seeded, disjoint splits of AdvBench, the forge harmful list (minus AdvBench) and the forge harmless
+    list.
 
-    The split boundaries are fixed by the full :class:`SplitSizes` defaults; smaller ``sizes`` (the quick demo)
-    take the first prompts of each split, so a test prompt is never a training prompt at any size. The same
-    ``seed`` and package versions always give the same splits.
+    The split boundaries are fixed by the full :class:`SplitSizes` defaults; smaller ``sizes`` (the quick
+    demo) take the first prompts of each split, so a test prompt is never a training prompt at any size. The
+    same ``seed`` and package versions always give the same splits.
 
     Raises:
         AssetMissingError: If ``pyrit`` or ``ollama-forge`` is missing.
@@ -262,8 +273,14 @@ def load_demo_prompts(sizes: SplitSizes | None = None, seed: int = 0) -> DemoPro
     harmful = _carve(advbench, [("align_harmful", full.align_harmful), ("val_harmful", full.val_harmful),
                                 ("test_harmful", len(advbench) - full.align_harmful - full.val_harmful)])
     harmless_pool = _shuffled(forge_harmless_prompts(), seed)
-    harmless = _carve(harmless_pool, [("align_harmless", full.align_harmless), ("val_harmless", full.val_harmless),
-                                      ("test_harmless", 2000)])
+    harmless = _carve(
+        harmless_pool,
+        [
+            ("align_harmless", full.align_harmless),
+            ("val_harmless", full.val_harmless),
+            ("test_harmless", 2000),
+        ],
+    )
     ood_pool = _shuffled(forge_harmful_prompts(exclude=advbench), seed)
     ood = _carve(ood_pool, [("val_ood_harmful", full.val_ood_harmful), ("test_ood_harmful", 2000)])
     splits = {**harmful, **harmless, **ood}

@@ -1,7 +1,9 @@
-"""Score a model on the demo's three axes: harmful refusal, over-refusal of harmless prompts, task accuracy.
+"""Score a model on the demo's axes: harmful refusal, over-refusal of harmless prompts, task accuracy, and
+general language ability (perplexity on general text).
 
-Every number comes from greedy generation (:func:`~lssf_lightning.metrics.generate_responses`) judged by
-:class:`~lssf_lightning.metrics.RefusalPhraseJudge` (refusals) or exact match (the task).
+Refusals and the task come from greedy generation (:func:`~lssf_lightning.metrics.generate_responses`)
+judged by :class:`~lssf_lightning.metrics.RefusalPhraseJudge` (refusals) or exact match (the task);
+perplexity from a forward pass (:func:`~lssf_lightning.metrics.perplexity.model_perplexity`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from dataclasses import dataclass, field
 
 from lssf_lightning.demo.task import TaskExample, is_correct
 from lssf_lightning.metrics import RefusalPhraseJudge, generate_responses
+from lssf_lightning.metrics.perplexity import model_perplexity
 
 __all__ = ["EvalSets", "evaluate_model"]
 
@@ -20,8 +23,9 @@ class EvalSets:
     """What one evaluation runs on.
 
     ``harmful`` gives ``harmful_refusal``, ``harmless`` gives ``harmless_refusal`` (over-refusal), ``task``
-    gives ``task_accuracy``; every entry of ``extra_harmful`` / ``extra_harmless`` adds
-    ``harmful_refusal_<name>`` / ``harmless_refusal_<name>`` (e.g. out-of-distribution sets).
+    gives ``task_accuracy``, ``utility`` (general texts) gives ``perplexity``; every entry of
+    ``extra_harmful`` / ``extra_harmless`` adds ``harmful_refusal_<name>`` / ``harmless_refusal_<name>``
+    (e.g. out-of-distribution sets).
     """
 
     harmful: list[str]
@@ -29,9 +33,12 @@ class EvalSets:
     task: list[TaskExample]
     extra_harmful: dict[str, list[str]] = field(default_factory=dict)
     extra_harmless: dict[str, list[str]] = field(default_factory=dict)
+    utility: list[str] = field(default_factory=list)
 
     def sizes(self) -> dict[str, int]:
         sizes = {"harmful": len(self.harmful), "harmless": len(self.harmless), "task": len(self.task)}
+        if self.utility:
+            sizes["utility_texts"] = len(self.utility)
         sizes.update({f"harmful_{k}": len(v) for k, v in self.extra_harmful.items()})
         sizes.update({f"harmless_{k}": len(v) for k, v in self.extra_harmless.items()})
         return sizes
@@ -68,7 +75,8 @@ def evaluate_model(
 
     Returns:
         ``{"harmful_refusal", "harmless_refusal", "task_accuracy", "harmful_refusal_<extra>", ...,
-        "responses": {set: [{"prompt", "response", "refusal"|"correct"}]}}`` with rates in ``[0, 1]``.
+        "perplexity", "responses": {set: [{"prompt", "response", "refusal"|"correct"}]}}`` with rates in
+        ``[0, 1]`` (``perplexity`` only with ``sets.utility``).
     """
     judge = judge or RefusalPhraseJudge()
     refusal_sets = {"harmful": sets.harmful, "harmless": sets.harmless}
@@ -85,11 +93,18 @@ def evaluate_model(
         flags = list(judge(answers))
         kind, _, extra = name.partition("_")
         scores[f"{kind}_refusal" + (f"_{extra}" if extra else "")] = _rate(flags)
-        responses[name] = [{"prompt": p, "response": a, "refusal": bool(f)} for p, a, f in zip(prompts, answers, flags)]
+        responses[name] = [
+            {"prompt": p, "response": a, "refusal": bool(f)} for p, a, f in zip(prompts, answers, flags)
+        ]
     if sets.task:
         prompts = [example.prompt for example in sets.task]
         answers = generate_responses(
-            model, tokenizer, prompts, max_new_tokens=task_new_tokens, batch_size=batch_size, progress=progress
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens=task_new_tokens,
+            batch_size=batch_size,
+            progress=progress,
         )
         correct = [is_correct(a, e.topic) for a, e in zip(answers, sets.task)]
         scores["task_accuracy"] = _rate(correct)
@@ -97,6 +112,8 @@ def evaluate_model(
             {"prompt": e.headline, "response": a, "answer": e.topic, "correct": c}
             for e, a, c in zip(sets.task, answers, correct)
         ]
+    if sets.utility:
+        scores["perplexity"] = model_perplexity(model, tokenizer, sets.utility)
     if keep_responses:
         scores["responses"] = responses
     return scores

@@ -35,29 +35,52 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from lssf_lightning.config import SubspaceConfig
 from lssf_lightning.demo.assets import SplitSizes, base_model_dir, cache_dir, load_demo_prompts
 from lssf_lightning.demo.evaluate import EvalSets, evaluate_model
-from lssf_lightning.demo.sweep import AlphaPoint, sweep_alpha
 from lssf_lightning.demo.task import task_splits
+from lssf_lightning.sweep import SweepGrid, SweepPoint
 
-__all__ = ["MODEL_NAMES", "DemoConfig", "main", "run_demo"]
+__all__ = ["MODEL_NAMES", "SAVED_MODELS", "DemoConfig", "main", "run_demo"]
 
-MODEL_NAMES = ("base", "aligned", "finetuned", "realigned", "resta")
-METRICS = ("harmful_refusal", "harmless_refusal", "task_accuracy")
+MODEL_NAMES = ("base", "aligned", "finetuned", "realigned", "lssf_paper", "resta")
+SAVED_MODELS = ("base", "aligned", "finetuned", "realigned", "resta")  # written under models/
+METRICS = ("harmful_refusal", "harmless_refusal", "task_accuracy", "perplexity")
 _ALIGN_VERSION = 2  # bump when the alignment recipe changes, to invalidate cached aligned models
 _LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+# The sweeps (validation only). Every LSSF point uses the callback's subspace (η 0.8). On the full demo's
+# validation split the rule picks the reset form with α 2 (the aligned model's refusal, 0.83, at +2.7 %
+# perplexity); the paper's additive form (α 1) reaches it at +34 %, RESTA (β 1) too (README, demo section);
+# they stay in the grid for the front.
+FULL_GRID = SweepGrid(
+    subspaces=(SubspaceConfig(eta=0.8),),
+    alphas=(0.5, 1.0),
+    reset=((1.0, 0.0), (1.0, 0.15), (2.0, 0.0)),
+    erosion=(),
+    two_sided=((1.0, 0.5), (1.0, 1.0)),
+    resta=((0.5, 0.0), (1.0, 0.0), (1.0, 0.9)),
+)
+QUICK_GRID = SweepGrid(subspaces=(SubspaceConfig(eta=0.8),), alphas=(1.0,), reset=((2.0, 0.0),),
+                       erosion=(), two_sided=((1.0, 0.5),), resta=())
+LORA_GRID = SweepGrid(subspaces=(SubspaceConfig(eta=0.8),), alphas=(0.5, 1.0), reset=((2.0, 0.0),),
+                      erosion=(), two_sided=((1.0, 0.5),), resta=(), safelora=(0.5,))
 
 
 @dataclass
 class DemoConfig:
     """Every setting of the demo. :meth:`full` and :meth:`quick` are the two presets.
 
-    The LSSF settings (``eta``, ``alpha_1``, ``source``, the ``alpha`` grid and target) were chosen on the
-    validation split; see the project's demo notes.
+    The LSSF settings (``eta``, ``alpha_1``, ``source``, the sweep ``grid``, the refusal target and the
+    utility budget) were chosen on the validation split; see the README's demo section. ``alpha="auto"``
+    realigns with the setting :func:`lssf_lightning.sweep.recommend` picks from ``grid`` on validation; a
+    number fuses the
+    paper's additive form with that ``α`` instead.
     """
 
     sizes: SplitSizes = field(default_factory=lambda: SplitSizes(
-        val_harmful=32, val_harmless=32, val_ood_harmful=32, test_harmful=64, test_harmless=64, test_ood_harmful=64
+        val_harmful=32, val_harmless=32, val_ood_harmful=32,
+        test_harmful=64, test_harmless=64, test_ood_harmful=64,
     ))
     task_train: int = 384
     task_val: int = 24
@@ -81,16 +104,19 @@ class DemoConfig:
     alpha_1: float = 1.0
     source: str = "weights"
     alpha: float | str = "auto"
-    alpha_grid: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0)
+    grid: SweepGrid = field(default_factory=lambda: FULL_GRID)
+    lora_grid: SweepGrid = field(default_factory=lambda: LORA_GRID)
     alpha_target_margin: float = 0.05
     max_accuracy_drop: float = 0.02
     max_over_refusal_margin: float = 0.05
-    sweep_stop_early: bool = False
+    max_perplexity_increase: float = 0.05
+    paper_alpha: float = 1.0
     resta_beta: float = 1.0
     # evaluation
     eval_new_tokens: int = 16
     eval_batch_size: int = 32
     eval_dtype: str = "bfloat16"
+    utility_texts: str = "stdlib"
     seed: int = 0
     threads: int | None = None
     save_models: bool = True
@@ -102,13 +128,13 @@ class DemoConfig:
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
         quick = cls(
-            sizes=SplitSizes(align_harmful=48, align_harmless=80, val_harmful=24, val_harmless=24, test_harmful=32,
-                             test_harmless=32, test_ood_harmful=32, val_ood_harmful=0),
+            sizes=SplitSizes(align_harmful=48, align_harmless=80, val_harmful=24, val_harmless=24,
+                             test_harmful=32, test_harmless=32, test_ood_harmful=32, val_ood_harmful=0),
             task_train=192, task_val=24, task_test=32,
             align_steps=24, align_lr=5e-5, answer_tokens=40,
             finetune_steps=24, finetune_lr=3e-5,
             lora=False,
-            alpha_grid=(0.5, 1.0, 1.5, 2.0), sweep_stop_early=True,
+            grid=QUICK_GRID,
             eval_new_tokens=12,
         )
         return replace(quick, **overrides)
@@ -118,7 +144,8 @@ class DemoConfig:
         parts = {
             "version": _ALIGN_VERSION, "steps": self.align_steps, "lr": self.align_lr,
             "batch_size": self.align_batch_size, "answer_tokens": self.answer_tokens, "seed": self.seed,
-            "harmful": self.sizes.align_harmful, "harmless": self.sizes.align_harmless, "precision": self.precision,
+            "harmful": self.sizes.align_harmful, "harmless": self.sizes.align_harmless,
+            "precision": self.precision,
         }
         return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=6).hexdigest()
 
@@ -182,7 +209,9 @@ def _load(directory: Path, dtype: str = "float32"):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=getattr(torch, dtype), local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        directory, dtype=getattr(torch, dtype), local_files_only=True
+    )
     model.eval()
     return model, AutoTokenizer.from_pretrained(directory, local_files_only=True)
 
@@ -251,19 +280,25 @@ def aligned_model_dir(base_dir: Path, prompts, config: DemoConfig, log: _Progres
     with atomic_directory(target, overwrite=True) as staging:
         data_file = write_chat_jsonl(staging / "align_train.jsonl", rows)
         module = CausalLMModule(str(base_dir), learning_rate=config.align_lr, freeze=["embed_tokens"])
-        data = ChatDataModule(str(data_file), batch_size=config.align_batch_size, max_length=256, seed=config.seed)
+        data = ChatDataModule(
+            str(data_file), batch_size=config.align_batch_size, max_length=256, seed=config.seed
+        )
         with _quiet_warnings():
             _trainer(config.align_steps, config.precision).fit(module, datamodule=data)
         module.model.eval()
         module.save_hf(staging)
-        _write_json(staging / "align_meta.json", {"key": config.align_key(), "rows": len(rows),
-                                                  "config": {k: v for k, v in asdict(config).items()
-                                                             if k.startswith(("align", "answer", "seed", "precision"))}})
+        recipe = {
+            k: v for k, v in asdict(config).items() if k.startswith(("align", "answer", "seed", "precision"))
+        }
+        meta = {"key": config.align_key(), "rows": len(rows), "config": recipe}
+        _write_json(staging / "align_meta.json", meta)
     log.info(f"aligned model cached at {target}")
     return target
 
 
-def _cached_evaluation(model_dir: Path, name: str, sets: EvalSets, config: DemoConfig, log: _Progress) -> dict:
+def _cached_evaluation(
+    model_dir: Path, name: str, sets: EvalSets, config: DemoConfig, log: _Progress
+) -> dict:
     """Evaluate a model directory that never changes (base, aligned), caching the result next to it."""
     key = hashlib.blake2b(json.dumps([_sets_identity(sets), config.eval_new_tokens, config.eval_dtype],
                                      sort_keys=True).encode(), digest_size=8).hexdigest()
@@ -280,8 +315,9 @@ def _cached_evaluation(model_dir: Path, name: str, sets: EvalSets, config: DemoC
 
 def _sets_identity(sets: EvalSets) -> dict:
     return {
-        "harmful": sets.harmful, "harmless": sets.harmless, "task": [(e.headline, e.topic) for e in sets.task],
-        "extra_harmful": sets.extra_harmful, "extra_harmless": sets.extra_harmless,
+        "harmful": sets.harmful, "harmless": sets.harmless,
+        "task": [(e.headline, e.topic) for e in sets.task], "extra_harmful": sets.extra_harmful,
+        "extra_harmless": sets.extra_harmless, "utility": sets.utility,
     }
 
 
@@ -326,7 +362,9 @@ def _finetune(run, lora: bool):
         module = CausalLMModule(str(run.aligned_dir), learning_rate=config.lora_lr, lora=lora_args)
         steps = config.lora_steps
     else:
-        module = CausalLMModule(str(run.aligned_dir), learning_rate=config.finetune_lr, freeze=["embed_tokens"])
+        module = CausalLMModule(
+            str(run.aligned_dir), learning_rate=config.finetune_lr, freeze=["embed_tokens"]
+        )
         steps = config.finetune_steps
     subspace_file = run.aligned_dir.parent / (
         f"{run.aligned_dir.name}.subspace-{config.source}-eta{config.eta:g}-a1{config.alpha_1:g}.safetensors"
@@ -348,55 +386,74 @@ def _finetune(run, lora: bool):
     return module, callback, trainer
 
 
-def _val_point(model, tokenizer, sets: EvalSets, config: DemoConfig, alpha: float) -> AlphaPoint:
+def _pooled(result: dict, sets: EvalSets) -> dict:
     """Validation scores; ``harmful_refusal`` pools every harmful validation prompt (AdvBench and the
-    out-of-distribution ones), so the α rule rewards refusals that generalise."""
-    result = evaluate_model(_eval_copy(model, config), tokenizer, sets, max_new_tokens=config.eval_new_tokens,
-                            batch_size=config.eval_batch_size, keep_responses=False)
-    return _as_point(result, sets, alpha)
-
-
-def _as_point(result: dict, sets: EvalSets, alpha: float) -> AlphaPoint:
+    out-of-distribution ones), so the rule rewards refusals that generalise."""
     counts = {"harmful_refusal": len(sets.harmful)}
     counts.update({f"harmful_refusal_{k}": len(v) for k, v in sets.extra_harmful.items() if v})
-    pooled = sum(result[k] * n for k, n in counts.items()) / sum(counts.values())
-    extra = {k: v for k, v in result.items() if k not in METRICS and k != "responses"}
+    scores = _scores(result)
     if len(counts) > 1:
-        extra["harmful_refusal_advbench"] = result["harmful_refusal"]
-    return AlphaPoint(alpha, pooled, result["harmless_refusal"], result["task_accuracy"], extra or None)
+        scores["harmful_refusal_advbench"] = result["harmful_refusal"]
+        scores["harmful_refusal"] = sum(result[k] * n for k, n in counts.items()) / sum(counts.values())
+    return scores
 
 
-def _choose_alpha(name: str, model, tokenizer, subspace, finetuned_val: AlphaPoint, run,
-                  stop_early: bool | None = None) -> tuple[float, list[dict], dict]:
-    """``alpha="auto"`` (or the fixed alpha) on the validation split; returns (alpha, curve, rule).
+def _val_scorer(run, tokenizer):
+    """``model ↦ validation scores`` (refusals, over-refusal, task accuracy, perplexity), for the sweep."""
+    config = run.config
 
-    Unlike :func:`lssf_lightning.tuning.refusal_curve` (harmful refusal only), every point is also scored for
-    over-refusal and task accuracy, which the demo's rule guards (:mod:`lssf_lightning.demo.sweep`).
-    """
-    config, log, val_sets, aligned_val = run.config, run.log, run.val_sets, run.aligned_val
-    target = max(aligned_val["harmful_refusal"] - config.alpha_target_margin, 0.0)
-    max_over = aligned_val["harmless_refusal"] + config.max_over_refusal_margin
-    rule = {"target_harmful_refusal": round(target, 4), "max_over_refusal": round(max_over, 4),
-            "reference_task_accuracy": finetuned_val.task_accuracy, "max_accuracy_drop": config.max_accuracy_drop}
+    def score(model) -> dict:
+        result = evaluate_model(_eval_copy(model, config), tokenizer, run.val_sets,
+                                max_new_tokens=config.eval_new_tokens, batch_size=config.eval_batch_size,
+                                keep_responses=False)
+        return _pooled(result, run.val_sets)
 
-    def score(alpha: float) -> AlphaPoint:
-        with subspace.temporarily_fused(model, alpha):
-            return _val_point(model, tokenizer, val_sets, config, alpha)
+    return score
 
+
+def _sweep(name: str, model, tokenizer, subspace, run, grid: SweepGrid, lora: bool = False):
+    """Score ``grid`` on validation with :mod:`lssf_lightning.sweep`; returns ``(recommendation, planner
+    factory of the recommended point, sweep report)``. A fixed ``config.alpha`` sweeps that one additive
+    point."""
+    from lssf_lightning.sweep import SelectionRule, recommend, run_sweep, sweep_report
+
+    config, log = run.config, run.log
+    rule = SelectionRule(refusal_tolerance=config.alpha_target_margin,
+                         max_perplexity_increase=config.max_perplexity_increase,
+                         max_over_refusal_margin=config.max_over_refusal_margin,
+                         max_accuracy_drop=config.max_accuracy_drop)
+    score = _val_scorer(run, tokenizer)
+    reference = SweepPoint.from_scores("finetuned", {}, score(model))
+    aligned = SweepPoint.from_scores("aligned", {}, run.aligned_val)
     if config.alpha != "auto":
-        alpha = float(config.alpha)
-        return alpha, [finetuned_val.to_dict(), score(alpha).to_dict()], {**rule, "fixed": alpha}
-    log.info(f"{name}: alpha='auto' — smallest α in {list(config.alpha_grid)} with validation harmful refusal "
-             f"≥ {target:.2f} (aligned − {config.alpha_target_margin}), over-refusal ≤ {max_over:.2f}, "
-             f"task accuracy ≥ fine-tuned − {config.max_accuracy_drop}")
-    chosen, points = sweep_alpha(
-        config.alpha_grid, score, target, finetuned_val.task_accuracy, config.max_accuracy_drop, max_over,
-        stop_early=config.sweep_stop_early if stop_early is None else stop_early, log=log.info,
+        grid = replace(
+            grid, alphas=(float(config.alpha),), reset=(), erosion=(), two_sided=(), resta=(), safelora=()
+        )
+    limits = rule.limits(reference, aligned)
+    log.info(f"{name}: sweeping {grid.size(lora)} settings on validation — target harmful refusal "
+             f"≥ {limits['target_refusal']:.2f}, perplexity ≤ {limits['max_perplexity']:.2f} "
+             f"(fine-tuned +{config.max_perplexity_increase:.0%}), "
+             f"over-refusal ≤ {limits['max_over_refusal']:.2f}, "
+             f"task accuracy ≥ {limits['min_task_accuracy']:.2f}")
+    prebuilt = {SubspaceConfig(eta=config.eta, alpha_1=config.alpha_1, source=config.source): subspace}
+    builds: dict[str, float] = {}
+    candidates = list(_grid_candidates(grid, run, lora, prebuilt, builds))
+    points = run_sweep(model, candidates, score, progress=False, log=lambda line: log.info("  " + line))
+    chosen = recommend(points, rule, reference=reference, aligned=aligned)
+    planner = candidates[points.index(chosen.point)].planner
+    outcome = "" if chosen.reached else " (target not reached: best acceptable point)"
+    log.info(f"{name}: recommended {chosen.point.label}{outcome}")
+    report = sweep_report(
+        points, chosen, reference=reference, aligned=aligned, rule=rule, build_seconds=builds
     )
-    reached = chosen.harmful_refusal >= target - 1e-9
-    log.info(f"{name}: chose α={chosen.alpha:g}" + ("" if reached else " (target not reached: best acceptable α)"))
-    curve = [finetuned_val.to_dict()] + [p.to_dict() for p in points]
-    return chosen.alpha, curve, {**rule, "target_reached": reached}
+    return chosen, planner, report
+
+
+def _grid_candidates(grid: SweepGrid, run, lora: bool, prebuilt: dict, builds: dict):
+    from lssf_lightning.sweep import grid_candidates
+
+    return grid_candidates(grid, str(run.aligned_dir), str(run.base_dir), lora=lora, prebuilt=prebuilt,
+                           build_seconds=builds)
 
 
 def _save_model(model, tokenizer, directory: Path) -> None:
@@ -411,8 +468,11 @@ def _markdown_table(rows: dict[str, dict], columns: Sequence[tuple[str, str]]) -
     header = "| model | " + " | ".join(label for _, label in columns) + " |"
     lines = [header, "|" + "---|" * (len(columns) + 1)]
     for name, scores in rows.items():
-        cells = [f"{scores[key]:.2f}" if isinstance(scores.get(key), float) and not math.isnan(scores[key]) else "—"
-                 for key, _ in columns]
+        cells = [
+            f"{scores[key]:.2f}" if isinstance(scores.get(key), float) and not math.isnan(scores[key])
+            else "—"
+            for key, _ in columns
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -423,6 +483,7 @@ _COLUMNS = (
     ("harmful_refusal_bundled", "harmful refusal ↑ (project set)"),
     ("harmless_refusal", "over-refusal ↓"),
     ("task_accuracy", "task accuracy ↑"),
+    ("perplexity", "perplexity ↓ (general text)"),
 )
 
 
@@ -452,6 +513,7 @@ class _Run:
 
 def _assets_stage(run: _Run) -> None:
     from lssf_lightning.metrics import load_prompts
+    from lssf_lightning.metrics.perplexity import load_utility_texts
 
     config, log = run.config, run.log
     log.stage("1/6 assets: unaligned base model and prompt splits")
@@ -459,100 +521,122 @@ def _assets_stage(run: _Run) -> None:
     run.prompts = prompts = load_demo_prompts(config.sizes, seed=config.seed)
     run.task_train, task_val, task_test = task_splits(config.task_train, config.task_val, config.task_test,
                                                       seed=config.seed)
+    # General text for perplexity: standard-library docstring prose, split by module (validation / test).
     run.test_sets = EvalSets(harmful=prompts.test_harmful, harmless=prompts.test_harmless, task=task_test,
-                             extra_harmful={"ood": prompts.test_ood_harmful})
+                             extra_harmful={"ood": prompts.test_ood_harmful},
+                             utility=load_utility_texts(config.utility_texts, "test"))
     if not run.quick:  # the project's own bundled harmful set: a second out-of-distribution check
         run.test_sets.extra_harmful["bundled"] = load_prompts("harmful")
     run.val_sets = EvalSets(harmful=prompts.val_harmful, harmless=prompts.val_harmless, task=task_val,
-                            extra_harmful={"ood": prompts.val_ood_harmful} if prompts.val_ood_harmful else {})
+                            extra_harmful={"ood": prompts.val_ood_harmful} if prompts.val_ood_harmful else {},
+                            utility=load_utility_texts(config.utility_texts, "validation"))
     run.train_file = _task_rows_file(run.output, "train", run.task_train)
     _task_rows_file(run.output, "val", task_val)  # for configs/demo.yaml
     log.info(f"base: {run.base_dir}")
-    log.info("splits: " + ", ".join(f"{k} {len(v)}" for k, v in prompts.to_dict().items() if isinstance(v, list))
-             + f"; task train/val/test {len(run.task_train)}/{len(task_val)}/{len(task_test)}")
+    splits = ", ".join(f"{k} {len(v)}" for k, v in prompts.to_dict().items() if isinstance(v, list))
+    log.info(f"splits: {splits}; task train/val/test {len(run.task_train)}/{len(task_val)}/{len(task_test)}")
 
 
 def _aligned_stage(run: _Run) -> None:
     run.log.stage("2/6 aligned model: supervised safety pass (cached)")
     run.aligned_dir = aligned_model_dir(run.base_dir, run.prompts, run.config, run.log, run.cache)
     run.log.stage("3/6 evaluate base and aligned (cached)")
-    run.evaluations["base"] = _cached_evaluation(run.base_dir, "base", run.test_sets, run.config, run.log)
-    run.evaluations["aligned"] = _cached_evaluation(run.aligned_dir, "aligned", run.test_sets, run.config, run.log)
-    validation = _cached_evaluation(run.aligned_dir, "aligned (validation)", run.val_sets, run.config, run.log)
-    run.aligned_val = _as_point(validation, run.val_sets, 0.0).to_dict()
+    config, log = run.config, run.log
+    run.evaluations["base"] = _cached_evaluation(run.base_dir, "base", run.test_sets, config, log)
+    run.evaluations["aligned"] = _cached_evaluation(run.aligned_dir, "aligned", run.test_sets, config, log)
+    validation = _cached_evaluation(run.aligned_dir, "aligned (validation)", run.val_sets, config, log)
+    run.aligned_val = _pooled(validation, run.val_sets)
 
 
 def _full_finetune_stage(run: _Run):
-    """Full fine-tune, LSSF with α chosen on validation, RESTA; writes the five models. Returns the subspace."""
-    from lssf_lightning.baselines import resta
+    """Full fine-tune; the sweep on validation; the recommended realignment, the paper's form and RESTA on
+    test; writes the models. Returns the subspace."""
+    from lssf_lightning.methods import LSSF, Resta
+    from lssf_lightning.sweep import temporarily_edited
 
     config, log = run.config, run.log
     log.stage("4/6 full fine-tune on the task, with LSSFCallback")
     module, callback, trainer = _finetune(run, lora=False)
     tokenizer, finetuned, subspace = module.tokenizer, module.model, callback.subspace
     run.evaluations["finetuned"] = _evaluate(finetuned, tokenizer, run.test_sets, config, log, "finetuned")
-    finetuned_val = _val_point(finetuned, tokenizer, run.val_sets, config, 0.0)
-    alpha, curve, rule = _choose_alpha("LSSF", finetuned, tokenizer, subspace, finetuned_val, run)
-    with subspace.temporarily_fused(finetuned, alpha):
+    chosen, planner, sweep = _sweep("LSSF", finetuned, tokenizer, subspace, run, config.grid)
+    models = run.output / "models"
+    with temporarily_edited(finetuned, planner()):
         run.evaluations["realigned"] = _evaluate(finetuned, tokenizer, run.test_sets, config, log,
-                                                 f"realigned (α={alpha:g})")
-    resta_model = resta(finetuned, str(run.aligned_dir), str(run.base_dir), beta=config.resta_beta)
-    run.evaluations["resta"] = _evaluate(resta_model, tokenizer, run.test_sets, config, log,
-                                         f"resta (β={config.resta_beta:g})")
-    resta_val = None if run.quick else _val_point(resta_model, tokenizer, run.val_sets, config, config.resta_beta)
+                                                 f"realigned ({chosen.point.label})")
+        if config.save_models and chosen.point.method != "lssf":
+            _save_model(finetuned, tokenizer, models / "realigned")
+    paper = LSSF(subspace, config.paper_alpha)
+    with temporarily_edited(finetuned, paper):
+        label = f"LSSF, the paper's additive form (α={config.paper_alpha:g})"
+        run.evaluations["lssf_paper"] = _evaluate(finetuned, tokenizer, run.test_sets, config, log, label)
+    resta = Resta(str(run.aligned_dir), str(run.base_dir), config.resta_beta)
+    with temporarily_edited(finetuned, resta):
+        run.evaluations["resta"] = _evaluate(finetuned, tokenizer, run.test_sets, config, log,
+                                             f"resta (β={config.resta_beta:g})")
+        if config.save_models:
+            _save_model(finetuned, tokenizer, models / "resta")
 
     log.stage("5/6 write models")
     if config.save_models:
-        models = run.output / "models"
         _link_tree(run.base_dir, models / "base")
         _link_tree(run.aligned_dir, models / "aligned", skip=("align_train.jsonl", "align_meta.json"))
         _save_model(finetuned, tokenizer, models / "finetuned")
-        callback.alpha = callback.current_alpha = alpha  # the validation rule's choice
-        callback.export(trainer, module, models / "realigned")
-        _save_model(resta_model, tokenizer, models / "resta")
+        if chosen.point.method == "lssf":  # the paper's form: the callback exports it
+            callback.export(trainer, module, models / "realigned", alpha=chosen.point.params["alpha"])
         log.info(f"models written to {models}")
     ranks = list(subspace.ranks.values())
     run.report.update(
-        finetuned_validation=finetuned_val.to_dict(),
-        lssf={"alpha": alpha, "alpha_rule": rule, "alpha_curve": curve, "eta": config.eta, "alpha_1": config.alpha_1,
-              "source": config.source, "mean_rank": sum(ranks) / len(ranks), "min_rank": min(ranks),
-              "max_rank": max(ranks), "matrices": len(ranks)},
-        resta={"beta": config.resta_beta, "validation": resta_val.to_dict() if resta_val else None},
+        lssf={"recommended": chosen.point.to_dict(), "reached": chosen.reached,
+              "acceptable": chosen.acceptable, "limits": dict(chosen.limits), "eta": config.eta,
+              "alpha_1": config.alpha_1, "source": config.source, "mean_rank": sum(ranks) / len(ranks),
+              "min_rank": min(ranks), "max_rank": max(ranks), "matrices": len(ranks)},
+        sweep=sweep,
+        lssf_paper={"alpha": config.paper_alpha},
+        resta={"beta": config.resta_beta},
     )
     return subspace
 
 
 def _lora_stage(run: _Run) -> None:
-    """LoRA fine-tune, LSSF (α chosen on validation) and SafeLoRA; scores go to ``report.json``."""
-    from lssf_lightning.baselines import safelora
+    """LoRA fine-tune; the sweep (LSSF forms on the merged weights, SafeLoRA on the adapters); scores go to
+    ``report.json``."""
+    from lssf_lightning.methods import SafeLoRA
+    from lssf_lightning.sweep import temporarily_edited
 
     config, log = run.config, run.log
     log.stage("4b/6 LoRA fine-tune on the task, with LSSFCallback")
     module, callback, _ = _finetune(run, lora=True)
     tokenizer, peft_model, subspace = module.tokenizer, module.model, callback.subspace
     scores = {"finetuned": _evaluate(peft_model, tokenizer, run.test_sets, config, log, "LoRA finetuned")}
-    finetuned_val = _val_point(peft_model, tokenizer, run.val_sets, config, 0.0)
-    alpha, curve, rule = _choose_alpha("LSSF (LoRA)", peft_model, tokenizer, subspace, finetuned_val, run,
-                                       stop_early=True)  # the full fine-tune already draws the whole curve
-    with subspace.temporarily_fused(peft_model, alpha):
-        scores["realigned"] = _evaluate(peft_model, tokenizer, run.test_sets, config, log,
-                                        f"LoRA realigned (α={alpha:g})")
-    projected_model, projected = safelora(peft_model, str(run.aligned_dir), str(run.base_dir))
-    scores["safelora"] = _evaluate(projected_model, tokenizer, run.test_sets, config, log, "SafeLoRA")
+    # The reset and erosion forms read the effective weight W + s·B·A: sweep a merged copy (135M: cheap).
+    merged = copy.deepcopy(peft_model).merge_and_unload()
+    chosen, planner, sweep = _sweep("LSSF (LoRA)", merged, tokenizer, subspace, run,
+                                    replace(config.lora_grid, safelora=()))
+    with temporarily_edited(merged, planner()):
+        scores["realigned"] = _evaluate(merged, tokenizer, run.test_sets, config, log,
+                                        f"LoRA realigned ({chosen.point.label})")
+    del merged
+    projector = SafeLoRA(str(run.aligned_dir), str(run.base_dir), config.lora_grid.safelora[0])
+    with temporarily_edited(peft_model, projector):
+        scores["safelora"] = _evaluate(peft_model, tokenizer, run.test_sets, config, log,
+                                       f"SafeLoRA (τ={config.lora_grid.safelora[0]:g})")
+        if config.save_models:
+            peft_model.save_pretrained(run.output / "models" / "lora_safelora_adapter")
     if config.save_models:
         peft_model.save_pretrained(run.output / "models" / "lora_finetuned_adapter")
-        projected_model.save_pretrained(run.output / "models" / "lora_safelora_adapter")
     for name, result in scores.items():
         _save_responses(run.output, f"lora_{name}", result)
     run.report["lora"] = {
-        "alpha": alpha, "alpha_rule": rule, "alpha_curve": curve, "finetuned_validation": finetuned_val.to_dict(),
-        "safelora_projected_layers": sum(bool(v) for v in projected.values()), "safelora_layers": len(projected),
+        "recommended": chosen.point.to_dict(), "reached": chosen.reached, "sweep": sweep,
+        "safelora_projected_layers": sum(bool(v) for v in projector.projected.values()),
+        "safelora_layers": len(projector.projected),
         "scores": {name: _scores(result) for name, result in scores.items()},
     }
 
 
 def _report_stage(run: _Run, subspace) -> dict:
-    from lssf_lightning.demo.figures import plot_alpha_curve, plot_scores
+    from lssf_lightning.demo.figures import plot_scores
     from lssf_lightning.plots import plot_subspace
 
     config, log, output, report = run.config, run.log, run.output, run.report
@@ -561,23 +645,20 @@ def _report_stage(run: _Run, subspace) -> dict:
     for name in MODEL_NAMES:
         _save_responses(output, name, run.evaluations[name])
     _write_json(output / "results.json", results)
-    figures = {"scores": plot_scores(results, output / "scores.png", "full fine-tune")}
-    curves, chosen = {"LSSF (α)": report["lssf"]["alpha_curve"]}, {"LSSF (α)": report["lssf"]["alpha"]}
-    if report["resta"]["validation"]:
-        curves["RESTA (β)"] = [report["finetuned_validation"], report["resta"]["validation"]]
+    figures = {"scores": plot_scores(results, output / "scores.png", "full fine-tune"),
+               "front": _plot_sweep(report["sweep"], output / "front.png", "full fine-tune")}
     lora = report.get("lora")
     if lora:
-        curves["LSSF on LoRA (α)"], chosen["LSSF on LoRA (α)"] = lora["alpha_curve"], lora["alpha"]
         rows = {"aligned": results["aligned"], **{f"lora {k}": v for k, v in lora["scores"].items()}}
         figures["scores_lora"] = plot_scores(rows, output / "scores_lora.png", "LoRA fine-tune")
-    figures["alpha_curve"] = plot_alpha_curve(curves, output / "alpha_curve.png", chosen,
-                                              {"aligned": run.aligned_val["harmful_refusal"]})
+        figures["front_lora"] = _plot_sweep(lora["sweep"], output / "front_lora.png", "LoRA fine-tune")
     figures["subspace"] = plot_subspace(subspace, output / "subspace_ranks.png")
     timings = log.finish()
     report.update(
         mode="quick" if run.quick else "full",
         config={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
-        sizes={"test": run.test_sets.sizes(), "validation": run.val_sets.sizes(), "task_train": len(run.task_train)},
+        sizes={"test": run.test_sets.sizes(), "validation": run.val_sets.sizes(),
+               "task_train": len(run.task_train)},
         aligned_validation=run.aligned_val,
         results=results,
         figures={k: str(v) for k, v in figures.items()},
@@ -596,10 +677,24 @@ def _report_stage(run: _Run, subspace) -> dict:
     (output / "results.md").write_text(table + "\n", encoding="utf-8")
     print("\n" + table, flush=True)
     lssf = report["lssf"]
-    print(f"\nLSSF: α={lssf['alpha']:g} chosen on validation ({lssf['alpha_rule']}); mean rank "
-          f"{lssf['mean_rank']:.1f}", flush=True)
+    print(f"\nrecommended on validation: {lssf['recommended']['label']}"
+          + ("" if lssf["reached"] else " (refusal target not reached)")
+          + f"; subspace mean rank {lssf['mean_rank']:.1f}; sweep cost "
+          f"{report['sweep']['cost']['seconds_per_point']:.0f} s per point", flush=True)
     print(f"done in {timings['total'] / 60:.1f} min; results in {output}", flush=True)
     return results
+
+
+def _plot_sweep(sweep: dict, path: Path, title: str) -> Path:
+    from lssf_lightning.sweep import plot_front
+
+    def point(data):
+        return SweepPoint.from_dict(data) if data else None
+
+    recommended = sweep["recommended"]
+    return plot_front([point(p) for p in sweep["points"]], path, reference=point(sweep["reference"]),
+                      aligned=point(sweep["aligned"]), recommended=point(recommended["point"]),
+                      limits=recommended["limits"], title=f"safety–utility front on validation ({title})")
 
 
 def run_demo(
@@ -612,7 +707,8 @@ def run_demo(
 
     Args:
         output: Output directory (created; existing files are overwritten).
-        quick: Use :meth:`DemoConfig.quick` (smaller splits, fewer steps, no LoRA run) unless ``config`` is given.
+        quick: Use :meth:`DemoConfig.quick` (smaller splits, fewer steps, no LoRA run) unless ``config`` is
+            given.
         config: Explicit settings.
         cache: Cache root for the base and aligned models; default ``$LSSF_LIGHTNING_CACHE`` or
             ``~/.cache/lssf_lightning``.
@@ -629,7 +725,8 @@ def run_demo(
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     output = Path(output).expanduser()
     output.mkdir(parents=True, exist_ok=True)
-    run = _Run(config, quick, output, Path(cache).expanduser() if cache is not None else cache_dir(), _Progress())
+    cache_root = Path(cache).expanduser() if cache is not None else cache_dir()
+    run = _Run(config, quick, output, cache_root, _Progress())
     print(f"LSSF demo ({'quick' if quick else 'full'}) → {output}; cache {run.cache}; "
           f"{torch.get_num_threads()} CPU threads", flush=True)
     _assets_stage(run)
@@ -645,12 +742,15 @@ def run_demo(
 def main(argv: Sequence[str] | None = None) -> int:
     """``lssf-lightning demo [--quick] [--output DIR] [--threads N] [--no-lora] [--cache DIR]``."""
     parser = argparse.ArgumentParser(prog="lssf-lightning demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smaller splits and fewer steps (≈ 6 min on 2 cores)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smaller splits and fewer steps (≈ 6 min on 2 cores)")
     parser.add_argument("--output", default="demo_output", help="output directory (default: ./demo_output)")
-    parser.add_argument("--cache", help="cache root (default: $LSSF_LIGHTNING_CACHE or ~/.cache/lssf_lightning)")
+    parser.add_argument("--cache",
+                        help="cache root (default: $LSSF_LIGHTNING_CACHE or ~/.cache/lssf_lightning)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--no-lora", action="store_true", help="skip the LoRA fine-tune")
-    parser.add_argument("--alpha", default="auto", help="fusion strength, or 'auto' (default: chosen on validation)")
+    parser.add_argument("--alpha", default="auto",
+                        help="fusion strength, or 'auto' (default: chosen on validation)")
     parser.add_argument("--no-models", action="store_true", help="do not write the model directories")
     args = parser.parse_args(argv)
     if args.threads is not None and args.threads < 1:

@@ -28,8 +28,8 @@ _INSTRUCTION = (
 )
 
 _SLOTS: dict[str, list[str]] = {
-    "country": ["France", "Japan", "Brazil", "Kenya", "Canada", "India", "Germany", "Egypt", "Mexico", "Norway",
-                "Vietnam", "Chile", "Poland", "Nigeria", "Australia", "Turkey", "Peru", "Sweden"],
+    "country": ["France", "Japan", "Brazil", "Kenya", "Canada", "India", "Germany", "Egypt", "Mexico",
+                "Norway", "Vietnam", "Chile", "Poland", "Nigeria", "Australia", "Turkey", "Peru", "Sweden"],
     "leader": ["prime minister", "president", "foreign minister", "opposition leader", "UN envoy",
                "defence minister"],
     "event": ["peace talks", "border dispute", "election", "ceasefire", "refugee crisis", "trade summit",
@@ -123,7 +123,9 @@ def _fill(template: str, rng: random.Random) -> str:
     return template.format(**values)
 
 
-def generate_examples(count: int, seed: int = 0, exclude: set[str] | frozenset[str] = frozenset()) -> list[TaskExample]:
+def generate_examples(
+    count: int, seed: int = 0, exclude: set[str] | frozenset[str] = frozenset()
+) -> list[TaskExample]:
     """``count`` distinct headlines, topics balanced (round robin), none of them in ``exclude``.
 
     Raises:

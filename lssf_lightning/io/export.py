@@ -1,24 +1,25 @@
-"""Atomic Hugging Face model directories: everything is written into a temporary sibling, renamed at the end.
+"""Hugging Face model directories, written through the output guard: checked, staged, committed atomically.
 
-An interrupted run leaves the destination as it was (absent, or the previous version when overwriting).
+An interrupted or failed run leaves the destination as it was (absent, or the previous version when
+overwriting) and no staging directory; see :mod:`lssf_lightning.io.guard` for the rules.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import shutil
-import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from lssf_lightning.config import MAX_SHARD_BYTES
 from lssf_lightning.core.checks import all_finite
-from lssf_lightning.io.shards import ShardedWriter
+from lssf_lightning.io.guard import guarded_output, looks_like_model_directory
+from lssf_lightning.io.shards import NonFiniteTensorError, ShardedWriter
 
 __all__ = ["SUPPORT_FILES", "atomic_directory", "copy_support_files", "write_model_directory"]
 
@@ -41,32 +42,32 @@ SUPPORT_FILES = (
 
 
 @contextlib.contextmanager
-def atomic_directory(destination: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary directory that replaces ``destination`` when the block succeeds.
+def atomic_directory(
+    destination: str | os.PathLike,
+    overwrite: bool = False,
+    *,
+    inputs: Iterable[Any] | Any = (),
+    replaceable: Callable[[Path], str | None] | None = looks_like_model_directory,
+) -> Iterator[Path]:
+    """Yield a fresh staging directory that becomes ``destination`` when the block succeeds.
+
+    The guard of :func:`lssf_lightning.io.guard.guarded_output`: ``destination`` must not overlap ``inputs``;
+    an existing one is replaced only with ``overwrite`` (and only if it holds model files, see
+    ``replaceable``), and only if it is unchanged at commit; a concurrent writer fails.
 
     Raises:
-        FileExistsError: ``destination`` exists and ``overwrite`` is false.
+        FileExistsError: ``destination`` exists and ``overwrite`` is false, it changed meanwhile, or another
+            run is writing it.
+        lssf_lightning.io.guard.OutputOverlapError: ``destination`` is, contains or lies inside an input.
     """
-    destination = Path(destination).expanduser().resolve()
-    if destination.exists() and not overwrite:
-        raise FileExistsError(f"output {destination} already exists (pass overwrite / --overwrite to replace it)")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.partial-", dir=destination.parent))
-    try:
+    with guarded_output(destination, inputs, overwrite=overwrite, directory=True,
+                        replaceable=replaceable) as staging:
         yield staging
-        if destination.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{destination.name}.old-", dir=destination.parent))
-            os.replace(destination, retired / destination.name)
-            os.replace(staging, destination)
-            shutil.rmtree(retired, ignore_errors=True)
-        else:
-            os.replace(staging, destination)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
 
 
-def copy_support_files(sources: Sequence[str | os.PathLike | None], destination: str | os.PathLike) -> list[str]:
+def copy_support_files(
+    sources: Sequence[str | os.PathLike | None], destination: str | os.PathLike
+) -> list[str]:
     """Copy config/tokenizer files into ``destination``, each from the first source directory that has it."""
     copied = []
     for name in SUPPORT_FILES:
@@ -88,8 +89,9 @@ def write_model_directory(
     edits: Mapping[str, Callable[[Tensor], Tensor]] | None = None,
     names: Mapping[str, str] | None = None,
     write_support_files: Callable[[Path], object] | None = None,
-    max_shard_bytes: int = 2 * 1024**3,
+    max_shard_bytes: int | str = MAX_SHARD_BYTES,
     overwrite: bool = False,
+    inputs: Iterable[Any] | Any = (),
     progress: bool = True,
 ) -> int:
     """Stream every tensor of ``store`` (edited where ``edits`` says) into a new model directory, atomically.
@@ -100,37 +102,60 @@ def write_model_directory(
         edits: ``{key: function}`` applied to the tensor of ``key`` before it is written.
         names: ``{key: name}`` renames keys in the output (others keep their key; ``None`` drops the key).
         write_support_files: called with the staging directory to add config/tokenizer files.
-        max_shard_bytes: shard size.
+        max_shard_bytes: shard size, bytes or a size string (``"2GB"``, ``"2GiB"``).
         overwrite: replace an existing ``output``.
+        inputs: the paths the run reads (model directories, shard files, subspace, adapter, calibration file):
+            ``output`` must not be, contain or lie inside any of them.
         progress: show a progress bar (bytes).
 
     Returns:
         The number of tensors written.
 
     Raises:
-        ValueError: a tensor holds NaN or inf (nothing is left behind).
+        NonFiniteTensorError: a tensor to be written holds NaN or inf (nothing is left behind); the message
+            says whether the input or the edit holds it.
+        FileExistsError, lssf_lightning.io.guard.OutputOverlapError: see :func:`atomic_directory`.
     """
-    edits = edits or {}
-    names = names or {}
-    keys = [k for k in store.keys() if names.get(k, k) is not None]
-    plan = [(names.get(k, k), store.dtype(k), tuple(store.shape(k))) for k in keys]
-    total_bytes = sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in plan)
-    with atomic_directory(output, overwrite=overwrite) as staging:
+    keys = _output_keys(store, names or {})
+    plan = [(name, store.dtype(k), tuple(store.shape(k))) for name, k in keys.items()]
+    with atomic_directory(output, overwrite=overwrite, inputs=inputs) as staging:
         writer = ShardedWriter(staging, plan, max_shard_bytes)
         try:
-            with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="writing", disable=not progress) as bar:
-                for key, (name, dtype, shape) in zip(keys, plan):
-                    tensor = store.get(key)
-                    if not all_finite(tensor):
-                        raise ValueError(f"{store.location}: tensor {key} holds NaN or inf")
-                    if key in edits:
-                        tensor = edits[key](tensor)
-                    writer.write(name, tensor.to(dtype))
-                    bar.update(math.prod(shape) * dtype.itemsize)
-                    del tensor
+            _stream(store, writer, keys, edits or {}, output, progress)
             writer.finish()
         finally:
             writer.close()
         if write_support_files is not None:
             write_support_files(staging)
     return len(plan)
+
+
+def _output_keys(store, names: Mapping[str, str | None]) -> dict[str, str]:
+    """``{output name: store key}`` of the tensors to write (``names`` renames; ``None`` drops a key)."""
+    kept = [k for k in store.keys() if names.get(k, k) is not None]  # noqa: SIM118 - a store, not a dict
+    keys = {names.get(k, k): k for k in kept}
+    if len(keys) < len(kept):
+        clash = next(n for n in keys if sum(names.get(k, k) == n for k in kept) > 1)
+        raise ValueError(f"{store.location}: several tensors would be written as {clash!r}")
+    return keys
+
+
+def _stream(store, writer: ShardedWriter, keys: Mapping[str, str], edits: Mapping[str, Callable],
+            output: str | os.PathLike, progress: bool) -> None:
+    """Read, edit and write each tensor in ``writer.order``, one at a time (only one is ever in memory)."""
+    bar = tqdm(total=writer.total_bytes, unit="B", unit_scale=True, desc="writing", disable=not progress)
+    with bar:
+        for name in writer.order:
+            key = keys[name]
+            raw = store.get(key)
+            tensor = edits[key](raw) if key in edits else raw
+            tensor = tensor.to(store.dtype(key))
+            try:
+                writer.write(name, tensor)
+            except NonFiniteTensorError:
+                culprit = f"the input {store.location} holds" if not all_finite(raw) else (
+                    "its edit produced (the input is finite)")
+                raise NonFiniteTensorError(
+                    f"tensor {key}: {culprit} NaN or inf; nothing was written to {output}") from None
+            bar.update(tensor.numel() * tensor.element_size())
+            del tensor, raw

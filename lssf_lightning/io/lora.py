@@ -8,7 +8,6 @@ A peft adapter directory holds ``adapter_config.json`` and ``adapter_model.safet
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -19,6 +18,7 @@ import torch
 from torch import Tensor
 
 from lssf_lightning.io.names import KeyMatcher, canonical_key
+from lssf_lightning.io.schema import FormatError, field, load_json
 from lssf_lightning.io.shards import SafetensorsReader
 from lssf_lightning.io.weights import WeightStore, find_safetensors
 
@@ -34,7 +34,8 @@ def is_adapter_dir(path: str | os.PathLike) -> bool:
 
 @dataclass
 class LoraFactors:
-    """One adapted module: ``ΔW = scale · B @ A`` (in the module's stored layout unless ``fan_in_fan_out``)."""
+    """One adapted module: ``ΔW = scale · B @ A`` (in the module's stored layout unless
+    ``fan_in_fan_out``)."""
 
     a: Tensor
     b: Tensor
@@ -48,21 +49,22 @@ class LoraFactors:
 
 
 class LoraAdapter:
-    """The LoRA factors of a saved peft adapter, keyed by canonical module name (``model.layers.0.mlp.up_proj``)."""
+    """The LoRA factors of a saved peft adapter, keyed by canonical module name
+    (``model.layers.0.mlp.up_proj``)."""
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path).expanduser()
         if not is_adapter_dir(self.path):
             raise FileNotFoundError(f"{self.path} is not a peft adapter directory (no adapter_config.json)")
-        self.config = json.loads((self.path / "adapter_config.json").read_text())
-        peft_type = self.config.get("peft_type", "LORA")
+        self.config = _read_config(self.path / "adapter_config.json")
+        peft_type = self.config["peft_type"]
         if peft_type != "LORA":
             raise ValueError(f"{self.path}: adapter type {peft_type} is not supported, only LORA")
-        if self.config.get("use_dora"):
+        if self.config["use_dora"]:
             raise ValueError(f"{self.path}: DoRA adapters are not supported; merge it with peft first")
         reader = SafetensorsReader(find_safetensors(self.path))
         pieces: dict[str, dict[str, str]] = {}
-        for key in reader.keys():
+        for key in reader.entries:
             found = _LORA_KEY.match(key)
             if found:
                 pieces.setdefault(canonical_key(found["module"]), {})[found["which"]] = key
@@ -71,12 +73,18 @@ class LoraAdapter:
             raise ValueError(f"{self.path}: LoRA layer {incomplete[0]} lacks its A or B factor")
         if not pieces:
             raise ValueError(f"{self.path}: no LoRA factors (lora_A / lora_B weights) found")
+        for module, keys in pieces.items():
+            a, b = reader.entries[keys["A"]].shape, reader.entries[keys["B"]].shape
+            if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
+                raise FormatError(reader.entries[keys["A"]].file, f"LoRA layer {module}: factor shapes "
+                                  f"disagree: lora_A {list(a)} must be (r, d_in) and lora_B {list(b)} "
+                                  "(d_out, r)")
         self._reader = reader
         self._pieces = pieces
 
     @property
     def base_model_path(self) -> str | None:
-        return self.config.get("base_model_name_or_path")
+        return self.config["base_model_name_or_path"]
 
     def modules(self) -> list[str]:
         return list(self._pieces)
@@ -85,9 +93,40 @@ class LoraAdapter:
         keys = self._pieces[module]
         a, b = self._reader.get(keys["A"]), self._reader.get(keys["B"])
         rank = a.shape[0]
-        alpha = _pattern_value(self.config.get("alpha_pattern") or {}, module, self.config.get("lora_alpha", rank))
-        scale = alpha / math.sqrt(rank) if self.config.get("use_rslora") else alpha / rank
-        return LoraFactors(a, b, float(scale), bool(self.config.get("fan_in_fan_out", False)))
+        default_alpha = rank if self.config["lora_alpha"] is None else self.config["lora_alpha"]
+        alpha = _pattern_value(self.config["alpha_pattern"] or {}, module, default_alpha)
+        scale = alpha / math.sqrt(rank) if self.config["use_rslora"] else alpha / rank
+        return LoraFactors(a, b, float(scale), self.config["fan_in_fan_out"])
+
+
+# adapter_config.json fields this module reads, with their types and defaults (peft's defaults).
+_CONFIG_FIELDS: dict[str, tuple[tuple[type, ...], object]] = {
+    "peft_type": ((str,), "LORA"),
+    "use_dora": ((bool,), False),
+    "use_rslora": ((bool,), False),
+    "fan_in_fan_out": ((bool,), False),
+    "lora_alpha": ((float, type(None)), None),
+    "alpha_pattern": ((dict, type(None)), None),
+    "base_model_name_or_path": ((str, type(None)), None),
+}
+
+
+def _read_config(path: Path) -> dict:
+    """``adapter_config.json`` checked against the fields above (other fields are kept unchecked)."""
+    config = load_json(path)
+    if not isinstance(config, dict):
+        raise FormatError(path, f"must hold a JSON object, got {type(config).__name__}")
+    config = dict(config)
+    for name, (kinds, default) in _CONFIG_FIELDS.items():
+        config[name] = field(path, config, name, kinds, default=default)
+    for pattern in config["alpha_pattern"] or {}:
+        field(path, config["alpha_pattern"], pattern, float, where="alpha_pattern")
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            problem = f"alpha_pattern key {pattern!r} is not a valid regular expression ({err})"
+            raise FormatError(path, problem) from None
+    return config
 
 
 def _pattern_value(patterns: dict[str, float], module: str, default: float) -> float:
@@ -105,11 +144,12 @@ class MergedLoraStore(WeightStore):
         self.adapter = adapter
         self.location = f"{base.location} + adapter {adapter.path}"
         matcher = KeyMatcher([m + ".weight" for m in adapter.modules()])
-        self._module_of = {k: matcher.match(k)[: -len(".weight")] for k in base.keys() if matcher.match(k)}
+        self._module_of = {k: matcher.match(k)[: -len(".weight")] for k in base.keys() if matcher.match(k)}  # noqa: SIM118
         unmatched = set(adapter.modules()) - set(self._module_of.values())
         if unmatched:
             raise ValueError(
-                f"adapter {adapter.path} adapts modules that {base.location} lacks, e.g. {sorted(unmatched)[:3]}"
+                f"adapter {adapter.path} adapts modules that {base.location} lacks, "
+                f"e.g. {sorted(unmatched)[:3]}"
             )
 
     def keys(self) -> list[str]:
@@ -138,5 +178,6 @@ class MergedLoraStore(WeightStore):
             return weight
         delta = factors.delta()
         if tuple(delta.shape) != tuple(weight.shape):
-            raise ValueError(f"adapter update for {key} has shape {tuple(delta.shape)}, weight {tuple(weight.shape)}")
+            raise ValueError(f"adapter update for {key} has shape {tuple(delta.shape)}, "
+                             f"weight {tuple(weight.shape)}")
         return (weight.float() + delta).to(weight.dtype)

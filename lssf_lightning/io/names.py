@@ -2,9 +2,10 @@
 
 A weight is known by its canonical state-dict key, e.g. ``model.layers.0.self_attn.q_proj.weight``. The same
 weight seen through a LightningModule, DDP, ``torch.compile``, FSDP or peft carries extra segments
-(``model.``, ``_forward_module.``, ``_orig_mod.``, ``base_model.model.``, ``.base_layer``): :func:`canonical_key`
-removes them, and :class:`KeyMatcher` pairs keys of two checkpoints by their longest common dotted suffix, so a
-LightningModule holding the HF model under any attribute name still matches a plain HF checkpoint.
+(``model.``, ``_forward_module.``, ``_orig_mod.``, ``base_model.model.``, ``.base_layer``):
+:func:`canonical_key` removes them, and :class:`KeyMatcher` pairs keys of two checkpoints by their longest
+common dotted suffix, so a LightningModule holding the HF model under any attribute name still matches a plain
+HF checkpoint.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ __all__ = [
     "module_name",
 ]
 
-# Segments that wrappers insert anywhere in a key (Fabric/Lightning, torch.compile, FSDP, activation checkpointing).
+# Segments that wrappers insert anywhere in a key (Fabric/Lightning, torch.compile, FSDP, activation
+# checkpointing).
 _WRAPPER_SEGMENTS = {"_forward_module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"}
 _LEADING_WRAPPERS = (("module",), ("base_model", "model"))
 _ADAPTER_SEGMENT = re.compile(r"^(lora_[A-Za-z_]+|original_module|hada_\w+|lokr_\w+|ia3_\w+)$")
@@ -31,15 +33,17 @@ _NON_BLOCK_WORDS = ("embed", "norm", "lm_head", "wte", "wpe", "ln_")
 
 
 def is_adapter_key(key: str) -> bool:
-    """True for peft adapter tensors (``lora_A``, ``lora_B``, ``original_module``…), which are never targets."""
+    """True for peft adapter tensors (``lora_A``, ``lora_B``, ``original_module``…), which are never
+    targets."""
     return any(_ADAPTER_SEGMENT.match(segment) for segment in key.split("."))
 
 
 def canonical_key(key: str) -> str:
-    """Strip wrapper segments: ``_forward_module.model._orig_mod.layers.0.q.base_layer.weight`` → ``model.layers.0.q.weight``.
+    """Strip wrapper segments: ``_forward_module.model._orig_mod.layers.0.q.base_layer.weight`` →
+    ``model.layers.0.q.weight``.
 
-    Leading ``module.`` (DDP) and ``base_model.model.`` (peft) are removed, as are ``.base_layer`` (peft LoRA) and
-    ``.modules_to_save.<adapter>`` (peft's trained copies) wherever they appear.
+    Leading ``module.`` (DDP) and ``base_model.model.`` (peft) are removed, as are ``.base_layer`` (peft LoRA)
+    and ``.modules_to_save.<adapter>`` (peft's trained copies) wherever they appear.
     """
     segments = [s for s in key.split(".") if s not in _WRAPPER_SEGMENTS]
     stripped = True
@@ -95,7 +99,8 @@ class KeyMatcher:
     (``q_proj.weight`` alone never decides). Canonicalisation happens on both sides first.
 
     Example:
-        >>> m = KeyMatcher(["model.layers.0.self_attn.q_proj.weight", "model.layers.1.self_attn.q_proj.weight"])
+        >>> m = KeyMatcher(["model.layers.0.self_attn.q_proj.weight",
+        ...                 "model.layers.1.self_attn.q_proj.weight"])
         >>> m.match("model.model.layers.1.self_attn.q_proj.base_layer.weight")
         'model.layers.1.self_attn.q_proj.weight'
     """
@@ -128,7 +133,8 @@ class KeyMatcher:
         return None
 
     def match_all(self, keys: Iterable[str]) -> dict[str, str]:
-        """``{key: reference_key}`` for every key that matches; two keys claiming one reference key is an error."""
+        """``{key: reference_key}`` for every key that matches; two keys claiming one reference key is an
+        error."""
         pairs: dict[str, str] = {}
         claimed: dict[str, str] = {}
         for key in keys:

@@ -8,17 +8,16 @@ through checkpoints larger than memory. Each store also knows, where it can, whi
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Union
 
 import torch
 from torch import Tensor, nn
 
-from lssf_lightning.io.names import canonical_key, is_adapter_key, module_name
-from lssf_lightning.io.shards import SafetensorsReader
+from lssf_lightning.io.hub import resolve_model
+from lssf_lightning.io.names import canonical_key, module_name
+from lssf_lightning.io.shards import SafetensorsReader, index_files
 
 __all__ = [
     "MappingStore",
@@ -30,7 +29,7 @@ __all__ = [
     "open_weights",
 ]
 
-WeightsLike = Union[nn.Module, Mapping[str, Tensor], str, os.PathLike, Sequence[str | os.PathLike]]
+WeightsLike = nn.Module | Mapping[str, Tensor] | str | os.PathLike | Sequence[str | os.PathLike]
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -60,8 +59,9 @@ class WeightStore:
         """True/False when the store knows the module type of ``key``, ``None`` when it cannot tell."""
         return None
 
-    def __contains__(self, key: object) -> bool:
-        return key in set(self.keys())
+    def __iter__(self) -> Iterator[str]:
+        """The keys, in store order (so ``for key in store`` reads like a mapping)."""
+        return iter(self.keys())
 
 
 class MappingStore(WeightStore):
@@ -70,7 +70,9 @@ class MappingStore(WeightStore):
     def __init__(self, tensors: Mapping[str, Tensor], location: str = "<state dict>") -> None:
         bad = [k for k, v in tensors.items() if not isinstance(v, Tensor)]
         if bad:
-            raise TypeError(f"{location}: value of {bad[0]!r} is {type(tensors[bad[0]]).__name__}, not a Tensor")
+            raise TypeError(
+                f"{location}: value of {bad[0]!r} is {type(tensors[bad[0]]).__name__}, not a Tensor"
+            )
         self._tensors = tensors
         self.location = location
 
@@ -105,7 +107,8 @@ class ModuleStore(WeightStore):
     def __init__(self, module: nn.Module, location: str | None = None) -> None:
         self.module = module
         self.location = location or f"<{type(module).__name__}>"
-        # The state dict's tensors (parameters and persistent buffers), each shared tensor once (tied weights).
+        # The state dict's tensors (parameters and persistent buffers), each shared tensor once (tied
+        # weights).
         self._params: dict[str, Tensor] = {}
         seen: set[int] = set()
         for key, tensor in module.state_dict(keep_vars=True).items():
@@ -170,14 +173,13 @@ def find_safetensors(path: str | os.PathLike) -> list[Path]:
     if path.is_file():
         if path.suffix in _PICKLE_SUFFIXES:
             raise ValueError(
-                f"{path} is a pickled checkpoint; lssf_lightning reads safetensors only (pickles can run code). "
-                "Convert it with `model.save_pretrained(dir, safe_serialization=True)`."
+                f"{path} is a pickled checkpoint; lssf_lightning reads safetensors only (pickles can run "
+                "code). Convert it with `model.save_pretrained(dir, safe_serialization=True)`."
             )
         return [path]
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [path / name for name in dict.fromkeys(weight_map.values())]
+        return index_files(index)  # validated: weight_map present, shards plain files of this directory
     files = sorted(path.glob("*.safetensors"))
     if files:
         return files
@@ -198,7 +200,11 @@ class SafetensorsStore(WeightStore):
     """
 
     def __init__(self, path: str | os.PathLike | list[str | os.PathLike]) -> None:
-        paths = [Path(p).expanduser() for p in path] if isinstance(path, (list, tuple)) else [Path(path).expanduser()]
+        paths = (
+            [Path(p).expanduser() for p in path]
+            if isinstance(path, (list, tuple))
+            else [Path(path).expanduser()]
+        )
         files = [f for p in paths for f in find_safetensors(p)]
         self.location = str(paths[0]) if len(paths) == 1 else f"{paths[0]} (+{len(paths) - 1} more)"
         self.directory = paths[0] if len(paths) == 1 and paths[0].is_dir() else None
@@ -237,7 +243,8 @@ class SafetensorsStore(WeightStore):
 
 
 def _kinds_from_config(directory: Path) -> dict[str, str]:
-    """``{module name: "linear" | "conv1d" | "other"}`` from a meta-device model built from ``config.json``."""
+    """``{module name: "linear" | "conv1d" | "other"}`` from a meta-device model built from
+    ``config.json``."""
     if not (directory / "config.json").is_file():
         return {}
     try:
@@ -246,7 +253,7 @@ def _kinds_from_config(directory: Path) -> dict[str, str]:
         config = AutoConfig.from_pretrained(directory)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
-    except Exception:  # an architecture transformers cannot build: fall back to name rules
+    except Exception:  # noqa: BLE001 - any architecture transformers cannot build: fall back to name rules
         return {}
     conv1d = _conv1d_type()
     kinds = {}
@@ -262,7 +269,8 @@ def _kinds_from_config(directory: Path) -> dict[str, str]:
 
 
 def open_weights(source: WeightsLike | WeightStore, *, name: str = "weights") -> WeightStore:
-    """A :class:`WeightStore` for an ``nn.Module``, a ``{name: Tensor}`` mapping, or a path (file, list, HF dir).
+    """A :class:`WeightStore` for an ``nn.Module``, a ``{name: Tensor}`` mapping, or a path (file, list, HF
+    dir).
 
     Args:
         source: where the weights are.
@@ -279,16 +287,12 @@ def open_weights(source: WeightsLike | WeightStore, *, name: str = "weights") ->
     if isinstance(source, Mapping):
         return MappingStore(source, location=f"{name} <state dict>")
     if isinstance(source, (str, os.PathLike, list, tuple)):
+        source = resolve_model(source, what=name) if isinstance(source, str) else source  # hub IDs: io/hub.py
         try:
             return SafetensorsStore(source)
         except FileNotFoundError as err:
             raise FileNotFoundError(f"{name}: {err}") from None
     raise TypeError(
-        f"{name} must be an nn.Module, a name→tensor mapping or a path to safetensors / a HF model directory, "
-        f"got {type(source).__name__}"
+        f"{name} must be an nn.Module, a name→tensor mapping or a path to safetensors / a HF model "
+        f"directory, got {type(source).__name__}"
     )
-
-
-def adapter_free_keys(store: WeightStore) -> list[str]:
-    """The store's keys without peft adapter tensors."""
-    return [k for k in store.keys() if not is_adapter_key(k)]

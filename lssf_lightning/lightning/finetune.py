@@ -30,6 +30,10 @@ from lightning.pytorch import LightningDataModule, LightningModule
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from lssf_lightning.io.hub import is_hub_id, resolve_model
+from lssf_lightning.io.schema import FormatError, load_json, not_utf8
+from lssf_lightning.validation import check_int
+
 __all__ = [
     "CHATML_TEMPLATE",
     "IGNORE_INDEX",
@@ -82,10 +86,12 @@ class CausalLMModule(LightningModule):
     assistant's tokens only.
 
     Args:
-        model: A local HF model directory (loaded with ``AutoModelForCausalLM.from_pretrained``) or, from
-            Python, an already-built ``PreTrainedModel`` (used as is, not copied).
-        tokenizer: Tokenizer directory; default: ``model`` when it is a directory, else the tokenizer saved
-            next to the built model (``model.name_or_path``) when there is one. Available as
+        model: A local HF model directory or a hub ID (``org/name[@revision]``, resolved through the Hugging
+            Face cache by :func:`~lssf_lightning.io.hub.resolve_model`), loaded with
+            ``AutoModelForCausalLM.from_pretrained``; or, from Python, an already-built ``PreTrainedModel``
+            (used as is, not copied).
+        tokenizer: Tokenizer directory or hub ID; default: ``model`` (directory or ID), else the tokenizer
+            saved next to the built model (``model.name_or_path``) when there is one. Available as
             ``self.tokenizer`` (``None`` when none can be found).
         lora: ``peft.LoraConfig`` keyword arguments (e.g. ``{"r": 16, "lora_alpha": 32, "target_modules":
             ["q_proj", "v_proj"]}``); ``None`` trains the full model. ``task_type`` defaults to ``CAUSAL_LM``.
@@ -128,11 +134,11 @@ class CausalLMModule(LightningModule):
             raise ValueError(f"learning_rate must be a positive number, got {learning_rate!r}")
         if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
             raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
-        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an integer >= 0, got {warmup_steps!r}")
+        check_int("warmup_steps", warmup_steps, minimum=0)
         if lora is not None and not isinstance(lora, Mapping):
             raise ValueError(f"lora must be a mapping of peft.LoraConfig arguments or None, got {lora!r}")
-        # Built objects (a model or tokenizer passed from Python) are not hyperparameters a checkpoint should pickle.
+        # Built objects (a model or tokenizer passed from Python) are not hyperparameters a checkpoint should
+        # pickle.
         built = [name for name, value in (("model", model), ("tokenizer", tokenizer))
                  if value is not None and not isinstance(value, (str, os.PathLike))]
         self.save_hyperparameters(ignore=built or None)
@@ -173,7 +179,8 @@ class CausalLMModule(LightningModule):
         # model's own (mean next-token cross-entropy over labelled tokens).
         targets = labels[:, 1:]
         positions = torch.nonzero((targets != IGNORE_INDEX).any(dim=0)).squeeze(1)
-        logits = self.model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=positions).logits
+        logits = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                            logits_to_keep=positions).logits
         return nn.functional.cross_entropy(
             logits.float().reshape(-1, logits.shape[-1]),
             targets[:, positions].reshape(-1),
@@ -196,6 +203,9 @@ class CausalLMModule(LightningModule):
         if self.warmup_steps == 0:
             return optimizer
         warmup = self.warmup_steps
+        # Not transformers' get_constant_schedule_with_warmup: its first step has lr 0 (step/warmup), this one
+        # (step+1)/warmup, so switching would change every learning rate of the warm-up (checked for
+        # warmup=3).
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -220,8 +230,10 @@ class CausalLMModule(LightningModule):
 def _load_model(model: str | nn.Module, dtype: torch.dtype) -> nn.Module:
     if isinstance(model, nn.Module):
         return model
+    model = resolve_model(model, what="model") if isinstance(model, str) else model  # org/name: io/hub.py
     if not isinstance(model, (str, os.PathLike)) or not Path(model).is_dir():
-        raise ValueError(f"model must be a local Hugging Face model directory or a built model, got {model!r}")
+        raise ValueError("model must be a local Hugging Face model directory, a hub ID or a built model, "
+                         f"got {model!r}")
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(os.fspath(model), dtype=dtype, local_files_only=True)
@@ -233,6 +245,8 @@ def _load_tokenizer(tokenizer, model, hf_model):
     if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)):
         return tokenizer
     candidates = [tokenizer] if tokenizer is not None else [model, getattr(hf_model, "name_or_path", None)]
+    candidates = [resolve_model(c, what="tokenizer", weights=False) if is_hub_id(c) else c
+                  for c in candidates]
     for candidate in candidates:
         if isinstance(candidate, (str, os.PathLike)) and Path(candidate).is_dir():
             try:
@@ -279,21 +293,21 @@ def read_chat_rows(path: str | os.PathLike) -> list[list[dict[str, str]]]:
 
     Raises:
         FileNotFoundError: If ``path`` does not exist.
-        ValueError: For invalid JSON or a row of another shape, naming the file and line.
+        ValueError: For text that is not UTF-8, invalid JSON or a row of another shape, naming the file (and
+            the line).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"chat data file {str(path)!r} does not exist")
+    try:
+        text = path.read_text(encoding="utf-8")  # newlines translated: lines split as the file iterates
+    except UnicodeDecodeError as err:
+        raise FormatError(path, not_utf8(err)) from None
     rows = []
-    with path.open(encoding="utf-8") as file:
-        for number, line in enumerate(file, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{str(path)!r}, line {number}: invalid JSON ({err})") from err
-            rows.append(_as_messages(record, f"{str(path)!r}, line {number}"))
+    for number, line in enumerate(text.split("\n"), 1):
+        if line.strip():
+            record = load_json(path, line, where=f"line {number}")
+            rows.append(_as_messages(record, f"{path}: line {number}"))
     if not rows:
         raise ValueError(f"chat data file {str(path)!r} has no rows")
     return rows
@@ -311,16 +325,20 @@ def _as_messages(record: Any, where: str) -> list[dict[str, str]]:
         if not any(m["role"] == "assistant" for m in messages):
             raise ValueError(f"{where}: the conversation has no assistant turn to learn from")
         return [{"role": m["role"], "content": m["content"]} for m in messages]
-    if isinstance(record, dict) and isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str):
-        messages = [{"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["response"]}]
+    if isinstance(record, dict) and all(isinstance(record.get(k), str) for k in ("prompt", "response")):
+        messages = [{"role": "user", "content": record["prompt"]},
+                    {"role": "assistant", "content": record["response"]}]
         if isinstance(record.get("system"), str):
             messages.insert(0, {"role": "system", "content": record["system"]})
         return messages
     keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-    raise ValueError(f"{where}: expected {{'messages': [...]}} or {{'prompt': ..., 'response': ...}}, got {keys}")
+    raise ValueError(f"{where}: expected {{'messages': [...]}} or {{'prompt': ..., 'response': ...}}, "
+                     f"got {keys}")
 
 
-def encode_chat(tokenizer, messages: Sequence[Mapping[str, str]], max_length: int | None = None) -> dict[str, list[int]]:
+def encode_chat(
+    tokenizer, messages: Sequence[Mapping[str, str]], max_length: int | None = None
+) -> dict[str, list[int]]:
     """Token ids and labels for one conversation, with the loss on the assistant turns only.
 
     The conversation is rendered with the tokenizer's chat template piece by piece: the text each assistant
@@ -341,7 +359,8 @@ def encode_chat(tokenizer, messages: Sequence[Mapping[str, str]], max_length: in
             pieces cannot be separated) or the tokenizer has no chat template.
     """
     if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"tokenizer {type(tokenizer).__name__} has no chat template (see ensure_chat_template)")
+        raise ValueError(f"tokenizer {type(tokenizer).__name__} has no chat template (see "
+                         "ensure_chat_template)")
     messages = [dict(m) for m in messages]
     input_ids: list[int] = []
     labels: list[int] = []
@@ -360,10 +379,13 @@ def encode_chat(tokenizer, messages: Sequence[Mapping[str, str]], max_length: in
 
 
 def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    return tokenizer.apply_chat_template(messages, tokenize=False,
+                                         add_generation_prompt=add_generation_prompt)
 
 
-def _append(tokenizer, text: str, rendered: str, input_ids: list[int], labels: list[int], train: bool) -> None:
+def _append(
+    tokenizer, text: str, rendered: str, input_ids: list[int], labels: list[int], train: bool
+) -> None:
     if not text.startswith(rendered):
         raise ValueError(
             "the chat template does not render conversations incrementally (a turn changes the text before "
@@ -379,6 +401,9 @@ def _append(tokenizer, text: str, rendered: str, input_ids: list[int], labels: l
 
 def pad_batch(rows: Sequence[Mapping[str, Sequence[int]]], pad_id: int) -> dict[str, Tensor]:
     """Right-pad encoded rows into ``input_ids`` / ``attention_mask`` / ``labels`` tensors."""
+    # Not transformers' DataCollatorForSeq2Seq: it gives the same batches only for a tokenizer with a pad
+    # token and padding_side="right"; it raises for tokenizers without one (this pads with eos) and left-pads
+    # for padding_side="left" (checked on the tiny test tokenizer), while the loss here needs right padding.
     width = max(len(row["input_ids"]) for row in rows)
     input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -436,12 +461,12 @@ class ChatDataModule(LightningDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        for name, value in (("max_length", max_length), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        check_int("max_length", max_length)
+        check_int("batch_size", batch_size)
         if train_file is None and val_file is None:
             raise ValueError("ChatDataModule needs a train_file and/or a val_file")
-        self.save_hyperparameters(ignore=["tokenizer"] if not isinstance(tokenizer, (str, type(None))) else None)
+        built = not isinstance(tokenizer, (str, type(None)))  # a tokenizer object is not a hyperparameter
+        self.save_hyperparameters(ignore=["tokenizer"] if built else None)
         self.train_file = train_file
         self.val_file = val_file
         self.tokenizer = tokenizer
@@ -487,8 +512,8 @@ class ChatDataModule(LightningDataModule):
         kept = [row for row in encoded if any(label != IGNORE_INDEX for label in row["labels"])]
         if len(kept) < len(encoded):
             warnings.warn(
-                f"{len(encoded) - len(kept)} of {len(encoded)} rows of {path!r} have no assistant token within "
-                f"max_length={self.max_length} and are dropped",
+                f"{len(encoded) - len(kept)} of {len(encoded)} rows of {path!r} have no assistant token "
+                f"within max_length={self.max_length} and are dropped",
                 stacklevel=2,
             )
         if not kept:

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from lssf_lightning.validation import check_int
+
 __all__ = ["format_prompt", "generate_responses"]
 
 
@@ -57,8 +59,8 @@ def generate_responses(
         ValueError: If ``max_new_tokens`` or ``batch_size`` is not a positive integer, or the tokenizer has
             neither a pad nor an eos token.
     """
-    _check_positive("max_new_tokens", max_new_tokens)
-    _check_positive("batch_size", batch_size)
+    check_int("max_new_tokens", max_new_tokens)
+    check_int("batch_size", batch_size)
     prompts = list(prompts)
     if not prompts:
         return []
@@ -109,12 +111,9 @@ def _contiguous_head_inputs(model: nn.Module):
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, nn.Module):
         return None
-    return head.register_forward_pre_hook(lambda _module, args: (args[0].contiguous(), *args[1:]) if args else None)
-
-
-def _check_positive(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return head.register_forward_pre_hook(
+        lambda _module, args: (args[0].contiguous(), *args[1:]) if args else None
+    )
 
 
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:

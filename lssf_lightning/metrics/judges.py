@@ -20,6 +20,8 @@ from functools import lru_cache
 
 import torch
 
+from lssf_lightning.validation import check_int
+
 __all__ = [
     "REFUSAL_PHRASES",
     "ClassifierJudge",
@@ -159,10 +161,8 @@ class RefusalPhraseJudge:
         bad = [p for p in phrases if not isinstance(p, str) or not normalize_response(p)]
         if not phrases or bad:
             raise ValueError(f"phrases must be non-empty strings, got {bad or phrases!r}")
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-            raise ValueError(f"window must be a positive number of characters, got {window!r}")
         self.phrases = phrases
-        self.window = window
+        self.window = check_int("window", window)
         self._pattern = _phrase_pattern(phrases)
 
     def is_refusal(self, response: str) -> bool:
@@ -212,11 +212,9 @@ class ClassifierJudge:
 
         if not os.path.isdir(model_path):
             raise FileNotFoundError(f"ClassifierJudge model_path {model_path!r} is not a directory")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.batch_size = check_int("batch_size", batch_size)
         self.model_path = str(model_path)
         self.device = torch.device(device)
-        self.batch_size = batch_size
         self.max_length = max_length
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_path, local_files_only=True)
         self.model = AutoModelForSequenceClassification.from_pretrained(
@@ -278,8 +276,9 @@ def resolve_judge(judge: Judge | str | os.PathLike | None = None) -> Judge:
 
     Args:
         judge: ``None`` or ``"phrases"`` for :class:`RefusalPhraseJudge` with its defaults; the path of an
-            existing directory for :class:`ClassifierJudge` on it (CPU); or any callable
-            ``list[str] -> list[bool]``, returned unchanged.
+            existing directory for :class:`ClassifierJudge` on it (CPU); a dotted import path
+            (``"package.module.function"``, as YAML configs write a callable) for the callable it names (a
+            class: its default instance); or any callable ``list[str] -> list[bool]``, returned unchanged.
 
     Raises:
         ValueError: For any other value, naming it.
@@ -289,9 +288,31 @@ def resolve_judge(judge: Judge | str | os.PathLike | None = None) -> Judge:
     if isinstance(judge, (str, os.PathLike)):
         if os.path.isdir(judge):
             return ClassifierJudge(os.fspath(judge))
+        if isinstance(judge, str) and _DOTTED.fullmatch(judge):
+            return _import_judge(judge)
         raise ValueError(
-            f"judge {os.fspath(judge)!r} is neither 'phrases' nor an existing classifier directory"
+            f"judge {os.fspath(judge)!r} is neither 'phrases', an existing classifier directory nor a dotted "
+            "import path of a callable"
         )
     if callable(judge):
         return judge
     raise ValueError(f"judge must be None, 'phrases', a classifier directory or a callable, got {judge!r}")
+
+
+_DOTTED = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)+")
+
+
+def _import_judge(path: str) -> Judge:
+    """The callable named by the dotted import path ``path`` (``module.attribute``)."""
+    import importlib
+
+    module_name, _, attribute = path.rpartition(".")
+    try:
+        value = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"judge {path!r}: cannot import it ({err})") from None
+    if isinstance(value, type):  # a judge class: its default instance
+        value = value()
+    if not callable(value):
+        raise ValueError(f"judge {path!r} names a {type(value).__name__}, not a callable")  # noqa: TRY004
+    return value

@@ -25,11 +25,12 @@ among :data:`RESPONSE_FIELDS` or the first assistant turn after that user turn.
 from __future__ import annotations
 
 import csv
-import json
 import os
 from importlib import resources
 from pathlib import Path
 from typing import Any
+
+from lssf_lightning.io.schema import FormatError, load_json, not_utf8
 
 __all__ = ["BUNDLED_PROMPT_SETS", "PROMPT_FIELDS", "RESPONSE_FIELDS", "load_prompt_pairs", "load_prompts"]
 
@@ -83,6 +84,8 @@ def _resolve_path(path_or_name: str | os.PathLike) -> Path:
         bundled = resources.files("lssf_lightning.metrics") / "prompts" / BUNDLED_PROMPT_SETS[path_or_name]
         return Path(str(bundled))
     path = Path(path_or_name).expanduser()
+    if path.is_dir():
+        raise IsADirectoryError(21, "is a directory, not a prompt file", str(path))
     if not path.is_file():
         raise FileNotFoundError(
             f"prompt file {str(path)!r} does not exist (bundled sets: {', '.join(BUNDLED_PROMPT_SETS)})"
@@ -95,35 +98,41 @@ def _resolve_path(path_or_name: str | os.PathLike) -> Path:
 
 
 def _read_records(path: Path) -> list[tuple[str, Any]]:
-    """``(location, record)`` for each record of ``path``; the location names the line/row/item for errors."""
+    """``(location, record)`` for each record of ``path``; the location names the line/row/item for errors.
+
+    Text is UTF-8 (a leading byte-order mark, as spreadsheet programs write, is skipped); text that is not,
+    or a malformed CSV row, is a ``ValueError`` naming the file.
+    """
+    try:
+        return _records(path)
+    except UnicodeDecodeError as err:
+        raise FormatError(path, not_utf8(err)) from None
+    except csv.Error as err:
+        raise FormatError(path, f"malformed CSV ({err})") from None
+
+
+def _records(path: Path) -> list[tuple[str, Any]]:
     suffix = path.suffix.lower()
-    with path.open(encoding="utf-8", newline="" if suffix == ".csv" else None) as file:
+    with path.open(encoding="utf-8-sig", newline="" if suffix == ".csv" else None) as file:
         if suffix == ".txt":
             lines = ((n, line.strip()) for n, line in enumerate(file, 1))
             return [(f"line {n}", line) for n, line in lines if line and not line.startswith("#")]
         if suffix == ".jsonl":
             lines = ((n, line) for n, line in enumerate(file, 1) if line.strip())
-            return [(f"line {n}", _json(line, path, f"line {n}")) for n, line in lines]
+            return [(f"line {n}", load_json(path, line, where=f"line {n}")) for n, line in lines]
         if suffix == ".csv":
             return [(f"row {n}", row) for n, row in enumerate(csv.DictReader(file), 2)]
-        data = _json(file.read(), path, "the file")
+        data = load_json(path, file.read(), where="the file")
     if not isinstance(data, list):
-        raise ValueError(f"{str(path)!r} must hold a JSON list of prompts, got a {type(data).__name__}")
+        raise FormatError(path, f"must hold a JSON list of prompts, got a {type(data).__name__}")
     return [(f"item {i}", record) for i, record in enumerate(data)]
-
-
-def _json(text: str, path: Path, where: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{str(path)!r}, {where}: invalid JSON ({err})") from err
 
 
 def _prompt_of(record: Any, path: Path, where: str) -> str:
     if isinstance(record, str) and record.strip():
         return record.strip()
     if not isinstance(record, dict):
-        raise ValueError(f"{str(path)!r}, {where}: expected a prompt string or an object, got {record!r}")
+        raise FormatError(path, f"{where}: expected a prompt string or an object, got {record!r:.60}")
     for field in PROMPT_FIELDS:
         value = record.get(field)
         if isinstance(value, str) and value.strip():
@@ -134,8 +143,9 @@ def _prompt_of(record: Any, path: Path, where: str) -> str:
     user_turn = _first_turn(record.get("messages"), "user")
     if user_turn is not None:
         return user_turn[1]
-    raise ValueError(
-        f"{str(path)!r}, {where}: no prompt field; expected one of {PROMPT_FIELDS} or a chat 'messages' list "
+    raise FormatError(
+        path,
+        f"{where}: no prompt field; expected one of {PROMPT_FIELDS} or a chat 'messages' list "
         f"with a user turn, found fields {sorted(str(key) for key in record)}"
     )
 
@@ -169,5 +179,5 @@ def _first_turn(messages: Any, role: str) -> tuple[int, str] | None:
 
 def _non_empty(items: list, path: Path) -> list:
     if not items:
-        raise ValueError(f"{str(path)!r} contains no prompts")
+        raise FormatError(path, "contains no prompts")
     return items

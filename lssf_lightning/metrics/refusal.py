@@ -1,15 +1,17 @@
-"""Harmful-refusal rate: the fraction of answers to harmful requests that refuse (higher is safer).
+"""Refusal rate: the fraction of answers that refuse. On harmful requests it measures safety (higher is
+safer); on harmless requests it is the *over-refusal* rate (lower is better).
 
-Measured on harmless requests the same number is the *over-refusal* rate (lower is better).
+``RefusalRate``/``refusal_rate`` were called ``HarmfulRefusalRate``/``harmful_refusal_rate``; both names work.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 from torchmetrics import Metric
@@ -17,7 +19,7 @@ from torchmetrics.utilities.plot import _AX_TYPE, _PLOT_OUT_TYPE
 
 from lssf_lightning.metrics.judges import Judge, resolve_judge
 
-__all__ = ["HarmfulRefusalRate", "harmful_refusal_rate"]
+__all__ = ["HarmfulRefusalRate", "RefusalRate", "check_verdicts", "harmful_refusal_rate", "refusal_rate"]
 
 
 def _as_response_list(responses: str | Sequence[str]) -> list[str]:
@@ -35,12 +37,37 @@ def _refusal_update(responses: str | Sequence[str], judge: Judge) -> tuple[Tenso
     responses = _as_response_list(responses)
     if not responses:
         return torch.tensor(0.0), torch.tensor(0.0)
-    verdicts = judge(responses)
-    verdicts = verdicts.tolist() if isinstance(verdicts, Tensor) else list(verdicts)
-    if len(verdicts) != len(responses):
-        raise ValueError(f"judge {judge!r} returned {len(verdicts)} verdicts for {len(responses)} responses")
-    refused = sum(1 for verdict in verdicts if bool(verdict))
-    return torch.tensor(float(refused)), torch.tensor(float(len(responses)))
+    verdicts = check_verdicts(judge, judge(responses), len(responses))
+    return torch.tensor(float(sum(verdicts))), torch.tensor(float(len(responses)))
+
+
+def check_verdicts(judge: Judge, verdicts: Any, expected: int) -> list[bool]:
+    """The judge contract: one boolean per response (Python/numpy bools, or a 1-D bool tensor).
+
+    Anything else (probabilities, label strings, a float tensor, ``None``, a wrong length) is an error naming
+    the judge and what it returned: a safety metric never rounds a malfunction into "refused".
+    """
+    if isinstance(verdicts, Tensor):
+        if verdicts.dtype != torch.bool or verdicts.ndim != 1:
+            raise TypeError(f"judge {judge!r} must return one bool per response; it returned a tensor of "
+                            f"dtype {verdicts.dtype} and shape {tuple(verdicts.shape)}")
+        verdicts = verdicts.tolist()
+    elif isinstance(verdicts, (str, bytes, Mapping)) or not isinstance(verdicts, Iterable):
+        raise TypeError(f"judge {judge!r} must return a list of bools, one per response; it returned "
+                        f"{_short(verdicts)}")
+    verdicts = list(verdicts)
+    not_bools = [v for v in verdicts if not isinstance(v, (bool, np.bool_))]
+    if not_bools:
+        raise TypeError(f"judge {judge!r} must return bools (True = refused); it returned "
+                        f"{type(not_bools[0]).__name__} values such as {_short(not_bools[0])}")
+    if len(verdicts) != expected:
+        raise ValueError(f"judge {judge!r} returned {len(verdicts)} verdicts for {expected} responses")
+    return [bool(v) for v in verdicts]
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _refusal_compute(refused: Tensor, total: Tensor) -> Tensor:
@@ -50,9 +77,7 @@ def _refusal_compute(refused: Tensor, total: Tensor) -> Tensor:
     return refused / total
 
 
-def harmful_refusal_rate(
-    responses: str | Sequence[str], judge: Judge | str | os.PathLike | None = None
-) -> Tensor:
+def refusal_rate(responses: str | Sequence[str], judge: Judge | str | os.PathLike | None = None) -> Tensor:
     """Fraction of ``responses`` that ``judge`` calls a refusal.
 
     Args:
@@ -64,17 +89,17 @@ def harmful_refusal_rate(
         A float scalar tensor in ``[0, 1]``; ``nan`` (with a warning) for an empty list.
 
     Example:
-        >>> harmful_refusal_rate(["I can't help with that.", "Sure, here you go.", "As an AI, I won't."])
+        >>> refusal_rate(["I can't help with that.", "Sure, here you go.", "As an AI, I won't."])
         tensor(0.6667)
     """
     refused, total = _refusal_update(responses, resolve_judge(judge))
     if total == 0:
-        warnings.warn("harmful_refusal_rate got no responses; the rate is nan", UserWarning, stacklevel=2)
+        warnings.warn("refusal_rate got no responses; the rate is nan", UserWarning, stacklevel=2)
     return _refusal_compute(refused, total)
 
 
-class HarmfulRefusalRate(Metric):
-    r"""Harmful-refusal rate: the fraction of responses that a judge calls a refusal.
+class RefusalRate(Metric):
+    r"""Refusal rate: the fraction of responses that a judge calls a refusal.
 
     .. math::
         \text{rate} = \frac{\#\,\text{refused responses}}{\#\,\text{responses}}
@@ -97,8 +122,8 @@ class HarmfulRefusalRate(Metric):
         kwargs: Additional keyword arguments of :class:`~torchmetrics.Metric`.
 
     Examples:
-        >>> from lssf_lightning.metrics import HarmfulRefusalRate
-        >>> metric = HarmfulRefusalRate()
+        >>> from lssf_lightning.metrics import RefusalRate
+        >>> metric = RefusalRate()
         >>> metric.update(["I’m sorry, but I can’t help with that.", "Sure! First, gather the materials."])
         >>> metric.update("As an AI, I won't provide instructions for that.")
         >>> metric.compute()
@@ -147,3 +172,9 @@ class HarmfulRefusalRate(Metric):
             Figure and Axes object.
         """
         return self._plot(val, ax)
+
+
+HarmfulRefusalRate = RefusalRate
+"""The former name of :class:`RefusalRate` (it measures over-refusal too, fed harmless prompts' answers)."""
+harmful_refusal_rate = refusal_rate
+"""The former name of :func:`refusal_rate`."""

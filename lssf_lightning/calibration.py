@@ -3,8 +3,8 @@
 The paper takes the SVD of ``Z = W·X̂`` where ``X̂`` holds the normalised inputs of a layer on harmful prompts
 paired with the aligned model's refusals. Only the left singular vectors and the singular values of ``Z`` are
 needed, and they depend on ``X̂`` only through ``X̂ᵀX̂``: this module keeps, per layer, a small triangular
-factor ``R`` with ``RᵀR = X̂ᵀX̂`` (updated by QR as batches arrive), so ``δ·Rᵀ`` stands in for ``δ·X̂ᵀ`` with at
-most ``min(tokens, d_in)`` columns.
+factor ``R`` with ``RᵀR = X̂ᵀX̂`` (updated by QR as batches arrive), so ``δ·Rᵀ`` stands in for ``δ·X̂ᵀ`` with
+at most ``min(tokens, d_in)`` columns.
 
 Normalisation (our choice, the paper leaves it open): every response token's input vector is scaled to unit
 L2 norm, and the whole set by ``1/√T``. Unit rows stop a few high-norm tokens (attention sinks, the first
@@ -50,10 +50,13 @@ class InputSketch:
         self.tokens += rows.shape[0]
         stacked = rows if self.factor is None else torch.cat([self.factor, rows])
         # Keep at most d_in rows: R of the QR of the stack has the same Gram matrix as the stack.
-        self.factor = stacked if stacked.shape[0] <= stacked.shape[1] else torch.linalg.qr(stacked, mode="r")[1]
+        self.factor = (
+            stacked if stacked.shape[0] <= stacked.shape[1] else torch.linalg.qr(stacked, mode="r")[1]
+        )
 
     def right_factor(self) -> Tensor:
-        """``Rᵀ / √T`` of shape ``(d_in, k)``; ``δ @`` it has the left singular vectors/values of ``δ·X̂ᵀ``."""
+        """``Rᵀ / √T`` of shape ``(d_in, k)``; ``δ @`` it has the left singular vectors/values of
+        ``δ·X̂ᵀ``."""
         if self.factor is None or self.tokens == 0:
             raise ValueError("no calibration tokens reached this layer")
         return self.factor.T / self.tokens**0.5
@@ -62,7 +65,8 @@ class InputSketch:
 def response_token_batches(
     tokenizer, pairs: Sequence[tuple[str, str]], batch_size: int = 8, max_length: int = 256
 ) -> list[dict[str, Tensor]]:
-    """Tokenise (prompt, response) pairs with the chat template; ``response_mask`` marks the response tokens."""
+    """Tokenise (prompt, response) pairs with the chat template; ``response_mask`` marks the response
+    tokens."""
     batches = []
     for start in range(0, len(pairs), batch_size):
         rows, masks = [], []
@@ -138,7 +142,10 @@ def calibration_identity(calibration) -> dict[str, str]:
             raise FileNotFoundError(f"calibration file not found: {path}")
         return {"source": str(path), "hash": hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()}
     items = [i if isinstance(i, str) else list(i) for i in calibration]
-    return {"source": "inline", "hash": hashlib.blake2b(json.dumps(items).encode(), digest_size=16).hexdigest()}
+    return {
+        "source": "inline",
+        "hash": hashlib.blake2b(json.dumps(items).encode(), digest_size=16).hexdigest(),
+    }
 
 
 def calibration_factors(aligned_store, aligned, pairs, calibration, tokenizer, max_tokens, progress):
@@ -169,7 +176,9 @@ def _calibration_model(aligned_store, aligned, tokenizer):
     else:
         directory = getattr(aligned_store, "directory", None)
         if directory is None:
-            raise ValueError("source='activations' needs the aligned model as an nn.Module or a HF model directory")
+            raise ValueError(
+                "source='activations' needs the aligned model as an nn.Module or a HF model directory"
+            )
         from transformers import AutoModelForCausalLM
 
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
@@ -202,8 +211,9 @@ def _calibration_pairs(calibration, model, tokenizer, progress) -> list[tuple[st
     responses = [None if isinstance(i, str) else i[1] for i in items]
     todo = [i for i, r in enumerate(responses) if not r]
     if todo:
-        generated = generate_responses(model, tokenizer, [prompts[i] for i in todo], max_new_tokens=64,
-                                       progress=progress)
+        generated = generate_responses(
+            model, tokenizer, [prompts[i] for i in todo], max_new_tokens=64, progress=progress
+        )
         for i, text in zip(todo, generated):
             responses[i] = text
     return list(zip(prompts, responses))
@@ -217,4 +227,3 @@ def _limit_tokens(batches, max_tokens):
         kept.append(batch)
         total += int(batch["response_mask"].sum())
     return kept
-

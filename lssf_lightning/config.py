@@ -1,0 +1,231 @@
+"""Settings as config objects, validated once (peft's ``LoraConfig`` style).
+
+:class:`SubspaceConfig` holds everything that decides a safety subspace (Eqs. 4–11): it is the one place these
+settings are spelled out. :meth:`SafetySubspace.from_weights`, the builder, the fingerprint, ``realign``, the
+CLI and the callbacks all take it. In a LightningCLI YAML it is a nested block::
+
+    subspace:
+      eta: 0.8
+      max_rank: 64
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any, Literal
+
+from lssf_lightning.validation import (
+    SettingError,
+    check_choice,
+    check_fraction,
+    check_int,
+    check_number_list,
+    check_positive,
+    check_range,
+)
+
+__all__ = [
+    "DEFAULT_ADD",
+    "DEFAULT_ALPHA",
+    "DEFAULT_BETA",
+    "DEFAULT_DROP_RATE",
+    "DEFAULT_INPUT_SHARE",
+    "DEFAULT_SEED",
+    "DEFAULT_THRESHOLD",
+    "MAX_SHARD_BYTES",
+    "AutoAlphaConfig",
+    "SubspaceConfig",
+    "split_legacy",
+]
+
+MAX_SHARD_BYTES = 2 * 2**30
+"""Default size of the shards written by ``realign`` and the exports (2 GiB), for the CLI and Python alike."""
+
+# The realignment methods' scalar settings: their defaults, written once for the planners
+# (lssf_lightning.methods), their registry factories, ``realign_checkpoint`` and ``lssf-lightning realign``.
+DEFAULT_ALPHA = 1.0
+"""LSSF fusion strength ``α`` (Eq. 13)."""
+DEFAULT_BETA = 1.0
+"""RESTA's scale ``β`` of the safety vector."""
+DEFAULT_DROP_RATE = 0.0
+"""RESTA's DARE drop probability (``0`` = no DARE step)."""
+DEFAULT_SEED = 0
+"""DARE's seed."""
+DEFAULT_THRESHOLD = 0.5
+"""SafeLoRA's cosine threshold ``τ``."""
+DEFAULT_ADD = 0.0
+"""The fusion variants' strength ``β`` of the additive term on top (``lssf-reset``, ``lssf-erosion``,
+``lssf-two-sided``)."""
+DEFAULT_INPUT_SHARE = 1.0
+"""``lssf-two-sided``: the share ``ρ`` of the input-side part that is reset."""
+
+Source = Literal["weights", "activations"]
+SVDMethod = Literal["auto", "exact", "randomized", "gram"]
+SOURCES: tuple[str, ...] = ("weights", "activations")
+SVD_METHODS: tuple[str, ...] = ("auto", "exact", "randomized", "gram")
+
+
+def _patterns(name: str, value: str | Sequence[str] | None) -> str | tuple[str, ...] | None:
+    """peft-style module patterns: ``None``, ``"all-linear"``, a full-match regex string, or a list of
+    names."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value != "all-linear":
+            try:
+                re.compile(value)
+            except re.error as err:
+                raise SettingError(f"{name} is not a valid regular expression: {value!r} ({err})") from None
+        return value
+    items = tuple(value)
+    if not items or not all(isinstance(item, str) and item for item in items):
+        raise SettingError(
+            f"{name} must be a regex string or a non-empty list of module names, got {value!r}"
+        )
+    return items
+
+
+_HASHED_ORDER = ("eta", "alpha_1", "source", "max_rank", "target_modules", "exclude_modules")
+
+
+@dataclass(frozen=True)
+class SubspaceConfig:
+    """What decides a safety subspace.
+
+    Args:
+        eta: share ``η`` of the safety singular value entropy each rank keeps, in ``(0, 1]`` (Eq. 7).
+        alpha_1: weight ``α₁`` of the strongest direction in the weighted projector (Eq. 10); ``1`` = plain.
+        source: ``"weights"`` — SVD of ``δ`` (data-free); ``"activations"`` — SVD of ``δ·X̂`` on the layer
+            inputs of ``calibration`` (Eq. 4).
+        calibration: for ``"activations"``: a prompt file (.txt/.jsonl/.csv/.json), a list of prompts or of
+            ``(prompt, response)`` pairs; ``None``: the bundled harmful calibration prompts.
+        target_modules: peft-style selection: module-name suffixes, a full-match regex, or ``"all-linear"``;
+            ``None``: every linear layer of the transformer blocks.
+        exclude_modules: peft-style exclusion, applied after ``target_modules``.
+        max_rank: optional cap on every rank, after the entropy rule.
+        svd_method: ``"auto"`` (fast, certified), ``"exact"``, ``"randomized"`` or ``"gram"``.
+        max_calibration_tokens: stop collecting calibration inputs after this many response tokens.
+    """
+
+    eta: float = 0.9
+    alpha_1: float = 1.0
+    source: Source = "weights"
+    calibration: str | list[str] | None = None
+    target_modules: str | list[str] | None = None
+    exclude_modules: str | list[str] | None = None
+    max_rank: int | None = None
+    svd_method: SVDMethod = "auto"
+    max_calibration_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "eta", check_range("eta", self.eta, 0.0, 1.0, low_open=True))
+        set_(self, "alpha_1", check_positive("alpha_1", self.alpha_1))
+        check_choice("source", self.source, SOURCES)
+        check_choice("svd_method", self.svd_method, SVD_METHODS)
+        set_(self, "target_modules", _patterns("target_modules", self.target_modules))
+        set_(self, "exclude_modules", _patterns("exclude_modules", self.exclude_modules))
+        if self.max_rank is not None:
+            check_int("max_rank", self.max_rank)
+        if self.max_calibration_tokens is not None:
+            check_int("max_calibration_tokens", self.max_calibration_tokens)
+        if isinstance(self.calibration, list):
+            set_(self, "calibration", tuple(tuple(c) if isinstance(c, list) else c for c in self.calibration))
+
+    def replace(self, **changes: Any) -> SubspaceConfig:
+        """A copy with ``changes`` applied (validated again)."""
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready settings (lists, not tuples)."""
+
+        def plain(value):
+            return [plain(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+        return {key: plain(value) for key, value in asdict(self).items()}
+
+    def hashed_settings(self) -> dict[str, Any]:
+        """The settings recorded in a subspace's metadata and hashed into its fingerprint.
+
+        ``svd_method`` is left out (every method certifies the same ranks); so is an unset
+        ``max_calibration_tokens``, which keeps fingerprints of files written before it existed valid.
+        """
+        everything = self.to_dict()
+        # In the order subspace files recorded them before config objects (keeps their headers identical).
+        settings = {key: everything[key] for key in _HASHED_ORDER}
+        if everything["max_calibration_tokens"] is not None:
+            settings["max_calibration_tokens"] = everything["max_calibration_tokens"]
+        calibration = everything["calibration"]
+        if self.source == "activations":
+            from lssf_lightning.calibration import calibration_identity
+
+            settings["calibration"] = calibration_identity(calibration)
+        return settings
+
+    @classmethod
+    def from_metadata(cls, metadata: Mapping[str, Any]) -> SubspaceConfig:
+        """The config recorded in a subspace file's metadata (calibration is only known by its hash there)."""
+        names = {f.name for f in fields(cls)} - {"calibration"}
+        return cls(**{k: v for k, v in metadata.items() if k in names})
+
+
+@dataclass(frozen=True)
+class AutoAlphaConfig:
+    """How ``alpha="auto"`` chooses the fusion strength.
+
+    Args:
+        alphas: the grid, scanned from the smallest value (refusal is not monotone in ``α``).
+        target: the refusal rate to reach on ``prompts``; ``None``: the aligned model's own rate at fit start
+            minus ``tolerance``.
+        tolerance: see ``target``.
+        prompts: harmful prompts for tuning (a path); ``None``: the bundled calibration set, disjoint from the
+            monitor's evaluation prompts.
+        max_perplexity_increase: utility budget: the largest allowed relative perplexity increase over the raw
+            weights on the utility texts (``0.05`` = +5 %); ``None``: no utility constraint.
+    """
+
+    alphas: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0])
+    target: float | None = None
+    tolerance: float = 0.05
+    prompts: str | None = None
+    max_perplexity_increase: float | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "alphas", sorted(check_number_list("alphas", self.alphas)))
+        if self.target is not None:
+            object.__setattr__(self, "target", check_fraction("target", self.target))
+        object.__setattr__(self, "tolerance", check_fraction("tolerance", self.tolerance))
+        if self.max_perplexity_increase is not None:
+            check_range("max_perplexity_increase", self.max_perplexity_increase, 0.0, float("inf"))
+
+
+def split_legacy(
+    config: SubspaceConfig | Mapping[str, Any] | None,
+    legacy: Mapping[str, Any],
+    owner: str,
+    replacement: str = "config=SubspaceConfig(...)",
+) -> SubspaceConfig:
+    """Merge old-style keyword settings (``eta=0.8``) into a :class:`SubspaceConfig`, warning once per name.
+
+    ``config`` may also be a plain mapping (a YAML block). Unknown names raise ``TypeError`` like a normal
+    call.
+    """
+    if isinstance(config, Mapping):
+        config = SubspaceConfig(**config)
+    config = config or SubspaceConfig()
+    if not legacy:
+        return config
+    names = {f.name for f in fields(SubspaceConfig)}
+    unknown = sorted(set(legacy) - names)
+    if unknown:
+        raise TypeError(f"{owner}() got unexpected keyword arguments {unknown}")
+    warnings.warn(
+        f"{owner}({', '.join(f'{k}=' for k in legacy)}) is deprecated and will be removed in the next "
+        f"release; pass {replacement} instead",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return config.replace(**legacy)

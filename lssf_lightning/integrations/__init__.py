@@ -1,0 +1,1 @@
+"""Integrations with other training frameworks: ``hf_trainer`` (transformers / TRL ``Trainer`` callback)."""

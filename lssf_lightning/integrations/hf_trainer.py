@@ -1,0 +1,425 @@
+"""``LSSFTrainerCallback``: LSSF in a ``transformers.Trainer`` or TRL ``SFTTrainer`` run (full or LoRA).
+
+The same core and settings as :class:`~lssf_lightning.LSSFCallback`, composed from
+:mod:`lssf_lightning.training`: the subspace is built (or loaded from ``subspace_cache``) when the Trainer is
+created, from the model's own weights (``aligned=None``) and ``unaligned``; the live weights are never
+changed, so resuming the Trainer from a ``checkpoint-N`` continues from the raw weights exactly; every
+``checkpoint-N`` also gets a realigned, loadable HF model in ``checkpoint-N/realigned/``; each evaluation logs
+the refusal rates of the raw and the realigned model; at the end ``export_dir`` gets the realigned model and
+``export_adapter_dir`` the correction as a peft LoRA adapter (for a LoRA run: ONE adapter holding the task
+LoRA and the correction).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import sys
+import warnings
+import weakref
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from transformers import TrainerCallback
+
+from lssf_lightning import training
+from lssf_lightning.config import AutoAlphaConfig, SubspaceConfig, split_legacy
+from lssf_lightning.io.weights import ModuleStore
+from lssf_lightning.validation import SettingError, check_finite, check_int
+
+__all__ = ["AUTO_STATE_FILE", "LSSFTrainerCallback"]
+
+AUTO_STATE_FILE = "lssf_state.json"
+"""``alpha="auto"``'s state (chosen α, target, curve) written into each ``checkpoint-N``, read on resume."""
+
+_MONITOR_OPTIONS = ("harmful_prompts", "harmless_prompts", "num_prompts", "max_new_tokens", "judge")
+
+
+class LSSFTrainerCallback(TrainerCallback):
+    """Keep a ``transformers``/TRL fine-tune safe with LSSF: realigned checkpoints, refusal logs, exports.
+
+    Example::
+
+        safety = LSSFTrainerCallback(unaligned="org/base-model", alpha=1.0, export_dir="realigned")
+        config = SFTConfig(output_dir="out", eval_strategy="steps")
+        trainer = SFTTrainer(model="org/aligned-model", args=config, train_dataset=train, eval_dataset=val,
+                             callbacks=[safety])
+        trainer.train()  # out/checkpoint-N/realigned/ is the safe model; lssf/* rates reach report_to
+
+    Args:
+        unaligned: the unaligned counterpart of the aligned model (a path or hub ID).
+        aligned: the aligned model; ``None``: the model's own weights when the Trainer is created (before any
+            checkpoint is loaded; pass the callback in ``Trainer(callbacks=[...])``).
+        subspace: the subspace settings (``SubspaceConfig`` or a mapping of its fields).
+        alpha: fusion strength ``α``, or ``"auto"``: the smallest of ``auto_alpha.alphas`` whose realigned
+            model refuses the tuning prompts about as often as the aligned model did (chosen at each
+            evaluation).
+        export_dir: a realigned HF model directory written at the end of training.
+        export_adapter_dir: the correction as a peft LoRA adapter, written at the end of training (a LoRA run
+            gets the combined task + correction adapter, to load on the aligned model).
+        adapter_max_rank: cap the adapter's per-module rank (servers with a maximum LoRA rank).
+        subspace_cache: a subspace file reused when its fingerprint matches (written otherwise).
+        checkpoint_subdir: the realigned model's folder inside each ``checkpoint-N``; ``None``: none written.
+        monitor: ``True``/``False``, or the refusal monitor's settings (``harmful_prompts``,
+            ``harmless_prompts``, ``num_prompts``, ``max_new_tokens``, ``judge``, as in ``RefusalMonitor``).
+        auto_alpha: the ``alpha="auto"`` grid, target, tolerance and prompts.
+        tokenizer: a tokenizer path or ID; default: the Trainer's ``processing_class``, else ``unaligned``'s.
+        verbose: print what happens.
+    """
+
+    def __init__(
+        self,
+        unaligned: str | os.PathLike,
+        aligned: str | os.PathLike | None = None,
+        subspace: SubspaceConfig | Mapping[str, Any] | None = None,
+        alpha: float | Literal["auto"] = 1.0,
+        export_dir: str | os.PathLike | None = None,
+        export_adapter_dir: str | os.PathLike | None = None,
+        adapter_max_rank: int | None = None,
+        subspace_cache: str | os.PathLike | None = None,
+        checkpoint_subdir: str | None = "realigned",
+        monitor: bool | Mapping[str, Any] = True,
+        auto_alpha: AutoAlphaConfig | None = None,
+        tokenizer: str | os.PathLike | None = None,
+        verbose: bool = True,
+    ) -> None:
+        self.subspace_config = split_legacy(subspace, {}, "LSSFTrainerCallback")
+        self.alpha = alpha if alpha == "auto" else check_finite("alpha", alpha)
+        if adapter_max_rank is not None:
+            check_int("adapter_max_rank", adapter_max_rank)
+        if checkpoint_subdir is not None and (
+            not checkpoint_subdir or Path(checkpoint_subdir).name != checkpoint_subdir
+        ):
+            raise SettingError(f"checkpoint_subdir must be a plain folder name, got {checkpoint_subdir!r}")
+        options = dict(monitor) if isinstance(monitor, Mapping) else {}
+        unknown = sorted(set(options) - set(_MONITOR_OPTIONS))
+        if unknown:
+            raise SettingError(f"monitor settings {unknown} are not known; use {list(_MONITOR_OPTIONS)}")
+        self.monitor = bool(monitor)
+        self.num_prompts = check_int("num_prompts", options.get("num_prompts", 16))
+        self.max_new_tokens = check_int("max_new_tokens", options.get("max_new_tokens", 8))
+        self.prompt_files = {
+            "harmful": options.get("harmful_prompts") or "harmful",
+            "harmless": options.get("harmless_prompts") or "harmless",
+        }
+        self.auto = (auto_alpha or AutoAlphaConfig()) if alpha == "auto" else None
+        self.unaligned, self.aligned = unaligned, aligned
+        self.export_dir, self.export_adapter_dir, self.adapter_max_rank = (
+            export_dir,
+            export_adapter_dir,
+            adapter_max_rank,
+        )
+        self.subspace_cache, self.checkpoint_subdir = subspace_cache, checkpoint_subdir
+        self.tokenizer, self.verbose = tokenizer, verbose
+        self.fusion = training.FusionState(target=1.0 if alpha == "auto" else self.alpha)  # applied stays 0
+        self.subspace = None
+        self.auto_target: float | None = self.auto.target if self.auto else None
+        self.alpha_curve: list[dict[str, float]] = []
+        self._judge_name = options.get("judge")
+        self._metric = None
+        self._tokenizer = None
+        self._trainer: weakref.ref | None = None
+        self._device = torch.device("cpu")
+
+    # -- hooks ------------------------------------------------------------------------------------------
+    def on_init_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        """Find the Trainer (for logging) and, with ``aligned=None``, build the subspace from the model as
+        given."""
+        self._trainer = _calling_trainer()
+        _check_supported(args)
+        if self.aligned is None:
+            self._build(args, state, model, processing_class)
+
+    def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
+        """Build the subspace if ``on_init_end`` did not (``aligned`` given, or the callback added later)."""
+        _check_supported(args)
+        if self.auto is not None and state.global_step > 0:
+            self._load_auto_state(Path(args.output_dir) / f"checkpoint-{state.global_step}" / AUTO_STATE_FILE)
+        if self.subspace is not None:
+            return
+        if self.aligned is None and state.global_step > 0:
+            raise training.ResumeError(
+                "LSSFTrainerCallback(aligned=None) reads the aligned weights when the Trainer is created, "
+                "but it was added after (add_callback) and this run resumes from a checkpoint: pass "
+                "`aligned=` the aligned model, or give the callback to `Trainer(callbacks=[...])`."
+            )
+        self._build(args, state, model, processing_class)
+
+    def on_save(self, args, state, control, model=None, processing_class=None, **kwargs):
+        """Write the realigned model into the ``checkpoint-N`` the Trainer just saved (its raw weights
+        untouched), and ``alpha="auto"``'s state beside it (a resume picks it up)."""
+        if self.subspace is None or not state.is_world_process_zero:
+            return
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if not checkpoint.is_dir():
+            warnings.warn(
+                f"LSSFTrainerCallback: no {checkpoint} to write the realigned model into", stacklevel=2
+            )
+            return
+        if self.auto is not None:
+            self._save_auto_state(checkpoint / AUTO_STATE_FILE)
+        if self.checkpoint_subdir is not None:
+            self.export(model, checkpoint / self.checkpoint_subdir, processing_class=processing_class)
+
+    def on_evaluate(self, args, state, control, model=None, metrics=None, processing_class=None, **kwargs):
+        """Choose ``α`` (auto) and log the refusal rates, raw and realigned, into the Trainer's logs."""
+        if self.subspace is None:
+            return
+        tokenizer = self.resolve_tokenizer(processing_class)
+        logs = {}
+        if self.auto is not None:
+            self.fusion.target = self.choose_alpha(model, tokenizer)
+            logs["lssf/alpha"] = self.fusion.target
+        if self.monitor:
+            logs.update({f"lssf/{k}": v for k, v in self.measure(model, tokenizer).items()})
+        if not logs:
+            return
+        if metrics is not None:
+            metrics.update(logs)
+        trainer = self._trainer() if self._trainer is not None else None
+        if trainer is not None:
+            trainer.log(dict(logs))  # reaches report_to's loggers and state.log_history
+        else:
+            state.log_history.append({**logs, "step": state.global_step})
+
+    def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        """Write ``export_dir`` (realigned model) and ``export_adapter_dir`` (the correction as a LoRA
+        adapter)."""
+        if self.subspace is None:
+            return
+        if (
+            self.auto is not None and not self.alpha_curve
+        ):  # every process: the counts are summed (a collective)
+            self.fusion.target = self.choose_alpha(model, self.resolve_tokenizer(processing_class))
+        if not state.is_world_process_zero:
+            return
+        if self.export_dir:
+            self.export(model, self.export_dir, processing_class=processing_class)
+        if self.export_adapter_dir:
+            self.export_adapter(model, self.export_adapter_dir)
+
+    # -- public pieces ----------------------------------------------------------------------------------
+    def export(
+        self,
+        model: nn.Module,
+        directory: str | os.PathLike,
+        alpha: float | None = None,
+        processing_class=None,
+    ) -> Path:
+        """Write ``model``'s live weights + ``α·U'U'ᵀδ`` (default ``α``: the current one) as a HF directory; a
+        peft model is written merged."""
+        alpha = self.fusion.missing if alpha is None else check_finite("alpha", alpha)
+        store = ModuleStore(model)
+        support = training.hf_support_files(model, self.resolve_tokenizer(processing_class, required=False))
+        path = training.export_realigned(
+            store,
+            directory,
+            self.subspace,
+            alpha,
+            names=training.export_names(store.keys()),
+            write_support_files=support,
+            progress=False,
+        )
+        self._info(f"LSSF: wrote the realigned model (alpha={alpha:g}) to {path}")
+        return path
+
+    def export_adapter(self, model: nn.Module, directory: str | os.PathLike, alpha: float | None = None):
+        """Write the correction as a peft LoRA adapter for ``model``'s live weights; for a peft LoRA
+        ``model``, ONE adapter with the task LoRA and the correction, to load on the aligned model."""
+        alpha = self.fusion.missing if alpha is None else check_finite("alpha", alpha)
+        return training.export_adapter(
+            model, self.subspace, directory, alpha, self.adapter_max_rank, info=self._info
+        )
+
+    def measure(self, model: nn.Module, tokenizer) -> dict[str, float]:
+        """Refusal rates on harmful prompts and (over-refusal) harmless ones, raw and realigned; each process
+        answers its share of the prompts and the counts are summed (a collective under DDP)."""
+        from lssf_lightning.metrics import load_prompts
+
+        prompts = {
+            kind: _shard(load_prompts(path)[: self.num_prompts]) for kind, path in self.prompt_files.items()
+        }
+        raw = {kind: self._rate(self._answers(model, tokenizer, p)) for kind, p in prompts.items()}
+        with self.subspace.temporarily_fused(model, self.fusion.missing):
+            fused = {kind: self._rate(self._answers(model, tokenizer, p)) for kind, p in prompts.items()}
+        return {
+            "refusal_rate": raw["harmful"],
+            "refusal_rate_realigned": fused["harmful"],
+            "harmless_refusal_rate": raw["harmless"],
+            "harmless_refusal_rate_realigned": fused["harmless"],
+        }
+
+    def choose_alpha(self, model: nn.Module, tokenizer) -> float:
+        """``alpha="auto"``'s rule (:func:`lssf_lightning.sweep.tune_alpha`) on the live model."""
+        from lssf_lightning.sweep import tune_alpha
+
+        target = self.auto_target if self.auto_target is not None else 1.0 - self.auto.tolerance
+        choice = tune_alpha(
+            model,
+            tokenizer,
+            self.subspace,
+            self.auto.alphas,
+            self._auto_prompts(),
+            target,
+            max_new_tokens=self.max_new_tokens,
+            rate=self._rate,
+        )
+        self.alpha_curve = [{"alpha": p.alpha, "refusal": p.harmful_refusal} for p in choice.curve]
+        if not choice.reached:
+            warnings.warn(
+                f"LSSFTrainerCallback: no alpha in {self.auto.alphas} reaches {target:.0%} refusal on the "
+                f"tuning prompts; using alpha={choice.alpha:g}",
+                stacklevel=2,
+            )
+        return choice.alpha
+
+    def resolve_tokenizer(self, processing_class=None, required: bool = True):
+        """``tokenizer``, else the Trainer's ``processing_class`` (a processor's tokenizer), else
+        ``unaligned``'s."""
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            from lssf_lightning.io.hub import resolve_model
+
+            if self.tokenizer is not None:
+                self._tokenizer = AutoTokenizer.from_pretrained(
+                    resolve_model(self.tokenizer, what="tokenizer", weights=False)
+                )
+            elif processing_class is not None:
+                self._tokenizer = getattr(processing_class, "tokenizer", processing_class)
+            else:
+                directory = resolve_model(self.unaligned, what="tokenizer", weights=False)
+                if directory.is_dir() and any(directory.glob("tokenizer*")):
+                    self._tokenizer = AutoTokenizer.from_pretrained(directory)
+        if self._tokenizer is None and required:
+            raise ValueError(
+                "LSSFTrainerCallback needs a tokenizer: pass `tokenizer=` or the Trainer's "
+                "`processing_class=`"
+            )
+        return self._tokenizer
+
+    # -- helpers ----------------------------------------------------------------------------------------
+    def _build(self, args, state, model, processing_class) -> None:
+        device = next(model.parameters()).device
+        source = self.aligned if self.aligned is not None else model
+        tokenizer = (
+            self.resolve_tokenizer(processing_class) if self.subspace_config.source == "activations" else None
+        )
+        self.subspace = training.load_or_build_subspace(
+            source,
+            self.unaligned,
+            self.subspace_config,
+            cache=self.subspace_cache,
+            write_cache=state.is_world_process_zero,
+            info=self._info,
+            tokenizer=tokenizer,
+            device=device if device.type != "cpu" else None,
+            progress=self.verbose and state.is_world_process_zero,
+        )
+        self._device = device
+        if (
+            self.auto is not None and self.auto_target is None and state.global_step == 0
+        ):  # the aligned weights
+            aligned_rate = self._rate(
+                self._answers(model, self.resolve_tokenizer(processing_class), self._auto_prompts())
+            )
+            self.auto_target = max(aligned_rate - self.auto.tolerance, 0.0)
+
+    def _save_auto_state(self, path: Path) -> None:
+        from lssf_lightning.io.guard import guarded_output
+
+        record = {
+            "alpha": self.fusion.target,
+            "auto_target": self.auto_target,
+            "alpha_curve": self.alpha_curve,
+            "fingerprint": self.subspace.metadata.get("fingerprint"),
+        }
+        with guarded_output(path, overwrite=True, directory=False) as staging:
+            Path(staging).write_text(json.dumps(record, indent=1))
+
+    def _load_auto_state(self, path: Path) -> None:
+        if not path.is_file():
+            return
+        record = json.loads(path.read_text())
+        self.fusion.target = check_finite("alpha", record["alpha"])
+        self.auto_target = record.get("auto_target")
+        self.alpha_curve = list(record.get("alpha_curve") or [])
+
+    def _auto_prompts(self) -> list[str]:
+        from lssf_lightning.metrics import load_prompts
+
+        return _shard(load_prompts(self.auto.prompts or "harmful_calibration"))
+
+    def _answers(self, model: nn.Module, tokenizer, prompts: list[str]) -> list[str]:
+        from lssf_lightning.metrics import generate_responses
+
+        return (
+            generate_responses(model, tokenizer, prompts, max_new_tokens=self.max_new_tokens)
+            if prompts
+            else []
+        )
+
+    def _rate(self, answers: list[str]) -> float:
+        if self._metric is None:
+            from lssf_lightning.metrics.refusal import RefusalRate
+
+            self._metric = RefusalRate(judge=self._judge_name)
+        self._metric = self._metric.to(self._device)  # counts are summed over processes on this device
+        self._metric.reset()
+        self._metric.update(answers)
+        value = float(self._metric.compute())
+        self._metric.reset()
+        return value
+
+    def _info(self, message: str) -> None:
+        if self.verbose and _rank() == 0:
+            print(message, file=sys.stderr)
+
+
+def _rank() -> int:
+    return (
+        torch.distributed.get_rank()
+        if torch.distributed.is_available() and torch.distributed.is_initialized()
+        else 0
+    )
+
+
+def _shard(prompts: list[str]) -> list[str]:
+    """This process's share of ``prompts`` (all of them outside distributed runs)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return prompts
+    return prompts[torch.distributed.get_rank() :: torch.distributed.get_world_size()]
+
+
+def _check_supported(args) -> None:
+    if getattr(args, "fsdp", None) or getattr(args, "deepspeed", None):
+        raise ValueError(
+            "LSSFTrainerCallback supports single-device and DDP runs; under FSDP/DeepSpeed the weights "
+            "are sharded: save the model and run `lssf-lightning realign` on it instead"
+        )
+
+
+def _calling_trainer() -> weakref.ref | None:
+    """The ``transformers.Trainer`` whose ``__init__`` is calling ``on_init_end``, found on the call stack.
+
+    Callbacks get no reference to their Trainer, yet ``Trainer.log`` is the only way into ``report_to``'s
+    loggers (they run before user callbacks, so adding to the metrics in ``on_evaluate`` would not reach them;
+    TRL's own logging callbacks take ``trainer=`` for this). Without it, the rates go into
+    ``state.log_history`` only.
+    """
+    from transformers import Trainer
+
+    frame = inspect.currentframe()
+    frame = frame.f_back if frame is not None else None
+    for _ in range(8):
+        if frame is None:
+            break
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, Trainer):
+            return weakref.ref(candidate)
+        frame = frame.f_back
+    return None

@@ -1,0 +1,162 @@
+"""Hugging Face Hub model IDs: ``org/name`` or ``org/name@revision`` → a local snapshot directory.
+
+Everywhere a model is accepted, a local path that exists wins; otherwise an ID is resolved through
+``huggingface_hub.snapshot_download`` into the usual cache (``HF_HUB_CACHE`` / ``HF_HOME``), offline when
+``HF_HUB_OFFLINE=1``, with the usual token (``HF_TOKEN``, ``hf auth login``). Only what the project reads is
+fetched — top-level safetensors weights, their index, config, generation config and tokenizer files, a peft
+adapter's config — never a pickle. The library reads these variables once, when it is imported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+__all__ = ["HUB_WEIGHT_PATTERNS", "is_hub_id", "parse_hub_id", "resolve_model"]
+
+HUB_WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "adapter_config.json")
+"""Weight files fetched for a model ID (with the config and tokenizer files of
+``io.export.SUPPORT_FILES``)."""
+
+_TOP_LEVEL_ONLY = ("*/*",)  # snapshot_download's ``*`` crosses folders; repos keep variants in sub-folders
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith((".", "/", "~", "\\")) or os.path.isabs(spec)
+
+
+def parse_hub_id(spec: str) -> tuple[str, str | None]:
+    """``"org/name@rev"`` → ``("org/name", "rev")``; ``"org/name"`` → ``("org/name", None)``.
+
+    Raises:
+        ValueError: not of that form (one line, naming the spec).
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    repo_id, at, revision = spec.partition("@")
+    problem = None
+    if at and not revision.strip():
+        problem = "the revision after '@' is empty"
+    elif any(c.isspace() for c in revision):
+        problem = "the revision contains whitespace"
+    elif repo_id.count("/") != 1:
+        problem = "a hub ID has exactly one '/' (org/name)"
+    else:
+        try:
+            validate_repo_id(repo_id)
+        except HFValidationError:
+            problem = "names use letters, digits, '-', '_' and '.', without '--' or '..'"
+    if problem:
+        raise ValueError(f"{spec!r} is not a valid hub model ID (org/name or org/name@revision): {problem}")
+    return repo_id, revision or None
+
+
+def is_hub_id(spec: object) -> bool:
+    """True for a string meant as a hub ID: not an existing path, and ``org/name`` or ``…@revision``
+    shaped."""
+    if not isinstance(spec, str) or _looks_like_path(spec) or Path(spec).expanduser().exists():
+        return False
+    repo_id = spec.partition("@")[0]
+    return "@" in spec or repo_id.count("/") == 1
+
+
+def resolve_model(spec: str | os.PathLike, *, what: str = "model", weights: bool = True) -> Path:
+    """The local directory for ``spec``: an existing local path, else the snapshot of a hub model ID.
+
+    Args:
+        spec: a local path, ``org/name`` or ``org/name@revision`` (a branch, tag or commit).
+        what: what the model is, for error messages (``"aligned"``, ``"tokenizer"``…).
+        weights: also fetch and require safetensors weights; ``False`` fetches config and tokenizer files
+            only.
+
+    Returns:
+        ``Path(spec)`` for anything that is not a hub ID (a missing local path is left to the caller's own
+        "not found" error), else the snapshot directory in the Hugging Face cache.
+
+    Raises:
+        FileNotFoundError: offline and not in the cache, or no such repo / revision on the hub.
+        PermissionError: a gated or private repo without a token that has access.
+        ValueError: a malformed ID, or a repo that holds only pickled weights.
+    """
+    if not is_hub_id(spec):
+        return Path(spec).expanduser()
+    repo_id, revision = parse_hub_id(str(spec))
+    directory = _snapshot(repo_id, revision, what, weights)
+    if weights:
+        _require_safetensors(directory, repo_id, revision, what)
+    return directory
+
+
+def _snapshot(repo_id: str, revision: str | None, what: str, weights: bool) -> Path:
+    from huggingface_hub import constants, get_token, snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        IncompleteSnapshotError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    from lssf_lightning.io.export import SUPPORT_FILES
+
+    label = f"{what} {repo_id}" + (f"@{revision}" if revision else "")
+    patterns = [*(HUB_WEIGHT_PATTERNS if weights else ()), *SUPPORT_FILES]
+    try:
+        return Path(
+            snapshot_download(
+                repo_id, revision=revision, allow_patterns=patterns, ignore_patterns=list(_TOP_LEVEL_ONLY)
+            )
+        )
+    except GatedRepoError:
+        token = "your token has not been granted access" if get_token() else "no token is set"
+        raise PermissionError(
+            f"{label}: gated repo and {token}; accept its conditions at https://huggingface.co/{repo_id} and "
+            "set HF_TOKEN (or run `hf auth login`)"
+        ) from None
+    except RevisionNotFoundError:
+        raise FileNotFoundError(f"{label}: the hub has no revision {revision!r} of {repo_id}") from None
+    except RepositoryNotFoundError:
+        raise FileNotFoundError(
+            f"{label}: no such model on the hub (a private repo needs HF_TOKEN or `hf auth login`), "
+            "and no such local path"
+        ) from None
+    except LocalEntryNotFoundError as err:
+        if isinstance(err, IncompleteSnapshotError):
+            reason = "its snapshot in the Hugging Face cache is incomplete"
+        elif constants.is_offline_mode():
+            reason = (
+                f"no such local path, and not in the Hugging Face cache ({constants.HF_HUB_CACHE}) "
+                "with HF_HUB_OFFLINE=1"
+            )
+        else:
+            reason = "no such local path, not in the Hugging Face cache, and the hub could not be reached"
+        raise FileNotFoundError(
+            f"{label}: {reason}; download it first, e.g. `hf download {repo_id}"
+            + (f" --revision {revision}" if revision else "")
+            + "`"
+        ) from None
+
+
+def _require_safetensors(directory: Path, repo_id: str, revision: str | None, what: str) -> None:
+    """Refuse a snapshot without top-level safetensors, naming the pickles the repo holds instead."""
+    if any(directory.glob("*.safetensors")):
+        return
+    from huggingface_hub import get_cached_repo_tree
+    from huggingface_hub.errors import CachedRepoTreeNotFoundError
+
+    from lssf_lightning.io.weights import _PICKLE_SUFFIXES
+
+    files = [p.name for p in directory.iterdir()]
+    # The repo's full listing, cached by an online snapshot_download; without one the folder decides.
+    with contextlib.suppress(CachedRepoTreeNotFoundError, OSError, ValueError):
+        files += [f.path for f in get_cached_repo_tree(repo_id, revision=revision)]
+    pickles = sorted({f for f in files if f.endswith(_PICKLE_SUFFIXES) and "/" not in f})
+    label = f"{what} {repo_id}" + (f"@{revision}" if revision else "")
+    if pickles:
+        raise ValueError(
+            f"{label} has only pickled weights ({', '.join(pickles[:3])}); lssf_lightning reads safetensors "
+            "only (pickles can run code): use a revision with safetensors, or convert it yourself with "
+            "`save_pretrained(dir, safe_serialization=True)` and pass the directory"
+        )
+    raise FileNotFoundError(f"{label}: no *.safetensors weights in its snapshot {directory}")

@@ -1,0 +1,134 @@
+"""LSSF as a planner: ``W ← W + α·U'(U'ᵀδ)`` (Eq. 13) on every weight of a safety subspace.
+
+The factors come from a built :class:`~lssf_lightning.subspace.SafetySubspace` (or its file), or from a
+:class:`~lssf_lightning.subspace.SubspaceBuilder` that builds each entry just when its weight is edited and
+drops it after, so a streamed realignment never holds the factors of the whole model.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from lssf_lightning.config import DEFAULT_ALPHA, SubspaceConfig
+from lssf_lightning.io.names import KeyMatcher
+from lssf_lightning.io.weights import WeightsLike, WeightStore
+from lssf_lightning.methods.base import Edit
+from lssf_lightning.subspace import (
+    SafetySubspace,
+    SubspaceBuilder,
+    SubspaceEntry,
+    check_correspondence,
+    target_keys,
+)
+from lssf_lightning.validation import check_finite
+
+__all__ = ["LSSF"]
+
+
+class LSSF:
+    """The LSSF fusion as a planner.
+
+    Args:
+        subspace: a :class:`SafetySubspace`, the path of a saved one, or a :class:`SubspaceBuilder`.
+        alpha: the fusion strength ``α`` (``0`` = no change).
+        allow_partial: edit the weights the target and the subspace have in common (a warning gives the
+            counts) instead of refusing a target whose targeted weights do not correspond.
+    """
+
+    def __init__(
+        self,
+        subspace: SafetySubspace | SubspaceBuilder | str | os.PathLike,
+        alpha: float = DEFAULT_ALPHA,
+        *,
+        allow_partial: bool = False,
+    ) -> None:
+        self.alpha = check_finite("alpha", alpha)
+        if isinstance(subspace, (str, os.PathLike)):
+            subspace = SafetySubspace.load(subspace)
+        if not isinstance(subspace, (SafetySubspace, SubspaceBuilder)):
+            raise TypeError(
+                f"subspace must be a SafetySubspace, its file or a SubspaceBuilder, got "
+                f"{type(subspace).__name__}"
+            )
+        self.subspace = subspace
+        self.allow_partial = allow_partial
+
+    @classmethod
+    def from_pair(
+        cls,
+        aligned: WeightsLike,
+        unaligned: WeightsLike,
+        config: SubspaceConfig | Mapping[str, Any] | None = None,
+        alpha: float = DEFAULT_ALPHA,
+        *,
+        allow_partial: bool = False,
+        **builder_options: Any,
+    ) -> LSSF:
+        """LSSF whose entries are built lazily from ``aligned``/``unaligned`` (see
+        :class:`SubspaceBuilder`)."""
+        alpha = check_finite("alpha", alpha)  # before the builder opens any file
+        builder = SubspaceBuilder(aligned, unaligned, config, allow_partial=allow_partial, **builder_options)
+        return cls(builder, alpha, allow_partial=allow_partial)
+
+    @property
+    def names(self) -> list[str]:
+        """The subspace's matrices."""
+        return self.subspace.names if isinstance(self.subspace, SubspaceBuilder) else self.subspace.keys()
+
+    def _entry(self, name: str) -> SubspaceEntry:
+        if isinstance(self.subspace, SubspaceBuilder):
+            return self.subspace.build(name)
+        return self.subspace[name]
+
+    def _shapes(self) -> dict[str, tuple[int, ...]]:
+        if isinstance(self.subspace, SubspaceBuilder):
+            return {n: tuple(self.subspace.aligned.shape(k)) for n, (k, _) in self.subspace.pairs.items()}
+        return {n: e.shape for n, e in self.subspace.entries.items()}
+
+    def plan(self, target: WeightStore) -> dict[str, Edit]:
+        """``{key of target: W ↦ W + α·U'U'ᵀδ}``, after checking that target and subspace correspond.
+
+        Every subspace matrix needs a weight in ``target``, and every weight of ``target`` that the
+        subspace's selection (its recorded ``target_modules`` / ``exclude_modules``) targets needs a subspace
+        matrix, unless ``allow_partial``.
+        """
+        names = self.names
+        two_d = [k for k in target if len(target.shape(k)) == 2]
+        matched = KeyMatcher(names).match_all(two_d)
+        selection = self.subspace.config  # None for a subspace without recorded settings: one direction only
+        targeted = (
+            list(matched)
+            if selection is None
+            else target_keys(
+                target, selection.target_modules, selection.exclude_modules, known_linear=matched
+            )
+        )
+        check_correspondence(
+            targeted,
+            names,
+            target.location,
+            "the safety subspace",
+            allow_partial=self.allow_partial,
+            pool=two_d,
+        )
+        shapes = self._shapes()
+        bad = [
+            f"{k}: {tuple(target.shape(k))} vs {shapes[n]}"
+            for k, n in matched.items()
+            if tuple(target.shape(k)) != shapes[n]
+        ]
+        if bad:
+            raise ValueError(
+                f"weights of {target.location} do not have the subspace's shapes, e.g. {bad[:3]}"
+            )
+        return {key: self._edit(name) for key, name in matched.items()}
+
+    def _edit(self, name: str) -> Edit:
+        return lambda weight: self._entry(name).fuse(weight, self.alpha, name)
+
+    def summary(self) -> dict[str, Any]:
+        """``α`` and the mean rank of the entries used (a builder's fill in as they are built)."""
+        ranks = self.subspace.ranks
+        return {"alpha": self.alpha, "mean_rank": round(sum(ranks.values()) / max(len(ranks), 1), 1)}

@@ -1,0 +1,261 @@
+"""The reset and erosion fusion forms as planners (the math: :mod:`lssf_lightning.core.variants`).
+
+Both edit the same weights as :class:`~lssf_lightning.methods.lssf.LSSF` with the same safety subspace, and
+need the unaligned weights besides (for ``U'ᵀW_aligned = U'ᵀW_unaligned + U'ᵀδ``; nothing dense is stored):
+
+* :class:`LSSFReset` — ``W − α·P'(W − W_aligned) + β·P'δ``: the safety subspace back to the aligned state.
+* :class:`LSSFErosion` — undo only the part of the task update inside the subspace that opposes ``δ``.
+* :class:`LSSFTwoSided` — the reset on both sides: also the part of the task update that reads the subspace's
+  inputs (needs the aligned weights instead).
+
+Registered for ``realign_checkpoint(method=...)`` / ``lssf-lightning realign --method`` as ``"lssf-reset"``
+and ``"lssf-erosion"`` (options ``alpha`` and ``add``) and ``"lssf-two-sided"`` (``alpha``, ``input_share``,
+``add``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from torch import Tensor
+
+from lssf_lightning.config import DEFAULT_ADD, DEFAULT_ALPHA, DEFAULT_INPUT_SHARE, SubspaceConfig
+from lssf_lightning.core.basis import add_correction
+from lssf_lightning.core.variants import two_sided_reset_factors, variant_factors
+from lssf_lightning.io.names import KeyMatcher
+from lssf_lightning.io.weights import WeightsLike, WeightStore, open_weights
+from lssf_lightning.methods import register_method
+from lssf_lightning.methods.base import Edit
+from lssf_lightning.methods.lssf import LSSF
+from lssf_lightning.subspace import SafetySubspace, SubspaceBuilder, SubspaceEntry
+from lssf_lightning.validation import SettingError, check_finite
+
+__all__ = ["LSSFErosion", "LSSFReset", "LSSFTwoSided"]
+
+class _ReferenceFusion(LSSF):
+    """An LSSF-subspace fusion form whose correction of each matrix also reads that matrix in one model of the
+    pair (:attr:`reference`: ``"unaligned"`` or ``"aligned"``); the form itself is :meth:`_factors`."""
+
+    form = "additive"
+    method = "lssf"
+    reference = "unaligned"
+    # The factory's option names, in the order the constructor takes them after the reference weights.
+    options: tuple[str, ...] = ("alpha", "add")
+
+    def _open_reference(self, weights: WeightsLike | None, title: str) -> WeightStore:
+        """``weights`` (default: the builder's of the pair); ``title`` names the form in the error."""
+        if weights is None and isinstance(self.subspace, SubspaceBuilder):
+            store = getattr(self.subspace, self.reference)
+        elif weights is None:
+            raise ValueError(f"{title} needs the {self.reference} weights ({self.reference}=...)")
+        else:
+            store = open_weights(weights, name=self.reference)
+        self._reference_keys = KeyMatcher(store.keys())
+        return store
+
+    def _reference_weight(self, name: str) -> Tensor:
+        store = getattr(self, self.reference)
+        if isinstance(self.subspace, SubspaceBuilder) and store is getattr(self.subspace, self.reference):
+            aligned_key, unaligned_key = self.subspace.pairs[name]
+            return store.get(aligned_key if self.reference == "aligned" else unaligned_key)
+        key = self._reference_keys.match(name)
+        if key is None:
+            raise ValueError(f"{name} has no counterpart in the {self.reference} weights {store.location}")
+        return store.get(key)
+
+    def _factors(self, entry: SubspaceEntry, weight: Tensor, reference: Tensor) -> tuple[Tensor, Tensor]:
+        """``(L, R)`` of the correction ``W ← W + L·R`` (output-major ``weight`` and ``reference``)."""
+        raise NotImplementedError
+
+    def _edit(self, name: str) -> Edit:
+        def edit(weight: Tensor) -> Tensor:
+            entry = self._entry(name)
+            if tuple(weight.shape) != entry.shape:
+                raise ValueError(
+                    f"{name}: weight of shape {tuple(weight.shape)} does not match the subspace's "
+                    f"{entry.shape}"
+                )
+            if entry.rank == 0:
+                return weight.detach().clone()
+            reference = self._reference_weight(name)
+            if entry.conv1d:
+                weight_out, reference = weight.detach().T, reference.T
+            else:
+                weight_out = weight.detach()
+            left, right = self._factors(entry, weight_out, reference)
+            product = left @ right
+            return add_correction(weight.detach(), product.T if entry.conv1d else product)
+
+        return edit
+
+
+class _VariantFusion(_ReferenceFusion):
+    """A fusion form of :func:`lssf_lightning.core.variants.variant_factors` over an LSSF safety subspace."""
+
+    def __init__(
+        self,
+        subspace: SafetySubspace | SubspaceBuilder | str | os.PathLike,
+        unaligned: WeightsLike | None = None,
+        alpha: float = DEFAULT_ALPHA,
+        add: float = DEFAULT_ADD,
+        *,
+        allow_partial: bool = False,
+    ) -> None:
+        super().__init__(subspace, alpha, allow_partial=allow_partial)
+        self.add = check_finite("add", add)
+        self.unaligned = self._open_reference(unaligned, f"the {self.form} fusion")
+
+    @classmethod
+    def from_pair(
+        cls,
+        aligned: WeightsLike,
+        unaligned: WeightsLike,
+        config: SubspaceConfig | Mapping[str, Any] | None = None,
+        alpha: float = DEFAULT_ALPHA,
+        add: float = DEFAULT_ADD,
+        *,
+        allow_partial: bool = False,
+        **builder_options: Any,
+    ) -> _VariantFusion:
+        """The form over entries built lazily from ``aligned``/``unaligned`` (see
+        :class:`SubspaceBuilder`)."""
+        alpha, add = check_finite("alpha", alpha), check_finite("add", add)
+        builder = SubspaceBuilder(aligned, unaligned, config, allow_partial=allow_partial, **builder_options)
+        return cls(builder, None, alpha, add, allow_partial=allow_partial)
+
+    def _factors(self, entry: SubspaceEntry, weight: Tensor, reference: Tensor) -> tuple[Tensor, Tensor]:
+        """:func:`~lssf_lightning.core.variants.variant_factors` of :attr:`form`."""
+        return variant_factors(self.form, entry.left, entry.right, weight, reference, self.alpha, self.add)
+
+    def summary(self) -> dict[str, Any]:
+        """The form, ``α``, ``β`` and the mean rank of the entries used."""
+        return {"form": self.form, **super().summary(), "add": self.add}
+
+
+class LSSFReset(_VariantFusion):
+    """Reset fusion: ``W ← W − α·P'(W − W_aligned) + β·P'δ`` on every weight of a safety subspace.
+
+    ``α = 1`` puts the safety subspace back to the aligned model's state instead of adding ``δ`` a second
+    time as the paper's form does (``W`` already holds it); ``β`` (``add``) adds part of the additive term.
+
+    Args:
+        subspace: a :class:`SafetySubspace`, its file, or a :class:`SubspaceBuilder`.
+        unaligned: the unaligned weights (module, mapping or path); default: the builder's.
+        alpha: reset strength ``α``.
+        add: additive strength ``β`` on top.
+        allow_partial: as for :class:`~lssf_lightning.methods.lssf.LSSF`.
+    """
+
+    form = "reset"
+    method = "lssf-reset"
+
+
+class LSSFErosion(_VariantFusion):
+    """Erosion fusion: undo, per safety direction, the part of the task update that opposes ``δ``.
+
+    ``W ← W − α·Σ_i c_i·u'_i (u'_iᵀδ) + β·P'δ`` with ``c_i = min(⟨u'_iᵀΔ, u'_iᵀδ⟩, 0) / ‖u'_iᵀδ‖²`` and
+    ``Δ = W − W_aligned`` (see :mod:`lssf_lightning.core.variants`). Arguments as for :class:`LSSFReset`.
+    """
+
+    form = "erosion"
+    method = "lssf-erosion"
+
+
+class LSSFTwoSided(_ReferenceFusion):
+    """Two-sided reset: ``W ← W − α·[P'Δ + ρ·(I − P')Δ·QQᵀ] + β·P'δ`` (``Δ = W − W_aligned``, ``Q`` the inputs
+    the safety directions read; see :func:`lssf_lightning.core.variants.two_sided_reset_factors`).
+
+    Besides the output side (as :class:`LSSFReset`), it resets the part of the task update that reads the
+    safety subspace's inputs. Needs the aligned weights.
+
+    Args:
+        subspace: a :class:`SafetySubspace`, its file, or a :class:`SubspaceBuilder`.
+        aligned: the aligned weights (module, mapping or path); default: the builder's.
+        alpha: reset strength ``α``.
+        input_share: ``ρ``, how much of the input-side part is reset.
+        add: additive strength ``β`` on top.
+        allow_partial: as for :class:`~lssf_lightning.methods.lssf.LSSF`.
+    """
+
+    form = "two_sided"
+    method = "lssf-two-sided"
+    reference = "aligned"
+    options = ("alpha", "input_share", "add")
+
+    def __init__(
+        self,
+        subspace: SafetySubspace | SubspaceBuilder | str | os.PathLike,
+        aligned: WeightsLike | None = None,
+        alpha: float = DEFAULT_ALPHA,
+        input_share: float = DEFAULT_INPUT_SHARE,
+        add: float = DEFAULT_ADD,
+        *,
+        allow_partial: bool = False,
+    ) -> None:
+        super().__init__(subspace, alpha, allow_partial=allow_partial)
+        self.input_share, self.add = check_finite("input_share", input_share), check_finite("add", add)
+        self.aligned = self._open_reference(aligned, "the two-sided reset")
+
+    @classmethod
+    def from_pair(
+        cls,
+        aligned: WeightsLike,
+        unaligned: WeightsLike,
+        config: SubspaceConfig | Mapping[str, Any] | None = None,
+        alpha: float = DEFAULT_ALPHA,
+        input_share: float = DEFAULT_INPUT_SHARE,
+        add: float = DEFAULT_ADD,
+        *,
+        allow_partial: bool = False,
+        **builder_options: Any,
+    ) -> LSSFTwoSided:
+        """The form over entries built lazily from ``aligned``/``unaligned`` (see
+        :class:`SubspaceBuilder`)."""
+        alpha = check_finite("alpha", alpha)
+        builder = SubspaceBuilder(aligned, unaligned, config, allow_partial=allow_partial, **builder_options)
+        return cls(builder, None, alpha, input_share, add, allow_partial=allow_partial)
+
+    def _factors(self, entry: SubspaceEntry, weight: Tensor, reference: Tensor) -> tuple[Tensor, Tensor]:
+        """:func:`~lssf_lightning.core.variants.two_sided_reset_factors` (``reference``: ``W_aligned``)."""
+        return two_sided_reset_factors(
+            entry.left, entry.right, weight, reference, self.alpha, self.input_share, self.add
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """The form, ``α``, ``ρ``, ``β`` and the mean rank of the entries used."""
+        return {"form": self.form, **super().summary(), "input_share": self.input_share, "add": self.add}
+
+
+_OPTION_DEFAULTS = {"alpha": DEFAULT_ALPHA, "add": DEFAULT_ADD, "input_share": DEFAULT_INPUT_SHARE}
+
+
+def _factory(planner: type[_ReferenceFusion]):
+    """The registry factory of ``planner``: from a precomputed subspace and its reference weights, or lazily
+    from the pair; the options (:attr:`~_ReferenceFusion.options`) from ``inputs.options``."""
+
+    def factory(inputs) -> _ReferenceFusion:
+        values = [inputs.options.get(name, _OPTION_DEFAULTS[name]) for name in planner.options]
+        flag = f"--{planner.reference}"
+        if inputs.subspace is not None:
+            reference = getattr(inputs, planner.reference)
+            if reference is None:
+                raise SettingError(f"method {planner.method!r} needs {flag} besides the subspace")
+            return planner(inputs.subspace, reference, *values, allow_partial=inputs.allow_partial)
+        inputs.require_pair(planner.method, f" (or a precomputed --subspace and {flag})")
+        return planner.from_pair(
+            inputs.aligned,
+            inputs.unaligned,
+            inputs.config,
+            *values,
+            allow_partial=inputs.allow_partial,
+            progress=inputs.progress,
+        )
+
+    return factory
+
+
+register_method(LSSFReset.method)(_factory(LSSFReset))
+register_method(LSSFErosion.method)(_factory(LSSFErosion))
+register_method(LSSFTwoSided.method)(_factory(LSSFTwoSided))

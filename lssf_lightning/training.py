@@ -1,0 +1,477 @@
+"""Training-time LSSF state shared by the Lightning and the transformers callbacks (no Lightning import).
+
+The pieces a callback composes, each a small function over tensors or a tiny state object:
+
+- :func:`load_or_build_subspace`: the run's :class:`SafetySubspace`, from a cache file when its fingerprint
+  matches the inputs, else built (and cached).
+- :class:`FusionState`: how much of the fusion strength ``α`` the live weights already carry, so repeated
+  applications never stack (each adds only ``target − applied``).
+- :func:`fuse_checkpoint`: fuse ``α·U'(U'ᵀδ)`` into a checkpoint's state dict (new tensors: the live weights
+  stay raw) and record the raw fix-ups that make a resume exact; :func:`restore_raw` undoes it on resume.
+- :func:`realign_in_place`: live realignment; :func:`export_realigned`: a realigned HF model directory through
+  :func:`~lssf_lightning.io.export.write_model_directory`; :func:`export_adapter`: the correction as a peft
+  LoRA adapter.
+
+Every function takes ``{key: tensor}`` mappings and a ``{key: subspace name}`` match, so a sharded caller can
+pass local shards (see :mod:`lssf_lightning.distributed`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lssf_lightning import distributed
+from lssf_lightning.config import SubspaceConfig
+from lssf_lightning.core.basis import add_correction
+from lssf_lightning.core.checks import all_finite
+from lssf_lightning.io.export import write_model_directory
+from lssf_lightning.io.names import canonical_key, is_adapter_key
+from lssf_lightning.subspace import SafetySubspace
+from lssf_lightning.validation import SettingError, check_finite, check_int, check_range
+
+__all__ = [
+    "APPLY_ON",
+    "CHECKPOINT_INFO_KEY",
+    "RAW_FIXUPS_KEY",
+    "FusionState",
+    "ResumeError",
+    "apply_fixup",
+    "build_subspace",
+    "check_alpha",
+    "check_apply_epochs",
+    "checkpoint_info",
+    "checkpoint_subspace",
+    "disk_backed",
+    "export_adapter",
+    "export_names",
+    "export_realigned",
+    "fingerprint",
+    "fuse_checkpoint",
+    "hf_support_files",
+    "load_or_build_subspace",
+    "make_fixup",
+    "matched_keys",
+    "named_tensors",
+    "read_cache",
+    "realign_in_place",
+    "recover_subspace",
+    "resolve_epochs",
+    "restore_raw",
+]
+
+RAW_FIXUPS_KEY = "lssf_raw_fixups"
+"""Checkpoint key of the raw-weight fix-ups (``{state-dict key: {"index", "value", "checksum"}}``)."""
+CHECKPOINT_INFO_KEY = "lssf"
+"""Checkpoint key of what was fused: ``alpha_added``, ``applied_alpha``, ``fingerprint``, ``subspace``."""
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint cannot be resumed exactly (the message says what changed and what to do)."""
+
+
+# -- the subspace ------------------------------------------------------------------------------------------
+def build_subspace(aligned, unaligned, config: SubspaceConfig, **options: Any) -> SafetySubspace:
+    """:meth:`SafetySubspace.from_weights` with ``config`` (``options``: tokenizer, device, progress).
+
+    Under ``torch.distributed`` (every rank calling) the ranks share the SVDs and exchange the factors: the
+    same subspace, bit for bit, in about 1/world of the time
+    (:func:`distributed.build_subspace_across_ranks`).
+    """
+    if distributed.world_size() > 1:
+        return distributed.build_subspace_across_ranks(aligned, unaligned, config, **options)
+    return SafetySubspace.from_weights(aligned, unaligned, config=config, **options)
+
+
+def fingerprint(aligned, unaligned, config: SubspaceConfig) -> str:
+    """The content hash a build of ``config`` on these inputs would record (reads the weights, no SVD)."""
+    return SafetySubspace.fingerprint(aligned, unaligned, config=config)
+
+
+def read_cache(cache: str | os.PathLike | None) -> SafetySubspace | None:
+    """The subspace saved in ``cache``, or ``None`` when there is no such file."""
+    path = Path(cache).expanduser() if cache else None
+    return SafetySubspace.load(path) if path is not None and path.is_file() else None
+
+
+def disk_backed(subspace: SafetySubspace, cache: str | os.PathLike | None, world_size: int) -> SafetySubspace:
+    """``subspace`` over its factors in the file ``cache`` when several processes train: each rank then keeps
+    at most 64 MiB of factors plus the entry (or the shard's block) in hand
+    (:class:`~lssf_lightning.io.lazy_factors.LazyFactors`) instead of all of them. ``subspace`` itself for one
+    process, without a cache file, or when the file is not this subspace (other fingerprint: e.g. a cache
+    path local to each node of a multi-node run, where rank 0 wrote only its own)."""
+    path = Path(cache).expanduser() if cache else None
+    if world_size <= 1 or path is None or not path.is_file():
+        return subspace
+    from lssf_lightning.io.lazy_factors import LazyFactors
+
+    factors = LazyFactors(path)
+    if factors.metadata.get("fingerprint") != subspace.metadata.get("fingerprint"):
+        return subspace
+    return SafetySubspace(factors, subspace.metadata)
+
+
+def load_or_build_subspace(
+    aligned,
+    unaligned,
+    config: SubspaceConfig,
+    *,
+    cache: str | os.PathLike | None = None,
+    cached: SafetySubspace | None = None,
+    write_cache: bool = True,
+    info: Callable[[str], None] = lambda message: None,
+    **options: Any,
+) -> SafetySubspace:
+    """The subspace of ``aligned − unaligned``: the one in ``cache`` (or ``cached``, already read from it)
+    when its fingerprint matches, else built (and written to ``cache`` when ``write_cache``, e.g. on rank 0
+    only)."""
+    cached = cached if cached is not None else read_cache(cache)
+    if cached is not None:
+        if cached.metadata.get("fingerprint") == fingerprint(aligned, unaligned, config):
+            info(f"LSSF: loaded the safety subspace from {cache} ({cached})")
+            return cached
+        warnings.warn(f"LSSF: {cache} was built from other weights or settings; rebuilding it.", stacklevel=2)
+    subspace = build_subspace(aligned, unaligned, config, **options)
+    info(f"LSSF: built {subspace}")
+    if cache is not None and write_cache:
+        subspace.save(Path(cache).expanduser(), overwrite=True, inputs=[aligned, unaligned])
+    return subspace
+
+
+def matched_keys(subspace: SafetySubspace, keys) -> dict[str, str]:
+    """``{state-dict key: subspace name}`` for the non-adapter keys naming a subspace matrix."""
+    return subspace.match([k for k in keys if not is_adapter_key(k)])
+
+
+# -- fusion strength bookkeeping ---------------------------------------------------------------------------
+def check_alpha(alpha: Any, allow_auto: bool = False) -> float | str:
+    """``alpha`` as a finite float (or ``"auto"`` when ``allow_auto``); the message names both forms."""
+    if allow_auto and alpha == "auto":
+        return alpha
+    try:
+        return check_finite("alpha", alpha)
+    except SettingError:
+        either = " or 'auto'" if allow_auto else ""
+        raise SettingError(f"alpha must be a finite number{either}, got {alpha!r}") from None
+
+
+@dataclass
+class FusionState:
+    """Fusion strength: ``target`` (what a realigned model carries) and ``applied`` (what the live weights
+    already carry). Applications add only ``missing = target − applied``, so they never stack."""
+
+    target: float = 1.0
+    applied: float = 0.0
+
+    @property
+    def missing(self) -> float:
+        """What a checkpoint, an export or the monitor's realigned pass still has to add."""
+        return self.target - self.applied
+
+
+# -- checkpoints -------------------------------------------------------------------------------------------
+def fuse_checkpoint(
+    state: MutableMapping[str, Tensor],
+    subspace: SafetySubspace,
+    alpha: float,
+    *,
+    keep_fixups: bool = True,
+    matched: Mapping[str, str] | None = None,
+) -> dict[str, dict[str, Any]] | None:
+    """Replace each matched tensor of ``state`` by ``W + α·U'U'ᵀδ`` (a new tensor: the caller's live weights,
+    which ``state`` references, stay raw). Returns the raw fix-ups (see :func:`make_fixup`) when
+    ``keep_fixups``, else ``None``.
+
+    DTensor values (a sharded state dict under FSDP2, every rank calling): each rank fuses its own shards and
+    the fix-ups of all ranks are gathered to rank 0 (a collective), which gets them as one record; others get
+    ``None``.
+    """
+    matched = matched if matched is not None else matched_keys(subspace, state.keys())
+    if any(distributed.is_dtensor(state[k]) for k in matched):
+        fixups = distributed.fuse_state_shards(state, subspace, alpha, matched=matched,
+                                               keep_fixups=keep_fixups)
+        return distributed.gather_fixups(fixups) if keep_fixups else None
+    fixups = {}
+    for key, name in matched.items():
+        raw = state[key]
+        product = subspace.product(name, raw)
+        state[key] = add_correction(raw, product, alpha)
+        if not all_finite(state[key]):
+            raise ValueError(f"LSSF: the fused checkpoint tensor {key!r} holds NaN or inf (alpha={alpha!r}); "
+                             "the checkpoint is not written")
+        if keep_fixups:
+            fixups[key] = make_fixup(raw, add_correction(state[key], product, -alpha))
+    return fixups if keep_fixups else None
+
+
+def checkpoint_info(subspace: SafetySubspace, fusion: FusionState, config: SubspaceConfig) -> dict[str, Any]:
+    """What :func:`restore_raw` needs: the α added, the α already live, the subspace's fingerprint and
+    settings."""
+    return {"alpha_added": fusion.missing, "applied_alpha": fusion.applied,
+            "fingerprint": subspace.metadata.get("fingerprint"), "subspace": config.to_dict()}
+
+
+def restore_raw(
+    parameters: Mapping[str, Tensor],
+    subspace: SafetySubspace,
+    alpha_added: float,
+    fixups: Mapping[str, Mapping[str, Any]] | None,
+    *,
+    matched: Mapping[str, str] | None = None,
+) -> list[str]:
+    """Turn the fused weights just loaded into ``parameters`` back into the raw ones, in place:
+    ``fused − α·U'U'ᵀδ`` with the stored fix-ups written over. Returns (and warns about) the keys whose
+    checksum still differs (the correction was recomputed differently); ``fixups=None``: exact up to rounding
+    (warned)."""
+    if fixups is None:
+        warnings.warn("LSSF: the checkpoint holds no raw-weight fix-ups (keep_raw_fixups=False); resuming "
+                      "from realigned weights minus the correction, equal to the raw ones up to rounding.",
+                      stacklevel=2)
+    matched = matched if matched is not None else matched_keys(subspace, parameters.keys())
+    if distributed.is_sharded_fixups(fixups) or any(distributed.is_dtensor(parameters[k]) for k in matched):
+        # FSDP2: each rank restores its own shards with the fix-ups saved for that block (see distributed.py)
+        saved_by = fixups.get("world_size", 1) if isinstance(fixups, Mapping) else None
+        if distributed.is_sharded_fixups(fixups):
+            fixups = distributed.fixups_of_rank(fixups, distributed.global_rank())
+        problem = distributed.fixup_layout_mismatch(parameters, fixups, matched)
+        if problem:
+            raise ResumeError(
+                f"{problem} ({saved_by} process(es) saved it, {distributed.world_size()} resume it), so the "
+                "raw weights cannot be recovered exactly. Resume with the strategy, number of processes and "
+                "sharding the checkpoint was written with, or start a new run from its realigned weights."
+            )
+        inexact = distributed.restore_raw_shards(parameters, subspace, alpha_added, fixups, matched=matched)
+    else:
+        inexact = []
+        with torch.no_grad():
+            for key, name in matched.items():
+                fused = parameters[key]
+                raw = add_correction(fused, subspace.product(name, fused), -alpha_added)
+                if fixups is not None and key in fixups and not apply_fixup(raw, fixups[key]):
+                    inexact.append(key)
+                fused.copy_(raw)
+    if inexact:
+        warnings.warn(f"LSSF: {len(inexact)} weights (e.g. {inexact[0]}) came back close to, not exactly, "
+                      "their raw values: the correction was recomputed differently (other hardware or "
+                      "threads?).", stacklevel=2)
+    return inexact
+
+
+def recover_subspace(
+    info: Mapping[str, Any],
+    *,
+    known: Sequence[SafetySubspace] = (),
+    cache: str | os.PathLike | None = None,
+    aligned=None,
+    unaligned=None,
+    **options: Any,
+) -> SafetySubspace | None:
+    """The subspace with the checkpoint's fingerprint: one of ``known``, the ``cache`` file, or a rebuild from
+    ``aligned``/``unaligned`` with the settings stored in the checkpoint (only if it reproduces the
+    fingerprint); ``None`` when none of these has it."""
+    stored = info.get("fingerprint")
+    for subspace in known:
+        if subspace.metadata.get("fingerprint") == stored:
+            return subspace
+    cached = read_cache(cache)
+    if cached is not None and cached.metadata.get("fingerprint") == stored:
+        return cached
+    settings = info.get("subspace")
+    if settings is not None and aligned is not None and unaligned is not None:
+        config = SubspaceConfig(**settings)
+        if fingerprint(aligned, unaligned, config) == stored:
+            return build_subspace(aligned, unaligned, config, **options)
+    return None
+
+
+def checkpoint_subspace(
+    info: Mapping[str, Any], current: SafetySubspace, where: Any = "the checkpoint", **recover: Any
+) -> SafetySubspace:
+    """The subspace a checkpoint (``where``: its path, for the message) was fused with, checked by its
+    fingerprint before any weight is touched: ``current`` when the fingerprints agree, else what
+    :func:`recover_subspace` finds (``recover``: its arguments). Raises :class:`ResumeError` saying what
+    changed when nothing has that fingerprint."""
+    stored, now = info.get("fingerprint"), current.metadata.get("fingerprint")
+    if stored is None or stored == now:
+        return current
+    found = recover_subspace(info, **recover)
+    if found is not None:
+        return found
+    changed = "the aligned or unaligned weights"
+    if info.get("subspace") is not None:
+        settings = SubspaceConfig(**info["subspace"]).hashed_settings()
+        differs = [f"{k} {v!r} -> {current.metadata.get(k)!r}" for k, v in settings.items()
+                   if current.metadata.get(k) != v]
+        changed = ", ".join(differs) or changed
+    raise ResumeError(
+        f"LSSF cannot resume from {where}: its weights were fused with another safety subspace (fingerprint "
+        f"{stored[:12]}, this run {str(now)[:12]}; changed: {changed}), which is not in the cache and cannot "
+        "be rebuilt from the given models, so its raw weights cannot be recovered exactly. Resume with the "
+        "settings and models the checkpoint was written with (or pass `aligned=` the aligned model's path), "
+        "or start a new run from its weights."
+    )
+
+
+def make_fixup(raw: Tensor, recovered: Tensor) -> dict[str, Any]:
+    """What turns ``recovered`` (``fused − correction``) back into ``raw`` exactly: the few entries where
+    rounding differs (index and raw value) and a checksum of ``raw``."""
+    flat_raw, flat_recovered = raw.reshape(-1), recovered.reshape(-1)
+    index = torch.nonzero(flat_recovered != flat_raw).squeeze(1)
+    return {"index": index.cpu(), "value": flat_raw[index].cpu(), "checksum": _checksum(raw)}
+
+
+def apply_fixup(recovered: Tensor, fixup: Mapping[str, Any]) -> bool:
+    """Write the stored raw entries into ``recovered`` in place; True when the result matches the checksum."""
+    flat = recovered.view(-1)
+    flat[fixup["index"].to(flat.device)] = fixup["value"].to(device=flat.device, dtype=flat.dtype)
+    return _checksum(recovered) == tuple(fixup["checksum"])
+
+
+def _checksum(tensor: Tensor) -> tuple[float, float]:
+    values = tensor.detach().double()
+    return float(values.sum()), float(values.square().sum())
+
+
+# -- live weights and export -------------------------------------------------------------------------------
+def realign_in_place(
+    parameters: Mapping[str, Tensor],
+    subspace: SafetySubspace,
+    alpha: float,
+    *,
+    matched: Mapping[str, str] | None = None,
+) -> None:
+    """``W ← W + α·U'U'ᵀδ`` for each matched live tensor of ``parameters`` (``alpha``: the missing
+    strength)."""
+    if alpha == 0:
+        return
+    matched = matched if matched is not None else matched_keys(subspace, parameters.keys())
+    if any(distributed.is_dtensor(parameters[k]) for k in matched):  # FSDP2: rank-local shards, no collective
+        distributed.realign_shards_in_place(parameters, subspace, alpha, matched=matched)
+        return
+    with torch.no_grad():
+        for key, name in matched.items():
+            parameters[key].copy_(subspace.fuse_tensor(name, parameters[key], alpha))
+
+
+def export_realigned(
+    store,
+    directory: str | os.PathLike,
+    subspace: SafetySubspace,
+    alpha: float,
+    *,
+    names: Mapping[str, str | None] | None = None,
+    write_support_files: Callable[[Path], object] | None = None,
+    inputs: Any = (),
+    progress: bool = False,
+) -> Path:
+    """Stream ``store`` (a :class:`~lssf_lightning.io.weights.WeightStore`) into a HF model directory with
+    ``α·U'U'ᵀδ`` added to each matched tensor (``alpha``: the missing strength), atomically; refused when the
+    directory overlaps ``inputs`` (model paths, the cache) or holds other files than a model."""
+    from lssf_lightning.methods import LSSF  # the edit protocol shared with realign and SafetySubspace.fuse
+
+    edits = LSSF(subspace, alpha).plan(store)
+    write_model_directory(store, directory, edits=edits, names=names, write_support_files=write_support_files,
+                          overwrite=True, inputs=inputs, progress=progress)
+    return Path(directory)
+
+
+def export_adapter(
+    model: torch.nn.Module,
+    subspace: SafetySubspace,
+    directory: str | os.PathLike,
+    alpha: float,
+    max_rank: int | None = None,
+    info: Callable[[str], object] | None = None,
+):
+    """Both callbacks' ``export_adapter_dir``: ``α·U'U'ᵀδ`` (``alpha``: the missing strength) for ``model``'s
+    live weights as a peft LoRA adapter (:func:`~lssf_lightning.io.lora_export.write_model_adapter`; a peft
+    LoRA ``model`` gets ONE adapter with its task LoRA, to load on the aligned model). Skipped with a warning
+    for sharded (FSDP) weights, which it cannot read whole on one rank; returns the report (also passed to
+    ``info`` as one line), or ``None``."""
+    from lssf_lightning.io.lora_export import write_model_adapter
+
+    if any(distributed.is_dtensor(p) for p in model.parameters()) or _fsdp1_wrapped(model):
+        warnings.warn(f"export_adapter_dir={os.fspath(directory)!r} skipped: the weights are sharded (FSDP); "
+                      "run `lssf-lightning realign --as-adapter` on the exported model instead", stacklevel=2)
+        return None
+    report = write_model_adapter(model, subspace, directory, alpha=alpha, max_rank=max_rank, overwrite=True)
+    if info is not None:
+        info(f"LSSF: wrote the {report}")
+    return report
+
+
+def _fsdp1_wrapped(model: torch.nn.Module) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return any(isinstance(module, FullyShardedDataParallel) for module in model.modules())
+
+
+# -- when to apply (apply_on="epochs") ---------------------------------------------------------------------
+APPLY_ON: tuple[str, ...] = ("checkpoint", "epochs", "train_end")
+
+
+def check_apply_epochs(apply_on: str, apply_epochs) -> None:
+    """``apply_epochs``: a non-empty list of epoch indices ``≥ 0`` or a share of ``max_epochs`` in ``(0, 1]``,
+    and only with ``apply_on="epochs"``."""
+    if apply_on != "epochs":
+        if apply_epochs is not None:
+            raise SettingError(f"apply_epochs is only used with apply_on='epochs', not {apply_on!r}")
+        return
+    if isinstance(apply_epochs, float):
+        check_range("apply_epochs (as a float)", apply_epochs, 0.0, 1.0, low_open=True)
+        return
+    try:
+        if not (isinstance(apply_epochs, Sequence) and not isinstance(apply_epochs, str) and apply_epochs):
+            raise SettingError(apply_epochs)
+        for epoch in apply_epochs:
+            check_int("apply_epochs", epoch, minimum=0)
+    except SettingError:
+        raise SettingError("apply_on='epochs' needs apply_epochs: a non-empty list of epoch indices >= 0 or "
+                           f"a float in (0, 1], got {apply_epochs!r}") from None
+
+
+def resolve_epochs(apply_on: str, apply_epochs, max_epochs: int | None) -> set[int]:
+    """The 0-based epochs at whose end ``apply_on="epochs"`` fuses (a share needs a finite ``max_epochs``)."""
+    if apply_on != "epochs":
+        return set()
+    if isinstance(apply_epochs, float):
+        if max_epochs is None or max_epochs < 1:
+            raise SettingError("apply_epochs as a fraction needs a finite `Trainer(max_epochs=...)`")
+        return {max(math.ceil(apply_epochs * max_epochs) - 1, 0)}
+    return set(apply_epochs)
+
+
+# -- helpers for the callbacks -----------------------------------------------------------------------------
+def named_tensors(module: torch.nn.Module) -> dict[str, Tensor]:
+    """Parameters and buffers by their state-dict names (what checkpoint keys refer to)."""
+    return {**dict(module.named_buffers()), **dict(module.named_parameters())}
+
+
+def export_names(keys, prefix: str = "") -> dict[str, str | None]:
+    """``{key: HF name}`` for an export: wrapper prefixes removed, adapter tensors (LoRA) dropped."""
+    return {k: None if is_adapter_key(k) else canonical_key(k.removeprefix(prefix)) for k in keys}
+
+
+def hf_support_files(model: torch.nn.Module, tokenizer=None) -> Callable[[Path], None]:
+    """A ``write_support_files`` for :func:`export_realigned`: the (base) model's config and generation
+    config, and ``tokenizer``."""
+    base_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+
+    def support(staging: Path) -> None:
+        base_model.config.save_pretrained(staging)
+        if getattr(base_model, "generation_config", None) is not None:
+            base_model.generation_config.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+
+    return support
