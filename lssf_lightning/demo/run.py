@@ -370,8 +370,9 @@ def _finetune(run, lora: bool):
         f"{run.aligned_dir.name}.subspace-{config.source}-eta{config.eta:g}-a1{config.alpha_1:g}.safetensors"
     )
     callback = LSSFCallback(
-        unaligned=str(run.base_dir), eta=config.eta, alpha=1.0, alpha_1=config.alpha_1, source=config.source,
-        apply_on="checkpoint", subspace_cache=str(subspace_file), monitor_refusal=False, verbose=True,
+        unaligned=str(run.base_dir), subspace=SubspaceConfig(eta=config.eta, alpha_1=config.alpha_1,
+                                                             source=config.source),
+        alpha=1.0, apply_on="checkpoint", subspace_cache=str(subspace_file), monitor=False, verbose=True,
     )
     data = ChatDataModule(str(run.train_file), batch_size=config.finetune_batch_size, max_length=256,
                           seed=config.seed)
