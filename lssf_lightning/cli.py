@@ -25,6 +25,7 @@ from lssf_lightning.config import (
     DEFAULT_ALPHA,
     DEFAULT_BETA,
     DEFAULT_DROP_RATE,
+    DEFAULT_INPUT_SHARE,
     DEFAULT_SEED,
     DEFAULT_THRESHOLD,
     MAX_SHARD_BYTES,
@@ -184,7 +185,10 @@ _METHOD_NUMBERS = (
     ("--alpha", check_finite, float, DEFAULT_ALPHA,
      f"LSSF fusion strength (default {DEFAULT_ALPHA:g})"),
     ("--add", check_finite, float, DEFAULT_ADD,
-     f"lssf-reset / lssf-erosion: strength of the additive term on top (default {DEFAULT_ADD:g})"),
+     f"lssf-reset / lssf-erosion / lssf-two-sided: strength of the additive term on top "
+     f"(default {DEFAULT_ADD:g})"),
+    ("--input-share", check_finite, float, DEFAULT_INPUT_SHARE,
+     f"lssf-two-sided: share rho of the input-side reset (default {DEFAULT_INPUT_SHARE:g})"),
     ("--beta", check_finite, float, DEFAULT_BETA,
      f"RESTA scale of the safety vector (default {DEFAULT_BETA:g})"),
     ("--drop-rate", check_drop_rate, float, DEFAULT_DROP_RATE,
@@ -228,8 +232,9 @@ def _add_realign_options(real: argparse.ArgumentParser) -> None:
     real.add_argument(
         "--as-adapter",
         action="store_true",
-        help="write the LSSF correction as a peft LoRA adapter instead of a model (a LoRA --finetuned "
-        "gets ONE adapter: its task LoRA + the correction, for its base model)",
+        help="write the correction of an LSSF form (--method lssf, lssf-reset, lssf-erosion, lssf-two-sided) "
+        "as a peft LoRA adapter instead of a model (a LoRA --finetuned gets ONE adapter: its task LoRA + "
+        "the correction, for its base model)",
     )
     real.add_argument(
         "--adapter-max-rank",
@@ -323,18 +328,19 @@ def _run_realign(args) -> None:
         max_shard_bytes=args.max_shard_size,
         overwrite=args.overwrite,
         allow_partial=args.allow_partial,
-        method_options={"add": args.add},
+        method_options=_method_options(args),
     )
     print(report)
+
+
+def _method_options(args) -> dict[str, float]:
+    """The LSSF fusion forms' own options (``--add``, ``--input-share``)."""
+    return {"add": args.add, "input_share": args.input_share}
 
 
 def _run_realign_adapter(args) -> None:
     from lssf_lightning.io.lora_export import realign_as_adapter
 
-    if args.method != "lssf":
-        raise ValueError(
-            f"--as-adapter writes the LSSF correction; --method {args.method} cannot be written as one"
-        )
     print(
         realign_as_adapter(
             args.finetuned,
@@ -343,7 +349,9 @@ def _run_realign_adapter(args) -> None:
             unaligned=args.unaligned,
             subspace=args.subspace,
             config=_subspace_config(args),
+            method=args.method,
             alpha=args.alpha,
+            method_options=_method_options(args),
             max_rank=args.adapter_max_rank,
             overwrite=args.overwrite,
             allow_partial=args.allow_partial,

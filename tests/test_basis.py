@@ -4,6 +4,7 @@ import torch
 from lssf_lightning.core.basis import (
     basis_weights,
     best_low_rank,
+    compact_low_rank,
     fuse_weight,
     fusion_factors,
     weighted_basis,
@@ -148,3 +149,24 @@ def test_best_low_rank_is_the_truncated_svd():
     torch.testing.assert_close(small_left @ small_right, u[:, :2] * s[:2] @ vh[:2], rtol=1e-9, atol=1e-9)
     assert kept == pytest.approx(float(s[:2].square().sum() / s.square().sum()), rel=1e-9)
     assert best_low_rank(left, right, 6)[2] == 1.0
+
+
+def test_compact_low_rank_drops_only_numerically_zero_directions():
+    generator = torch.Generator().manual_seed(4)
+    left, right = torch.randn(12, 5, generator=generator), torch.randn(5, 9, generator=generator)
+    same_left, same_right = compact_low_rank(left, right)
+    assert same_left is left and same_right is right  # full rank 5: the very same factors back
+    deficient = torch.cat([left[:, :2], left[:, :2] @ torch.randn(2, 3, generator=generator)], 1)
+    small_left, small_right = compact_low_rank(deficient, right)  # 5 columns, rank 2
+    assert small_left.shape == (12, 2) and small_right.shape == (2, 9)
+    expected = deficient.double() @ right.double()
+    torch.testing.assert_close(small_left @ small_right, expected, rtol=1e-5, atol=1e-5)  # float32 noise gone
+    # Rank above min(d_out, d_in): the same product at rank min(d_out, d_in).
+    wide_left, wide_right = torch.randn(4, 7, generator=generator), torch.randn(7, 6, generator=generator)
+    assert compact_low_rank(wide_left, wide_right)[0].shape == (4, 4)
+    zero_left, zero_right = compact_low_rank(left, torch.zeros(5, 9))
+    assert zero_left.shape == (12, 0) and zero_right.shape == (0, 9)
+    # An explicit tolerance drops the directions below it, by the singular values of the product.
+    s = torch.linalg.svdvals(left.double() @ right.double())
+    kept_left, _ = compact_low_rank(left, right, tolerance=float(s[1] + s[2]) / 2)
+    assert kept_left.shape[1] == 2

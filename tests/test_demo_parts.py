@@ -215,3 +215,70 @@ def test_demo_command_rejects_bad_options_before_any_work(args, message, capsys)
         main(["demo", *args])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+# -- the LoRA run's adapters ---------------------------------------------------------------------------------
+
+
+def test_lora_adapters_written_sized_served_and_capped(llama_trio, tmp_path):
+    """The demo's LoRA adapters on a tiny model: the safety and combined adapters are written with their
+    sizes, the combined one served unmerged scores as the merged realigned model, and each rank cap is
+    scored and respected."""
+    import copy
+    from pathlib import Path
+
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lssf_lightning.demo.run import _Progress, _Run, lora_adapters
+    from lssf_lightning.methods import LSSFTwoSided
+    from lssf_lightning.methods.base import temporarily_edited
+    from lssf_lightning.subspace import SafetySubspace
+
+    aligned = AutoModelForCausalLM.from_pretrained(llama_trio.aligned, dtype=torch.float32)
+    peft_model = get_peft_model(aligned, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
+    merged = copy.deepcopy(peft_model).merge_and_unload().eval()
+    subspace = SafetySubspace.from_weights(llama_trio.aligned, llama_trio.base, progress=False)
+
+    def planner():
+        return LSSFTwoSided(subspace, llama_trio.aligned, alpha=1.0, input_share=0.5)
+
+    ids = torch.tensor([[1, 5, 7, 9, 11, 3, 8, 2]])
+
+    def evaluate(model, name):
+        with torch.no_grad():
+            logits = model.eval()(ids).logits.float()
+        tokens = logits.argmax(-1)[0].tolist()  # "greedy answers": equal models give equal ones
+        return {"harmful_refusal": float(sum(t * 7**i for i, t in enumerate(tokens))),
+                "perplexity": float(logits.std()), "responses": {}}
+
+    with temporarily_edited(merged, planner()):
+        scores = {"realigned": evaluate(merged, "realigned")}
+    config = DemoConfig.quick(adapter_rank_caps=(6,))
+    run = _Run(config=config, quick=True, output=tmp_path, cache=tmp_path, log=_Progress(),
+               aligned_dir=Path(llama_trio.aligned))
+    before = {k: v.clone() for k, v in peft_model.state_dict().items()}
+    report = lora_adapters(run, peft_model, merged, planner, evaluate, scores)
+
+    assert report["refusals_equal_merged"], report["differences_merged"]
+    assert report["max_relative_weight_difference"] < 1e-5
+    for name in ("realigned_adapter", "realigned_adapter_merged"):
+        assert scores[name]["harmful_refusal"] == scores["realigned"]["harmful_refusal"]
+    for name in ("safety", "combined"):
+        summary = report[name]
+        directory = Path(summary["directory"])
+        assert directory.parent == tmp_path / "models" and (directory / "adapter_config.json").is_file()
+        assert summary["adapter_bytes"] == (directory / "adapter_model.safetensors").stat().st_size
+        assert 0 < summary["share_of_model"] < 1
+    # The safety adapter on the merged fine-tune is the same model as the combined one on the aligned model.
+    on_merged = PeftModel.from_pretrained(copy.deepcopy(merged), report["safety"]["directory"])
+    assert evaluate(on_merged, "")["harmful_refusal"] == scores["realigned"]["harmful_refusal"]
+    assert report["combined"]["max_rank"] > 6 and report["rank_caps"]["6"]["max_rank"] == 6
+    assert "realigned_adapter_r6" in scores
+    assert all(torch.equal(v, before[k]) for k, v in peft_model.state_dict().items())

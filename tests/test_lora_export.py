@@ -10,8 +10,10 @@ from conftest import run_cli, state
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from lssf_lightning.config import SubspaceConfig
 from lssf_lightning.core.entropy import safety_critical_rank
-from lssf_lightning.io.lora_export import write_lora_adapter
+from lssf_lightning.io.lora_export import write_lora_adapter, write_model_adapter
+from lssf_lightning.methods import LSSFErosion, LSSFReset, LSSFTwoSided
 from lssf_lightning.realign import realign_checkpoint
 from lssf_lightning.subspace import SafetySubspace
 from lssf_lightning.validation import SettingError
@@ -273,7 +275,7 @@ def test_cli_realign_as_adapter(llama_trio, llama_subspace, task_adapter, tmp_pa
         )
         == 1
     )
-    assert "--as-adapter writes the LSSF correction" in capsys.readouterr().err
+    assert "method 'resta' is not one" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
@@ -283,3 +285,136 @@ def test_to_lora_adapter_method(llama_trio, llama_subspace, tmp_path):
     assert sorted(report.ranks.values()) == sorted(llama_subspace.ranks.values())
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+
+
+# -- the other LSSF forms (reset, erosion, two-sided): their corrections are low-rank too ----------------
+
+
+FORMS = {
+    "lssf-reset": lambda subspace, trio: LSSFReset(subspace, trio.base, alpha=0.8, add=0.3),
+    "lssf-erosion": lambda subspace, trio: LSSFErosion(subspace, trio.base, alpha=1.0),
+    "lssf-two-sided": lambda subspace, trio: LSSFTwoSided(subspace, trio.aligned, alpha=1.0, input_share=0.5),
+}
+FORM_OPTIONS = {
+    "lssf-reset": {"alpha": 0.8, "method_options": {"add": 0.3}},
+    "lssf-erosion": {"alpha": 1.0},
+    "lssf-two-sided": {"alpha": 1.0, "method_options": {"input_share": 0.5}},
+}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("method", sorted(FORMS))
+def test_form_adapter_equals_realign(arch, method, request, tmp_path):
+    trio = request.getfixturevalue(f"{arch}_trio")
+    # η = 0.99 for the two-sided form: ranks so high that 2r exceeds some matrices' smaller side
+    config = SubspaceConfig(eta=0.99 if method == "lssf-two-sided" else 0.9)
+    subspace = SafetySubspace.from_weights(trio.aligned, trio.base, config, progress=False)
+    report = write_lora_adapter(
+        FORMS[method](subspace, trio), tmp_path / "adapter", base_model=trio.finetuned
+    )
+    realign_checkpoint(
+        trio.finetuned,
+        tmp_path / "realigned",
+        aligned=trio.aligned,
+        unaligned=trio.base,
+        subspace=subspace,
+        method=method,
+        progress=False,
+        **FORM_OPTIONS[method],
+    )
+    assert_same_model(merged(trio.finetuned, tmp_path / "adapter"), load(tmp_path / "realigned").state_dict())
+    if method == "lssf-two-sided":  # rank 2r (output and input side), at most min(d_out, d_in), losslessly
+        expected = {
+            k.removesuffix(".weight"): min(2 * r, *subspace.entries[k].shape)
+            for k, r in subspace.ranks.items()
+        }
+        assert report.ranks == {m: r for m, r in expected.items() if r}
+        assert any(2 * r > min(subspace.entries[k].shape) for k, r in subspace.ranks.items())
+
+
+def test_reset_adapter_dense_formula(llama_trio, llama_subspace, tmp_path):
+    """Reset α=1 puts the safety subspace back to the aligned model: W − U_rU_rᵀ(W − W_aligned)."""
+    write_lora_adapter(
+        LSSFReset(llama_subspace, llama_trio.base), tmp_path / "a", base_model=llama_trio.finetuned
+    )
+    key = "model.layers.1.self_attn.o_proj.weight"
+    live, aligned, base = (
+        state(llama_trio.models[k])[key].double() for k in ("finetuned", "aligned", "base")
+    )
+    u, s, _ = torch.linalg.svd(aligned - base, full_matrices=False)
+    u = u[:, : safety_critical_rank(s, 0.9)]
+    expected = live - u @ (u.T @ (live - aligned))
+    assert rel_error(merged(llama_trio.finetuned, tmp_path / "a")[key], expected) < 1e-4
+
+
+def test_two_sided_combined_adapter_for_lora(llama_trio, llama_subspace, task_adapter, tmp_path):
+    """A LoRA fine-tune's ONE adapter with the two-sided reset (computed on the merged weights) equals
+    realign's output, from the adapter directory and from the live peft model."""
+    planner = LSSFTwoSided(llama_subspace, llama_trio.aligned, alpha=1.0, input_share=0.5)
+    report = write_lora_adapter(
+        planner, tmp_path / "combined", base_model=llama_trio.aligned, task_adapter=task_adapter
+    )
+    realign_checkpoint(
+        task_adapter,
+        tmp_path / "realigned",
+        aligned=llama_trio.aligned,
+        subspace=llama_subspace,
+        method="lssf-two-sided",
+        alpha=1.0,
+        method_options={"input_share": 0.5},
+        progress=False,
+    )
+    expected = load(tmp_path / "realigned").state_dict()
+    assert_same_model(merged(llama_trio.aligned, tmp_path / "combined"), expected)
+    # The reset acts on the task update only: rank ≤ 2 × the task's 4 (q_proj) and 2 (up_proj); the matrices
+    # the task left unchanged have a zero correction and are left out.
+    layer = "model.layers.0"
+    assert report.ranks[f"{layer}.self_attn.q_proj"] == 4 + min(
+        8, 2 * llama_subspace.ranks[f"{layer}.self_attn.q_proj.weight"]
+    )
+    assert report.ranks[f"{layer}.mlp.up_proj"] <= 2 + 4
+    assert f"{layer}.self_attn.k_proj" not in report.ranks
+    assert set(report.ranks) == {m for m in report.ranks if m.endswith(("q_proj", "v_proj", "up_proj"))}
+
+    live = PeftModel.from_pretrained(load(llama_trio.aligned), task_adapter)
+    before = {k: v.clone() for k, v in live.state_dict().items()}
+    write_model_adapter(live, planner, tmp_path / "live")
+    assert_same_model(merged(llama_trio.aligned, tmp_path / "live"), expected)
+    assert all(torch.equal(v, before[k]) for k, v in live.state_dict().items())  # the model is untouched
+    assert not live.base_model.model.model.layers[0].self_attn.q_proj.disable_adapters  # adapters back on
+
+
+def test_form_adapter_refusals(llama_trio, llama_subspace, tmp_path):
+    reset = LSSFReset(llama_subspace, llama_trio.base)
+    with pytest.raises(
+        ValueError, match="reset correction depends on the fine-tuned weights: pass base_model"
+    ):
+        write_lora_adapter(reset, tmp_path / "a")
+    with pytest.raises(ValueError, match="alpha=0.5 is given twice"):
+        write_lora_adapter(reset, tmp_path / "a", alpha=0.5, base_model=llama_trio.finetuned)
+    with pytest.raises(TypeError, match="correction must be a SafetySubspace or a low-rank fusion planner"):
+        write_lora_adapter(object(), tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+
+
+def test_cli_two_sided_adapter_for_lora(llama_trio, llama_subspace, task_adapter, tmp_path):
+    from lssf_lightning.cli import main
+
+    llama_subspace.save(tmp_path / "s.safetensors")
+    common = [
+        "--finetuned",
+        task_adapter,
+        "--aligned",
+        llama_trio.aligned,
+        "--subspace",
+        tmp_path / "s.safetensors",
+        "--method",
+        "lssf-two-sided",
+        "--input-share",
+        "0.5",
+    ]
+    assert main(["realign", "--as-adapter", *common, "--output", tmp_path / "adapter"]) == 0
+    assert main(["realign", *common, "--output", tmp_path / "realigned"]) == 0
+    assert_same_model(
+        merged(llama_trio.aligned, tmp_path / "adapter"), load(tmp_path / "realigned").state_dict()
+    )

@@ -17,6 +17,7 @@ __all__ = [
     "basis_weights",
     "best_low_rank",
     "check_alpha_1",
+    "compact_low_rank",
     "fuse_weight",
     "fusion_factors",
     "low_rank_product",
@@ -133,10 +134,37 @@ def best_low_rank(left: Tensor, right: Tensor, rank: int) -> tuple[Tensor, Tenso
     check_int("rank", rank, minimum=1)
     if left.shape[1] <= rank:
         return left, right, 1.0
-    q_left, r_left = torch.linalg.qr(left.double())
-    q_right, r_right = torch.linalg.qr(right.double().T)
-    u, s, vh = torch.linalg.svd(r_left @ r_right.T)
+    q_left, u, s, vh, q_right = _product_svd(left, right)
     root = s[:rank].sqrt()
     total = float(s.square().sum())
     kept = float(s[:rank].square().sum()) / total if total > 0 else 1.0
     return (q_left @ u[:, :rank]) * root, root[:, None] * (vh[:rank] @ q_right.T), kept
+
+
+def _product_svd(left: Tensor, right: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``left @ right = (Q_L U) S (Q_R V)ᵀ`` as ``(Q_L, U, S, Vᵀ, Q_R)`` (see :func:`best_low_rank`);
+    float64."""
+    q_left, r_left = torch.linalg.qr(left.double())
+    q_right, r_right = torch.linalg.qr(right.double().T)
+    u, s, vh = torch.linalg.svd(r_left @ r_right.T)
+    return q_left, u, s, vh, q_right
+
+
+def compact_low_rank(left: Tensor, right: Tensor, tolerance: float = 0.0) -> tuple[Tensor, Tensor]:
+    """``left @ right`` re-factored at its numerical rank: singular values ``s_i ≤ max(tolerance,
+    s_1·max(d_out, d_in)·ε₃₂)`` are dropped (the second bound is ``numpy.linalg.matrix_rank``'s rule at
+    float32 precision; ``ε₃₂`` = float32's machine epsilon). By Eckart–Young–Mirsky the change is
+    ``‖dropped s‖₂ ≤ √k·tolerance`` in Frobenius norm.
+
+    Returns the inputs unchanged when nothing is dropped, else ``(Q_L U_k √S_k, √S_k V_kᵀ Q_Rᵀ)`` in float64
+    (``k = 0`` for a numerically zero product). E.g. a reset of a LoRA fine-tune, ``−α·U'U'ᵀ(s·B·A)``, is
+    stored with ``r`` columns but has rank at most the task LoRA's.
+    """
+    q_left, u, s, vh, q_right = _product_svd(left, right)
+    top = float(s[0]) if s.numel() else 0.0
+    threshold = max(tolerance, top * max(left.shape[0], right.shape[1]) * torch.finfo(torch.float32).eps)
+    keep = int((s > threshold).sum())
+    if keep == left.shape[1]:
+        return left, right
+    root = s[:keep].sqrt()
+    return (q_left @ u[:, :keep]) * root, root[:, None] * (vh[:keep] @ q_right.T)

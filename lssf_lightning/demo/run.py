@@ -11,7 +11,9 @@
 4. **Report** — harmful refusal on held-out AdvBench prompts and on other benchmarks' harmful prompts,
    over-refusal on harmless prompts, task accuracy; for base / aligned / fine-tuned / realigned (LSSF) /
    RESTA (and SafeLoRA for the LoRA run). ``results.json``, ``report.json``, ``results.md``, PNG figures,
-   every generated answer under ``responses/``, and the five models under ``models/``.
+   every generated answer under ``responses/``, and the models under ``models/``. The LoRA run's realignment
+   is also written as peft LoRA adapters (:func:`lora_adapters`): the safety adapter and ONE combined adapter
+   (task LoRA + correction) that is scored served unmerged and at rank caps.
 
 Entry points: :func:`run_demo` (Python) and :func:`main` (``lssf-lightning demo [--quick] [--output DIR]``).
 """
@@ -28,6 +30,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Sequence
@@ -98,6 +101,9 @@ class DemoConfig:
     lora_steps: int = 48
     lora_lr: float = 2e-4
     lora_rank: int = 16
+    # the LoRA run's realignment as adapters: the combined adapter (task rank 16 + the correction's rank) is
+    # also evaluated at these rank caps (32: one of vLLM's max_lora_rank choices; 24: 8 left for the fix)
+    adapter_rank_caps: tuple[int, ...] = (32, 24)
     precision: str = "bf16-mixed"
     # LSSF
     eta: float = 0.8
@@ -617,6 +623,11 @@ def _lora_stage(run: _Run) -> None:
     with temporarily_edited(merged, planner()):
         scores["realigned"] = _evaluate(merged, tokenizer, run.test_sets, config, log,
                                         f"LoRA realigned ({chosen.point.label})")
+
+    def evaluate(model, name):
+        return _evaluate(model, tokenizer, run.test_sets, config, log, name)
+
+    adapters = lora_adapters(run, peft_model, merged, planner, evaluate, scores)
     del merged
     projector = SafeLoRA(str(run.aligned_dir), str(run.base_dir), config.lora_grid.safelora[0])
     with temporarily_edited(peft_model, projector):
@@ -633,7 +644,82 @@ def _lora_stage(run: _Run) -> None:
         "safelora_projected_layers": sum(bool(v) for v in projector.projected.values()),
         "safelora_layers": len(projector.projected),
         "scores": {name: _scores(result) for name, result in scores.items()},
+        "adapters": adapters,
     }
+
+
+def lora_adapters(run: _Run, peft_model, merged, planner, evaluate, scores: dict) -> dict:
+    """The LoRA run's realignment as peft LoRA adapters; returns their sizes and what serving them scores.
+
+    Writes the *safety adapter* (the correction alone: onto the merged fine-tune, or stacked with the task
+    adapter) and the *combined adapter* (task LoRA + correction: ONE adapter onto the aligned model, what a
+    single-adapter LoRA server loads). The combined adapter is scored loaded with peft onto the aligned model:
+    unmerged, as a LoRA server computes it (``scores["realigned_adapter"]``), and merged
+    (``scores["realigned_adapter_merged"]``, to set beside the realigned model's ``scores["realigned"]``, with
+    the largest weight difference); and merged at each of ``config.adapter_rank_caps``
+    (``scores["realigned_adapter_r<cap>"]``: what the cap costs).
+    ``planner`` makes the recommended fusion form; ``evaluate(model, name)`` scores a model on test.
+    """
+    from peft import PeftModel
+
+    from lssf_lightning.io.lora_export import write_model_adapter
+
+    config, log = run.config, run.log
+    with tempfile.TemporaryDirectory(prefix="lssf-demo-adapters-") as scratch:
+        directory = run.output / "models" if config.save_models else Path(scratch)
+        safety = write_model_adapter(merged, planner(), directory / "lora_safety_adapter", overwrite=True)
+        combined = write_model_adapter(
+            peft_model, planner(), directory / "lora_realigned_adapter", overwrite=True
+        )
+        log.info(f"safety adapter (onto the merged fine-tune): {safety}")
+        log.info(f"combined adapter (task LoRA + correction, onto the aligned model): {combined}")
+        served = PeftModel.from_pretrained(_load(run.aligned_dir)[0], combined.directory).eval()
+        scores["realigned_adapter"] = evaluate(served, "LoRA realigned, its combined adapter served unmerged")
+        loaded = served.merge_and_unload()
+        scores["realigned_adapter_merged"] = evaluate(loaded, "LoRA realigned, its combined adapter merged")
+        weight_error = _max_relative_difference(loaded, merged, planner)
+        log.info(f"combined adapter merged by peft vs the realigned model: weights differ by at most "
+                 f"{weight_error:.1e} (relative, per matrix)")
+        del served, loaded
+        caps = {}
+        for cap in config.adapter_rank_caps:
+            capped = write_model_adapter(peft_model, planner(), Path(scratch) / f"r{cap}", max_rank=cap)
+            model = PeftModel.from_pretrained(_load(run.aligned_dir)[0], capped.directory).merge_and_unload()
+            label = f"LoRA realigned, combined adapter rank ≤ {cap}"
+            scores[f"realigned_adapter_r{cap}"] = evaluate(model, label)
+            caps[str(cap)] = {k: v for k, v in capped.to_dict().items() if k != "directory"}  # not kept
+            del model
+    realigned = _scores(scores["realigned"])
+
+    def differences(name):
+        other = _scores(scores[name])
+        return {k: [v, other.get(k)] for k, v in realigned.items() if other.get(k) != v}
+
+    merged_differ, served_differ = differences("realigned_adapter_merged"), differences("realigned_adapter")
+    refusals_equal = not any("refusal" in k for k in merged_differ)
+    log.info("combined adapter, merged, vs the realigned model on test: "
+             + ("the same refusal rates" if refusals_equal else "refusal rates differ")
+             + (f"; differences {merged_differ}" if merged_differ else "; every score the same")
+             + f"; served unmerged: {served_differ or 'every score the same'}")
+    return {"safety": safety.to_dict(), "combined": combined.to_dict(), "rank_caps": caps,
+            "max_relative_weight_difference": weight_error, "refusals_equal_merged": refusals_equal,
+            "differences_merged": merged_differ, "differences_served_unmerged": served_differ}
+
+
+def _max_relative_difference(model, merged, planner) -> float:
+    """The largest ``‖W_model − W_realigned‖ / ‖W_realigned‖`` over the matrices ``planner`` edits, with the
+    realigned weights made by applying ``planner`` to ``merged`` (for the ``with`` block only)."""
+    from lssf_lightning.methods.base import temporarily_edited
+
+    weights = dict(model.named_parameters())
+    worst = 0.0
+    with temporarily_edited(merged, planner()):
+        for name, value in merged.named_parameters():
+            if name in weights and value.ndim == 2:
+                reference = value.detach().double()
+                difference = (weights[name].detach().double() - reference).norm()
+                worst = max(worst, float(difference / reference.norm().clamp_min(1e-30)))
+    return worst
 
 
 def _report_stage(run: _Run, subspace) -> dict:

@@ -7,6 +7,11 @@ into ``rank_pattern``; every module's scale ``lora_alpha / r`` is ``1`` (``lora_
 through ``alpha_pattern``), so a server that reads only the global ``r``/``lora_alpha`` computes the same
 update.
 
+Every correction is stored at its numerical rank (:func:`~lssf_lightning.core.basis.compact_low_rank`):
+the reset forms of a LoRA fine-tune act on the task update only, so their rank is at most the task LoRA's
+(two-sided: twice), whatever the subspace's ``r``; a correction that is zero up to float32 rounding (a matrix
+the task left unchanged) is left out.
+
 ``PeftModel.from_pretrained(finetuned, directory)`` is then the realigned model, and ``merge_and_unload()``
 equals :func:`lssf_lightning.realign_checkpoint`'s output. ``max_rank`` caps every module's rank for servers
 with a maximum LoRA rank (the best rank-``k`` approximation, from the small factors only); ``task_adapter``
@@ -26,8 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lssf_lightning.core.basis import best_low_rank
-from lssf_lightning.io.names import KeyMatcher, canonical_key, module_name
+from lssf_lightning.core.basis import best_low_rank, compact_low_rank
+from lssf_lightning.io.names import KeyMatcher, canonical_key, is_adapter_key, module_name
 from lssf_lightning.validation import check_finite, check_int
 
 __all__ = ["AdapterReport", "realign_as_adapter", "write_lora_adapter", "write_model_adapter"]
@@ -51,6 +56,22 @@ class AdapterReport:
     def max_rank(self) -> int:
         return max(self.ranks.values(), default=0)
 
+    def to_dict(self) -> dict[str, Any]:
+        """The numbers, for reports (JSON-ready)."""
+        ranks = list(self.ranks.values())
+        return {
+            "directory": str(self.directory),
+            "modules": len(ranks),
+            "min_rank": min(ranks, default=0),
+            "max_rank": self.max_rank,
+            "mean_rank": round(sum(ranks) / max(len(ranks), 1), 1),
+            "parameters": self.parameters,
+            "adapter_bytes": self.adapter_bytes,
+            "model_bytes": self.model_bytes,
+            "share_of_model": self.adapter_bytes / self.model_bytes if self.model_bytes else None,
+            "min_energy_kept": min(self.energy_kept.values(), default=1.0),
+        }
+
     def __str__(self) -> str:
         ranks = list(self.ranks.values())
         text = (
@@ -69,32 +90,34 @@ class AdapterReport:
 
 
 def write_lora_adapter(
-    subspace,
+    correction,
     directory: str | os.PathLike,
     *,
-    alpha: float = 1.0,
+    alpha: float | None = None,
     base_model: str | os.PathLike | nn.Module | Mapping[str, Tensor] | None = None,
     max_rank: int | None = None,
     task_adapter: str | os.PathLike | None = None,
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
 ) -> AdapterReport:
-    """Write ``α·U'(U'ᵀδ)`` of every matrix of ``subspace`` as a peft LoRA adapter directory (atomically).
+    """Write a low-rank safety correction of every matrix as a peft LoRA adapter directory (atomically).
 
     Args:
-        subspace: a :class:`~lssf_lightning.SafetySubspace`.
+        correction: a :class:`~lssf_lightning.SafetySubspace` (the paper's term ``α·U'(U'ᵀδ)``), or an LSSF
+            fusion form as a planner (:class:`~lssf_lightning.methods.LSSF`, ``LSSFReset``, ``LSSFErosion``,
+            ``LSSFTwoSided``: any :class:`~lssf_lightning.methods.base.LowRankPlanner`, with its own ``α``).
+            The reset forms' correction depends on the fine-tuned weights: they need ``base_model``.
         directory: the adapter directory to create (``adapter_config.json`` + ``adapter_model.safetensors``).
-        alpha: the fusion strength ``α`` folded into the adapter.
-        base_model: the model the adapter will be loaded onto (a path, hub ID or module): its module names are
-            used (recommended), its size reported, and a path or ID is recorded as
-            ``base_model_name_or_path``.
-            Default: the task adapter's base, else the subspace's own key names.
+        alpha: the fusion strength ``α`` folded into the adapter (with a subspace; default 1).
+        base_model: the model the adapter will be loaded onto (a path, hub ID or module; a peft LoRA module
+            reads as its merged weights): its module names are used (recommended), its size reported, and a
+            path or ID is recorded as ``base_model_name_or_path``. Default: the subspace's own key names.
         max_rank: cap every module's rank (the adapter's total, with ``task_adapter``) at this value; the
             correction is replaced by its best approximation of that rank
             (:func:`~lssf_lightning.core.basis.best_low_rank`).
-        task_adapter: a peft LoRA adapter directory of a LoRA fine-tune of the aligned model: the result is
-            ONE adapter equal to task adapter + correction (load it onto the aligned model).
-        dtype: the adapter's dtype (default: the factors' dtype).
+        task_adapter: a peft LoRA adapter directory of a LoRA fine-tune of the aligned model ``base_model``:
+            the result is ONE adapter equal to task adapter + correction (load it onto the aligned model).
+        dtype: the adapter's dtype (default: the subspace factors' dtype).
         overwrite: replace an existing ``directory``.
 
     Raises:
@@ -104,17 +127,17 @@ def write_lora_adapter(
     """
     from lssf_lightning.io.guard import check_output
 
-    alpha = check_finite("alpha", alpha)
+    planner = _planner(correction, alpha)
     if max_rank is not None:
         check_int("max_rank", max_rank, minimum=1)
     task = _open_task_adapter(task_adapter) if task_adapter is not None else None
     base_store = _open_base(base_model)
     inputs = [task.path if task is not None else None, getattr(base_store, "directory", None)]
     check_output(directory, inputs, overwrite=overwrite)
-    modules = _module_names(subspace, base_store)
-    factors, energy = _correction_factors(subspace, modules, alpha, max_rank, task, dtype)
+    target = _target(planner, base_store, task)
+    factors, energy = _correction_factors(planner, target, max_rank, task, dtype)
     if task is not None:
-        factors = _combine(task, factors, modules, dtype)
+        factors = _combine(task, factors, dtype)
     if not factors:
         raise ValueError(
             "the correction is empty (every matrix has rank 0 or alpha is 0): no adapter to write"
@@ -129,7 +152,7 @@ def write_lora_adapter(
     ranks = {m: int(a.shape[0]) for m, (_, a, _) in factors.items()}
     model_bytes = None
     if base_store is not None:
-        keys = base_store.keys()
+        keys = [k for k in base_store.keys() if not is_adapter_key(k)]
         model_bytes = sum(math.prod(base_store.shape(k)) * base_store.dtype(k).itemsize for k in keys)
     return AdapterReport(
         directory=written,
@@ -141,12 +164,49 @@ def write_lora_adapter(
     )
 
 
+def _planner(correction, alpha: float | None):
+    """The planner of ``correction``: ``LSSF(subspace, α)`` for a subspace, a low-rank planner as given."""
+    from lssf_lightning.methods.base import LowRankPlanner
+    from lssf_lightning.methods.lssf import LSSF
+    from lssf_lightning.subspace import SafetySubspace
+
+    if isinstance(correction, SafetySubspace):
+        return LSSF(correction, 1.0 if alpha is None else check_finite("alpha", alpha))
+    if not isinstance(correction, LowRankPlanner):
+        raise TypeError(
+            "correction must be a SafetySubspace or a low-rank fusion planner (LSSF, LSSFReset, LSSFErosion, "
+            f"LSSFTwoSided), got {type(correction).__name__}"
+        )
+    if alpha is not None:
+        raise ValueError(
+            f"alpha={alpha!r} is given twice: a {type(correction).__name__} carries its own alpha"
+        )
+    return correction
+
+
 def _open_base(base_model):
     if base_model is None:
         return None
     from lssf_lightning.io.weights import open_weights
 
     return open_weights(base_model, name="base model")
+
+
+def _target(planner, base_store, task):
+    """The weights the correction is computed for: the base model (+ the task adapter, merged lazily), or
+    the subspace's own names and shapes when no base model is given (the additive form only)."""
+    from lssf_lightning.io.lora import MergedLoraStore
+    from lssf_lightning.io.weights import open_weights
+
+    if base_store is not None:
+        return MergedLoraStore(base_store, task) if task is not None else base_store
+    if planner.reads_weights:
+        raise ValueError(
+            f"the {getattr(planner, 'form', type(planner).__name__)} correction depends on the fine-tuned "
+            "weights: pass base_model= (the model the adapter will be loaded on)"
+        )
+    shapes = planner.shapes
+    return open_weights({k: torch.empty(s, device="meta") for k, s in shapes.items()}, name="subspace")
 
 
 def _open_task_adapter(path):
@@ -165,25 +225,7 @@ def _open_task_adapter(path):
     return adapter
 
 
-def _module_names(subspace, base_store) -> dict[str, str]:
-    """``{subspace key: module name in the target model}`` (the subspace's own names without a base model)."""
-    entries = subspace.entries
-    if base_store is None:
-        return {key: module_name(key) for key in entries}
-    weights = [k for k in base_store.keys() if len(base_store.shape(k)) == 2]  # noqa: SIM118 (a store, not a dict)
-    names = {
-        name: canonical_key(module_name(key)) for key, name in KeyMatcher(entries).match_all(weights).items()
-    }
-    missing = [k for k, entry in entries.items() if k not in names and entry.rank > 0]
-    if missing:
-        raise ValueError(
-            f"{len(missing)} subspace matrices have no weight in the base model {base_store.location}, "
-            f"e.g. {missing[:3]} (mismatched architectures?)"
-        )
-    return names
-
-
-def _correction_factors(subspace, modules, alpha, max_rank, task, dtype):
+def _correction_factors(planner, target, max_rank, task, dtype):
     """``{module: (B, A, conv1d)}`` of the correction alone, capped so that task + correction fit
     ``max_rank``."""
     task_ranks = {}
@@ -191,11 +233,18 @@ def _correction_factors(subspace, modules, alpha, max_rank, task, dtype):
         task_ranks = {m: int(task.factors(m).a.shape[0]) for m in task.modules()}
     task_matcher = KeyMatcher([m + ".weight" for m in task_ranks]) if task_ranks else None
     factors, energy = {}, {}
-    for key, entry in subspace.entries.items():
-        if entry.rank == 0 or alpha == 0:
+    for key, edit in planner.low_rank_plan(target).items():
+        weight = target.get(key) if planner.reads_weights else None
+        correction = edit(weight)
+        if correction is None:
             continue
-        module = modules[key]
-        left, right = alpha * entry.left.double(), entry.right.double()
+        module = canonical_key(module_name(key))
+        # At its numerical rank: directions below float32's resolution of the weight are rounding noise
+        # (a reset of a LoRA fine-tune has the task LoRA's rank, not the subspace's r; zero = left out).
+        floor = 0.0 if weight is None else float(weight.double().norm()) * torch.finfo(torch.float32).eps
+        left, right = compact_low_rank(correction.left.double(), correction.right.double(), floor)
+        if left.shape[1] == 0:
+            continue
         task_module = task_matcher.match(module + ".weight") if task_matcher else None
         used = task_ranks.get(task_module.removesuffix(".weight"), 0) if task_module else 0
         budget = None if max_rank is None else max_rank - used
@@ -206,12 +255,12 @@ def _correction_factors(subspace, modules, alpha, max_rank, task, dtype):
             )
         if budget is not None:
             left, right, energy[module] = best_low_rank(left, right, budget)
-        out = dtype or entry.left.dtype
-        factors[module] = (left.to(out), right.to(out), entry.conv1d)
+        out = dtype or correction.dtype
+        factors[module] = (left.to(out), right.to(out), correction.conv1d)
     return factors, energy
 
 
-def _combine(task, correction, modules, dtype):
+def _combine(task, correction, dtype):
     """Task adapter ``s·B_t·A_t`` + correction ``B_c·A_c`` per module as ``[s·B_t, B_c]·[A_t; A_c]``."""
     matcher = KeyMatcher([m + ".weight" for m in correction])
     combined = dict(correction)
@@ -286,7 +335,9 @@ def realign_as_adapter(
     unaligned: str | os.PathLike | None = None,
     subspace=None,
     config=None,
+    method: str = "lssf",
     alpha: float = 1.0,
+    method_options: Mapping[str, Any] | None = None,
     max_rank: int | None = None,
     overwrite: bool = False,
     allow_partial: bool = False,
@@ -297,50 +348,68 @@ def realign_as_adapter(
 
     A full fine-tune (a HF directory or hub ID) gets the correction alone, to load on it; a peft LoRA adapter
     directory gets ONE adapter with its task LoRA and the correction, to load on its base (``aligned``, else
-    the adapter's ``base_model_name_or_path``). The subspace is ``subspace`` (an object or file) or is built
-    from ``aligned`` and ``unaligned`` with ``config``.
+    the adapter's ``base_model_name_or_path``). ``method`` is one of the LSSF fusion forms (``lssf``,
+    ``lssf-reset``, ``lssf-erosion``, ``lssf-two-sided``; their options, e.g. ``add`` or ``input_share``, in
+    ``method_options``) over ``subspace`` (an object or file) or a subspace built from ``aligned`` and
+    ``unaligned`` with ``config``.
     """
+    from lssf_lightning.config import SubspaceConfig
     from lssf_lightning.io.guard import check_output
     from lssf_lightning.io.hub import resolve_model
     from lssf_lightning.io.lora import LoraAdapter, is_adapter_dir
-    from lssf_lightning.subspace import SafetySubspace
+    from lssf_lightning.io.weights import open_weights
+    from lssf_lightning.methods import MethodInputs, make_planner
+    from lssf_lightning.methods.base import LowRankPlanner
+    from lssf_lightning.validation import SettingError
 
     path = resolve_model(finetuned, what="finetuned") if isinstance(finetuned, str) else Path(finetuned)
     check_output(output, [path, aligned, unaligned, subspace], overwrite=overwrite)  # before any SVD
-    if subspace is None:
-        if aligned is None or unaligned is None:
-            raise ValueError("--as-adapter needs --aligned and --unaligned, or a precomputed --subspace")
-        subspace = SafetySubspace.from_weights(
-            aligned, unaligned, config, allow_partial=allow_partial, progress=progress
+    lora = is_adapter_dir(path)
+    base = finetuned
+    if lora:
+        base = aligned if aligned is not None else LoraAdapter(path).base_model_path
+        if base is None:
+            raise ValueError(
+                f"finetuned {path} is a LoRA adapter without a recorded base model: pass --aligned"
+            )
+    if subspace is None and (aligned is None or unaligned is None):
+        raise SettingError("--as-adapter needs --aligned and --unaligned, or a precomputed --subspace")
+    store = open_weights(base, name="base model")
+    options = {"alpha": alpha, **(method_options or {})}
+    inputs = MethodInputs(store, aligned if aligned is not None else (base if lora else None), unaligned,
+                          subspace, config or SubspaceConfig(), options, allow_partial, progress)
+    planner = make_planner(method, inputs)
+    if not isinstance(planner, LowRankPlanner):
+        raise SettingError(
+            f"--as-adapter writes a low-rank LSSF correction; method {method!r} is not one (use lssf, "
+            "lssf-reset, lssf-erosion or lssf-two-sided)"
         )
-    elif not isinstance(subspace, SafetySubspace):
-        subspace = SafetySubspace.load(subspace)
-    settings = {"alpha": alpha, "max_rank": max_rank, "overwrite": overwrite}
-    if not is_adapter_dir(path):
-        return write_lora_adapter(subspace, output, base_model=finetuned, **settings)
-    base = aligned if aligned is not None else LoraAdapter(path).base_model_path
-    if base is None:
-        raise ValueError(f"finetuned {path} is a LoRA adapter without a recorded base model: pass --aligned")
-    return write_lora_adapter(subspace, output, base_model=base, task_adapter=path, **settings)
+    settings = {"max_rank": max_rank, "overwrite": overwrite}
+    if not lora:
+        return write_lora_adapter(planner, output, base_model=finetuned, **settings)
+    return write_lora_adapter(planner, output, base_model=base, task_adapter=path, **settings)
 
 
 def write_model_adapter(
     model: nn.Module,
-    subspace,
+    correction,
     directory: str | os.PathLike,
     *,
-    alpha: float = 1.0,
+    alpha: float | None = None,
     max_rank: int | None = None,
     overwrite: bool = False,
 ) -> AdapterReport:
-    """The adapter for a live model (what both callbacks' ``export_adapter_dir`` writes): the correction for
-    ``model``'s weights, or for a peft LoRA ``model`` ONE adapter with its task LoRA and the correction, to
-    load on the model it adapts (the aligned model)."""
+    """The adapter for a live model (what both callbacks' ``export_adapter_dir`` writes): the correction
+    (a subspace or a low-rank planner, as in :func:`write_lora_adapter`) for ``model``'s weights, or for a
+    peft LoRA ``model`` ONE adapter with its task LoRA and the correction, to load on the model it adapts
+    (the aligned model)."""
     settings = {"alpha": alpha, "max_rank": max_rank, "overwrite": overwrite}
     if not hasattr(model, "peft_config"):
-        return write_lora_adapter(subspace, directory, base_model=model, **settings)
-    with tempfile.TemporaryDirectory(prefix=".lssf-task-adapter-") as task:
+        return write_lora_adapter(correction, directory, base_model=model, **settings)
+    with tempfile.TemporaryDirectory(prefix=".lssf-task-adapter-") as task, model.disable_adapter():
         model.save_pretrained(task)  # the task adapter only (small)
+        # Inside disable_adapter() the module reads as its raw (aligned) weights; the task LoRA is added back
+        # from the saved adapter, once.
         return write_lora_adapter(
-            subspace, directory, base_model=model.get_base_model(), task_adapter=task, **settings
+            correction, directory, base_model=model.get_base_model(), task_adapter=task, **settings
         )

@@ -101,7 +101,8 @@ class ModuleStore(WeightStore):
     """The parameters of a live ``nn.Module`` (a HF model, a LightningModule, a peft model).
 
     For a peft LoRA layer that is not merged, :meth:`get` on its ``base_layer`` weight returns the effective
-    weight ``W + Σ_adapters scale · B·A`` of the active adapters, so a peft model reads like its merged self.
+    weight ``W + Σ_adapters scale · B·A`` of the active adapters, so a peft model reads like its merged self
+    (the raw weight inside peft's ``disable_adapter()``).
     """
 
     def __init__(self, module: nn.Module, location: str | None = None) -> None:
@@ -139,7 +140,7 @@ class ModuleStore(WeightStore):
     def get(self, key: str) -> Tensor:
         weight = self._params[key].detach()
         layer = self.lora_layer(key)
-        if layer is None or getattr(layer, "merged", False):
+        if layer is None or getattr(layer, "merged", False) or getattr(layer, "disable_adapters", False):
             return weight
         deltas = [layer.get_delta_weight(name) for name in layer.active_adapters if name in layer.lora_A]
         return weight + sum(d.to(weight.dtype) for d in deltas) if deltas else weight

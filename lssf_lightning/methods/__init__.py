@@ -8,7 +8,6 @@ accept every registered name.
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from lssf_lightning.config import (
 )
 from lssf_lightning.io.lora import MergedLoraStore
 from lssf_lightning.io.weights import WeightStore
-from lssf_lightning.methods.base import Edit, Planner, apply_edits
+from lssf_lightning.methods.base import Correction, Edit, LowRankPlanner, Planner, apply_edits
 from lssf_lightning.methods.lssf import LSSF
 from lssf_lightning.methods.resta import Resta, resta
 from lssf_lightning.methods.safelora import SafeLoRA, safelora
@@ -33,7 +32,12 @@ from lssf_lightning.validation import SettingError, check_choice
 __all__ = [
     "LSSF",
     "METHODS",
+    "Correction",
     "Edit",
+    "LSSFErosion",
+    "LSSFReset",
+    "LSSFTwoSided",
+    "LowRankPlanner",
     "MethodInputs",
     "Planner",
     "Resta",
@@ -139,6 +143,6 @@ def _safelora(inputs: MethodInputs) -> SafeLoRA:
     return SafeLoRA(inputs.aligned, inputs.unaligned, inputs.options.get("threshold", DEFAULT_THRESHOLD))
 
 
-# The fusion variants register themselves on import: lssf-reset, lssf-erosion. Imported last (they
-# use register_method, defined above), so `import lssf_lightning.methods` always lists every method.
-importlib.import_module("lssf_lightning.methods.variants")
+# The fusion variants register themselves on import: lssf-reset, lssf-erosion, lssf-two-sided. Imported
+# last (they use register_method, defined above), so `import lssf_lightning.methods` lists every method.
+from lssf_lightning.methods.variants import LSSFErosion, LSSFReset, LSSFTwoSided  # noqa: E402

@@ -12,14 +12,14 @@ from __future__ import annotations
 import contextlib
 import copy
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
 from lssf_lightning.io.weights import ModuleStore, WeightStore, open_weights
 
-__all__ = ["Edit", "Planner", "apply_edits", "temporarily_edited"]
+__all__ = ["Correction", "Edit", "LowRankPlanner", "Planner", "apply_edits", "temporarily_edited"]
 
 Edit = Callable[[Tensor], Tensor]
 """A per-tensor edit: the stored tensor in, its replacement (a new tensor, same shape and dtype) out."""
@@ -38,6 +38,36 @@ class Planner(Protocol):
 
     def summary(self) -> dict[str, Any]:
         """What the method did, for reports (read after the edits ran)."""
+        ...
+
+
+class Correction(NamedTuple):
+    """A rank-``k`` edit ``W ← W + left @ right`` in the output-major ``(d_out, d_in)`` layout (transposed
+    for a GPT-2 ``Conv1D`` weight, ``conv1d``); ``dtype`` is the factors' natural storage dtype."""
+
+    left: Tensor
+    right: Tensor
+    conv1d: bool
+    dtype: torch.dtype
+
+    @property
+    def rank(self) -> int:
+        return int(self.left.shape[1])
+
+
+@runtime_checkable
+class LowRankPlanner(Planner, Protocol):
+    """A planner whose every edit is a low-rank correction (the LSSF forms): what a LoRA adapter can carry.
+
+    ``reads_weights`` says whether a correction depends on the weight it corrects (the reset forms) or not
+    (the additive form: the weight passed is then ``None``).
+    """
+
+    reads_weights: bool
+
+    def low_rank_plan(self, target: WeightStore) -> dict[str, Callable[[Tensor | None], Correction | None]]:
+        """``{key of target: W ↦ its Correction}`` (``None`` for a matrix left unchanged), matched and checked
+        as :meth:`Planner.plan`."""
         ...
 
 

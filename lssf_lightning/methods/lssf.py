@@ -7,14 +7,17 @@ drops it after, so a streamed realignment never holds the factors of the whole m
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
+
+from torch import Tensor
 
 from lssf_lightning.config import DEFAULT_ALPHA, SubspaceConfig
 from lssf_lightning.io.names import KeyMatcher
 from lssf_lightning.io.weights import WeightsLike, WeightStore
-from lssf_lightning.methods.base import Edit
+from lssf_lightning.methods.base import Correction, Edit
 from lssf_lightning.subspace import (
     SafetySubspace,
     SubspaceBuilder,
@@ -36,6 +39,8 @@ class LSSF:
         allow_partial: edit the weights the target and the subspace have in common (a warning gives the
             counts) instead of refusing a target whose targeted weights do not correspond.
     """
+
+    reads_weights = False  # the additive term does not depend on the weight it corrects
 
     def __init__(
         self,
@@ -82,7 +87,9 @@ class LSSF:
             return self.subspace.build(name)
         return self.subspace[name]
 
-    def _shapes(self) -> dict[str, tuple[int, ...]]:
+    @property
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """``{matrix: its stored shape}``."""
         if isinstance(self.subspace, SubspaceBuilder):
             return {n: tuple(self.subspace.aligned.shape(k)) for n, (k, _) in self.subspace.pairs.items()}
         return {n: e.shape for n, e in self.subspace.entries.items()}
@@ -94,6 +101,14 @@ class LSSF:
         subspace's selection (its recorded ``target_modules`` / ``exclude_modules``) targets needs a subspace
         matrix, unless ``allow_partial``.
         """
+        return {key: self._edit(name) for key, name in self._match(target).items()}
+
+    def low_rank_plan(self, target: WeightStore) -> dict[str, Callable[[Tensor | None], Correction | None]]:
+        """As :meth:`plan`, each edit as its rank-``r`` factors (for a LoRA adapter)."""
+        return {key: functools.partial(self._low_rank, name) for key, name in self._match(target).items()}
+
+    def _match(self, target: WeightStore) -> dict[str, str]:
+        """``{target key: subspace name}``; refuses a target that does not correspond (see :meth:`plan`)."""
         names = self.names
         two_d = [k for k in target if len(target.shape(k)) == 2]
         matched = KeyMatcher(names).match_all(two_d)
@@ -113,7 +128,7 @@ class LSSF:
             allow_partial=self.allow_partial,
             pool=two_d,
         )
-        shapes = self._shapes()
+        shapes = self.shapes
         bad = [
             f"{k}: {tuple(target.shape(k))} vs {shapes[n]}"
             for k, n in matched.items()
@@ -123,10 +138,18 @@ class LSSF:
             raise ValueError(
                 f"weights of {target.location} do not have the subspace's shapes, e.g. {bad[:3]}"
             )
-        return {key: self._edit(name) for key, name in matched.items()}
+        return matched
 
     def _edit(self, name: str) -> Edit:
         return lambda weight: self._entry(name).fuse(weight, self.alpha, name)
+
+    def _low_rank(self, name: str, weight: Tensor | None) -> Correction | None:
+        """Eq. 13's term as ``(α·U', U'ᵀδ)`` (float64; ``weight`` is not needed)."""
+        entry = self._entry(name)
+        if entry.rank == 0 or self.alpha == 0:
+            return None
+        left, right = self.alpha * entry.left.double(), entry.right.double()
+        return Correction(left, right, entry.conv1d, entry.left.dtype)
 
     def summary(self) -> dict[str, Any]:
         """``α`` and the mean rank of the entries used (a builder's fill in as they are built)."""

@@ -27,12 +27,13 @@ from lssf_lightning.core.variants import two_sided_reset_factors, variant_factor
 from lssf_lightning.io.names import KeyMatcher
 from lssf_lightning.io.weights import WeightsLike, WeightStore, open_weights
 from lssf_lightning.methods import register_method
-from lssf_lightning.methods.base import Edit
+from lssf_lightning.methods.base import Correction, Edit
 from lssf_lightning.methods.lssf import LSSF
 from lssf_lightning.subspace import SafetySubspace, SubspaceBuilder, SubspaceEntry
 from lssf_lightning.validation import SettingError, check_finite
 
 __all__ = ["LSSFErosion", "LSSFReset", "LSSFTwoSided"]
+
 
 class _ReferenceFusion(LSSF):
     """An LSSF-subspace fusion form whose correction of each matrix also reads that matrix in one model of the
@@ -41,6 +42,7 @@ class _ReferenceFusion(LSSF):
     form = "additive"
     method = "lssf"
     reference = "unaligned"
+    reads_weights = True
     # The factory's option names, in the order the constructor takes them after the reference weights.
     options: tuple[str, ...] = ("alpha", "add")
 
@@ -69,24 +71,27 @@ class _ReferenceFusion(LSSF):
         """``(L, R)`` of the correction ``W ← W + L·R`` (output-major ``weight`` and ``reference``)."""
         raise NotImplementedError
 
+    def _low_rank(self, name: str, weight: Tensor | None) -> Correction | None:
+        """The form's ``(L, R)`` for the stored ``weight`` of ``name`` (``None`` for a rank-0 matrix)."""
+        entry = self._entry(name)
+        if weight is None or tuple(weight.shape) != entry.shape:
+            shape = None if weight is None else tuple(weight.shape)
+            raise ValueError(f"{name}: weight of shape {shape} does not match the subspace's {entry.shape}")
+        if entry.rank == 0:
+            return None
+        reference = self._reference_weight(name)
+        if entry.conv1d:
+            weight, reference = weight.detach().T, reference.T
+        left, right = self._factors(entry, weight.detach(), reference)
+        return Correction(left, right, entry.conv1d, entry.left.dtype)
+
     def _edit(self, name: str) -> Edit:
         def edit(weight: Tensor) -> Tensor:
-            entry = self._entry(name)
-            if tuple(weight.shape) != entry.shape:
-                raise ValueError(
-                    f"{name}: weight of shape {tuple(weight.shape)} does not match the subspace's "
-                    f"{entry.shape}"
-                )
-            if entry.rank == 0:
+            correction = self._low_rank(name, weight)
+            if correction is None:
                 return weight.detach().clone()
-            reference = self._reference_weight(name)
-            if entry.conv1d:
-                weight_out, reference = weight.detach().T, reference.T
-            else:
-                weight_out = weight.detach()
-            left, right = self._factors(entry, weight_out, reference)
-            product = left @ right
-            return add_correction(weight.detach(), product.T if entry.conv1d else product)
+            product = correction.left @ correction.right
+            return add_correction(weight.detach(), product.T if correction.conv1d else product)
 
         return edit
 
