@@ -6,12 +6,14 @@ a few hundred corruptions in-process.
 """
 
 import copy
+import io
 import json
 import os
 import random
 import struct
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -32,7 +34,21 @@ from lssf_lightning.metrics.prompts import load_prompts
 from lssf_lightning.subspace import SafetySubspace
 from lssf_lightning.validation import SettingError
 
-ORIGINAL = Path("/tmp/lssf_orig")
+PREVIOUS_RELEASE = "871706d"  # the last commit of the 0.1 code, read from this repository's history
+
+
+@pytest.fixture(scope="module")
+def previous_release(tmp_path_factory) -> Path:
+    """The 0.1 package, extracted with ``git archive`` (skipped where the checkout has no history)."""
+    root = Path(__file__).resolve().parents[1]
+    archive = subprocess.run(["git", "-C", str(root), "archive", PREVIOUS_RELEASE, "lssf_lightning"],
+                             capture_output=True)
+    if archive.returncode != 0:
+        pytest.skip(f"commit {PREVIOUS_RELEASE} (the 0.1 code) is not in this checkout's git history")
+    target = tmp_path_factory.mktemp("release-0.1")
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(target, filter="data")
+    return target
 
 
 def split(path: Path) -> tuple[dict, bytes]:
@@ -230,13 +246,12 @@ def test_a_nan_factor_is_refused_when_loaded(subspace_file, tmp_path):
         SafetySubspace.load(bad)
 
 
-@pytest.mark.skipif(not ORIGINAL.is_dir(), reason="needs the pre-session code at /tmp/lssf_orig")
-def test_subspace_files_written_by_the_previous_release_still_load(llama_trio, tmp_path):
+def test_subspace_files_written_by_the_previous_release_still_load(previous_release, llama_trio, tmp_path):
     old = tmp_path / "old.safetensors"
     script = ("import sys, torch; torch.set_num_threads(1); "
               "from lssf_lightning.subspace import SafetySubspace; "
               "SafetySubspace.from_weights(sys.argv[1], sys.argv[2], progress=False).save(sys.argv[3])")
-    env = {**os.environ, "PYTHONPATH": str(ORIGINAL)}
+    env = {**os.environ, "PYTHONPATH": str(previous_release)}
     subprocess.run([sys.executable, "-c", script, llama_trio.aligned, llama_trio.base, old], check=True,
                    env=env, cwd=tmp_path, capture_output=True)
     loaded = SafetySubspace.load(old)
