@@ -258,15 +258,21 @@ def test_lora_adapters_written_sized_served_and_capped(llama_trio, tmp_path):
         return {"harmful_refusal": float(sum(t * 7**i for i, t in enumerate(tokens))),
                 "perplexity": float(logits.std()), "responses": {}}
 
+    def check(model):
+        result = evaluate(model, "")
+        answers = [{"response": str(result["harmful_refusal"])}]
+        return {"harmful_refusal": result["harmful_refusal"], "responses": {"harmful": answers}}
+
     with temporarily_edited(merged, planner()):
         scores = {"realigned": evaluate(merged, "realigned")}
     config = DemoConfig.quick(adapter_rank_caps=(6,))
     run = _Run(config=config, quick=True, output=tmp_path, cache=tmp_path, log=_Progress(),
                aligned_dir=Path(llama_trio.aligned))
     before = {k: v.clone() for k, v in peft_model.state_dict().items()}
-    report = lora_adapters(run, peft_model, merged, planner, evaluate, scores)
+    report = lora_adapters(run, peft_model, merged, planner, evaluate, check, scores)
 
-    assert report["refusals_equal_merged"], report["differences_merged"]
+    assert report["refusals_equal_merged"], report["float32_check"]
+    assert report["float32_check"]["different_answers"] == 0 and report["float32_check"]["answers"] == 1
     assert report["max_relative_weight_difference"] < 1e-5
     for name in ("realigned_adapter", "realigned_adapter_merged"):
         assert scores[name]["harmful_refusal"] == scores["realigned"]["harmful_refusal"]

@@ -627,7 +627,13 @@ def _lora_stage(run: _Run) -> None:
     def evaluate(model, name):
         return _evaluate(model, tokenizer, run.test_sets, config, log, name)
 
-    adapters = lora_adapters(run, peft_model, merged, planner, evaluate, scores)
+    refusal_sets = replace(run.test_sets, task=[], utility=[])
+
+    def check(model):  # the refusal sets in the models' own float32 (bf16 turns 1e-8 into answer flips)
+        return evaluate_model(model, tokenizer, refusal_sets, max_new_tokens=config.eval_new_tokens,
+                              batch_size=config.eval_batch_size)
+
+    adapters = lora_adapters(run, peft_model, merged, planner, evaluate, check, scores)
     del merged
     projector = SafeLoRA(str(run.aligned_dir), str(run.base_dir), config.lora_grid.safelora[0])
     with temporarily_edited(peft_model, projector):
@@ -648,7 +654,7 @@ def _lora_stage(run: _Run) -> None:
     }
 
 
-def lora_adapters(run: _Run, peft_model, merged, planner, evaluate, scores: dict) -> dict:
+def lora_adapters(run: _Run, peft_model, merged, planner, evaluate, check, scores: dict) -> dict:
     """The LoRA run's realignment as peft LoRA adapters; returns their sizes and what serving them scores.
 
     Writes the *safety adapter* (the correction alone: onto the merged fine-tune, or stacked with the task
@@ -657,12 +663,15 @@ def lora_adapters(run: _Run, peft_model, merged, planner, evaluate, scores: dict
     unmerged, as a LoRA server computes it (``scores["realigned_adapter"]``), and merged
     (``scores["realigned_adapter_merged"]``, to set beside the realigned model's ``scores["realigned"]``, with
     the largest weight difference); and merged at each of ``config.adapter_rank_caps``
-    (``scores["realigned_adapter_r<cap>"]``: what the cap costs).
+    (``scores["realigned_adapter_r<cap>"]``: what the cap costs). The exact comparison is ``check(model)``
+    (the refusal sets in float32) of the merged adapter against the realigned model: the same answers, the
+    same refusal rates.
     ``planner`` makes the recommended fusion form; ``evaluate(model, name)`` scores a model on test.
     """
     from peft import PeftModel
 
     from lssf_lightning.io.lora_export import write_model_adapter
+    from lssf_lightning.methods.base import temporarily_edited
 
     config, log = run.config, run.log
     with tempfile.TemporaryDirectory(prefix="lssf-demo-adapters-") as scratch:
@@ -680,6 +689,9 @@ def lora_adapters(run: _Run, peft_model, merged, planner, evaluate, scores: dict
         weight_error = _max_relative_difference(loaded, merged, planner)
         log.info(f"combined adapter merged by peft vs the realigned model: weights differ by at most "
                  f"{weight_error:.1e} (relative, per matrix)")
+        with temporarily_edited(merged, planner()):
+            exact = {"realigned": check(merged)}
+        exact["adapter"] = check(loaded)
         del served, loaded
         caps = {}
         for cap in config.adapter_rank_caps:
@@ -696,14 +708,22 @@ def lora_adapters(run: _Run, peft_model, merged, planner, evaluate, scores: dict
         return {k: [v, other.get(k)] for k, v in realigned.items() if other.get(k) != v}
 
     merged_differ, served_differ = differences("realigned_adapter_merged"), differences("realigned_adapter")
-    refusals_equal = not any("refusal" in k for k in merged_differ)
-    log.info("combined adapter, merged, vs the realigned model on test: "
-             + ("the same refusal rates" if refusals_equal else "refusal rates differ")
-             + (f"; differences {merged_differ}" if merged_differ else "; every score the same")
-             + f"; served unmerged: {served_differ or 'every score the same'}")
+    rates = {name: _scores(result) for name, result in exact.items()}
+    answers = [(a["response"], b["response"]) for key in exact["realigned"]["responses"]
+               for a, b in zip(exact["realigned"]["responses"][key], exact["adapter"]["responses"][key])]
+    different = sum(a != b for a, b in answers)
+    refusals_equal = rates["realigned"] == rates["adapter"]
+    log.info(f"float32 check, combined adapter vs the realigned model: {different} of {len(answers)} "
+             f"refusal-set answers differ; refusal rates {'equal' if refusals_equal else 'differ'} "
+             f"({rates['adapter']})")
+    log.info(f"bf16 test evaluation: merged adapter {merged_differ or 'the same scores'}; served unmerged "
+             f"{served_differ or 'the same scores'} (against the realigned model)")
     return {"safety": safety.to_dict(), "combined": combined.to_dict(), "rank_caps": caps,
-            "max_relative_weight_difference": weight_error, "refusals_equal_merged": refusals_equal,
-            "differences_merged": merged_differ, "differences_served_unmerged": served_differ}
+            "max_relative_weight_difference": weight_error,
+            "float32_check": {"refusal_rates": rates, "different_answers": different,
+                              "answers": len(answers)},
+            "refusals_equal_merged": refusals_equal,
+            "bf16_differences_merged": merged_differ, "bf16_differences_served_unmerged": served_differ}
 
 
 def _max_relative_difference(model, merged, planner) -> float:
