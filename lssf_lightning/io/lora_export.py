@@ -353,31 +353,25 @@ def realign_as_adapter(
     ``method_options``) over ``subspace`` (an object or file) or a subspace built from ``aligned`` and
     ``unaligned`` with ``config``.
     """
-    from lssf_lightning.config import SubspaceConfig
+    from lssf_lightning.config import split_legacy
     from lssf_lightning.io.guard import check_output
-    from lssf_lightning.io.hub import resolve_model
-    from lssf_lightning.io.lora import LoraAdapter, is_adapter_dir
-    from lssf_lightning.io.weights import open_weights
+    from lssf_lightning.io.lora import MergedLoraStore
     from lssf_lightning.methods import MethodInputs, make_planner
     from lssf_lightning.methods.base import LowRankPlanner
+    from lssf_lightning.realign import open_finetuned
     from lssf_lightning.validation import SettingError
 
-    path = resolve_model(finetuned, what="finetuned") if isinstance(finetuned, str) else Path(finetuned)
-    check_output(output, [path, aligned, unaligned, subspace], overwrite=overwrite)  # before any SVD
-    lora = is_adapter_dir(path)
-    base = finetuned
-    if lora:
-        base = aligned if aligned is not None else LoraAdapter(path).base_model_path
-        if base is None:
-            raise ValueError(
-                f"finetuned {path} is a LoRA adapter without a recorded base model: pass --aligned"
-            )
+    config = split_legacy(config, {}, "realign_as_adapter")
+    check_output(output, [finetuned, aligned, unaligned, subspace, config.calibration], overwrite=overwrite)
     if subspace is None and (aligned is None or unaligned is None):
         raise SettingError("--as-adapter needs --aligned and --unaligned, or a precomputed --subspace")
-    store = open_weights(base, name="base model")
+    store, _ = open_finetuned(finetuned, aligned)  # a LoRA adapter: its base + task LoRA, merged lazily
+    lora = isinstance(store, MergedLoraStore)
+    # A LoRA run's base is its aligned model: --aligned, else the adapter's recorded base (as given: a hub ID
+    # stays one in the written adapter_config.json).
+    base = (aligned if aligned is not None else store.adapter.base_model_path) if lora else aligned
     options = {"alpha": alpha, **(method_options or {})}
-    inputs = MethodInputs(store, aligned if aligned is not None else (base if lora else None), unaligned,
-                          subspace, config or SubspaceConfig(), options, allow_partial, progress)
+    inputs = MethodInputs(store, base, unaligned, subspace, config, options, allow_partial, progress)
     planner = make_planner(method, inputs)
     if not isinstance(planner, LowRankPlanner):
         raise SettingError(
@@ -387,7 +381,7 @@ def realign_as_adapter(
     settings = {"max_rank": max_rank, "overwrite": overwrite}
     if not lora:
         return write_lora_adapter(planner, output, base_model=finetuned, **settings)
-    return write_lora_adapter(planner, output, base_model=base, task_adapter=path, **settings)
+    return write_lora_adapter(planner, output, base_model=base, task_adapter=store.adapter.path, **settings)
 
 
 def write_model_adapter(
