@@ -308,55 +308,34 @@ def _run_subspace(args) -> None:
 
 
 def _run_realign(args) -> None:
-    if args.as_adapter:
-        return _run_realign_adapter(args)
+    from lssf_lightning.io.lora_export import realign_as_adapter
     from lssf_lightning.realign import realign_checkpoint
 
+    common = {
+        "aligned": args.aligned,
+        "unaligned": args.unaligned,
+        "subspace": args.subspace,
+        "config": _subspace_config(args),
+        "method": args.method,
+        "alpha": args.alpha,
+        "method_options": {"add": args.add, "input_share": args.input_share},  # the LSSF forms' own
+        "overwrite": args.overwrite,
+        "allow_partial": args.allow_partial,
+    }
+    if args.as_adapter:
+        print(realign_as_adapter(args.finetuned, args.output, max_rank=args.adapter_max_rank, **common))
+        return
     report = realign_checkpoint(
         args.finetuned,
         args.output,
-        aligned=args.aligned,
-        unaligned=args.unaligned,
-        method=args.method,
-        subspace=args.subspace,
-        config=_subspace_config(args),
-        alpha=args.alpha,
         beta=args.beta,
         drop_rate=args.drop_rate,
         seed=args.seed,
         threshold=args.threshold,
         max_shard_bytes=args.max_shard_size,
-        overwrite=args.overwrite,
-        allow_partial=args.allow_partial,
-        method_options=_method_options(args),
+        **common,
     )
     print(report)
-
-
-def _method_options(args) -> dict[str, float]:
-    """The LSSF fusion forms' own options (``--add``, ``--input-share``)."""
-    return {"add": args.add, "input_share": args.input_share}
-
-
-def _run_realign_adapter(args) -> None:
-    from lssf_lightning.io.lora_export import realign_as_adapter
-
-    print(
-        realign_as_adapter(
-            args.finetuned,
-            args.output,
-            aligned=args.aligned,
-            unaligned=args.unaligned,
-            subspace=args.subspace,
-            config=_subspace_config(args),
-            method=args.method,
-            alpha=args.alpha,
-            method_options=_method_options(args),
-            max_rank=args.adapter_max_rank,
-            overwrite=args.overwrite,
-            allow_partial=args.allow_partial,
-        )
-    )
 
 
 def _run_inspect(args) -> None:
