@@ -686,11 +686,11 @@ def lora_adapters(run: _Run, peft_model, merged, planner, evaluate, check, score
         scores["realigned_adapter"] = evaluate(served, "LoRA realigned, its combined adapter served unmerged")
         loaded = served.merge_and_unload()
         scores["realigned_adapter_merged"] = evaluate(loaded, "LoRA realigned, its combined adapter merged")
-        weight_error = _max_relative_difference(loaded, merged, planner)
+        with temporarily_edited(merged, planner()):  # the realigned model, for this block
+            weight_error = _max_relative_difference(loaded, merged)
+            exact = {"realigned": check(merged)}
         log.info(f"combined adapter merged by peft vs the realigned model: weights differ by at most "
                  f"{weight_error:.1e} (relative, per matrix)")
-        with temporarily_edited(merged, planner()):
-            exact = {"realigned": check(merged)}
         exact["adapter"] = check(loaded)
         del served, loaded
         caps = {}
@@ -726,19 +726,15 @@ def lora_adapters(run: _Run, peft_model, merged, planner, evaluate, check, score
             "bf16_differences_merged": merged_differ, "bf16_differences_served_unmerged": served_differ}
 
 
-def _max_relative_difference(model, merged, planner) -> float:
-    """The largest ``‖W_model − W_realigned‖ / ‖W_realigned‖`` over the matrices ``planner`` edits, with the
-    realigned weights made by applying ``planner`` to ``merged`` (for the ``with`` block only)."""
-    from lssf_lightning.methods.base import temporarily_edited
-
+def _max_relative_difference(model, reference) -> float:
+    """The largest ``‖W_model − W_reference‖ / ‖W_reference‖`` over the 2-D parameters both have."""
     weights = dict(model.named_parameters())
     worst = 0.0
-    with temporarily_edited(merged, planner()):
-        for name, value in merged.named_parameters():
-            if name in weights and value.ndim == 2:
-                reference = value.detach().double()
-                difference = (weights[name].detach().double() - reference).norm()
-                worst = max(worst, float(difference / reference.norm().clamp_min(1e-30)))
+    for name, value in reference.named_parameters():
+        if name in weights and value.ndim == 2:
+            expected = value.detach().double()
+            difference = (weights[name].detach().double() - expected).norm()
+            worst = max(worst, float(difference / expected.norm().clamp_min(1e-30)))
     return worst
 
 
