@@ -73,16 +73,16 @@ class AdapterReport:
         }
 
     def __str__(self) -> str:
-        ranks = list(self.ranks.values())
+        numbers = self.to_dict()
         text = (
-            f"LoRA adapter: {len(ranks)} modules, rank {min(ranks, default=0)}–{self.max_rank} "
-            f"(mean {sum(ranks) / max(len(ranks), 1):.1f}), {self.adapter_bytes / 2**20:.2f} MiB"
+            f"LoRA adapter: {numbers['modules']} modules, rank {numbers['min_rank']}–{numbers['max_rank']} "
+            f"(mean {sum(self.ranks.values()) / max(len(self.ranks), 1):.1f}), "
+            f"{self.adapter_bytes / 2**20:.2f} MiB"
         )
         if self.model_bytes:
-            share, size = self.adapter_bytes / self.model_bytes, self.model_bytes / 2**20
-            text += f" = {share:.2%} of the model's {size:.1f} MiB"
+            text += f" = {numbers['share_of_model']:.2%} of the model's {self.model_bytes / 2**20:.1f} MiB"
         if self.energy_kept:
-            text += f"; rank cap keeps ≥ {min(self.energy_kept.values()):.2%} of each capped term's energy"
+            text += f"; rank cap keeps ≥ {numbers['min_energy_kept']:.2%} of each capped term's energy"
         return f"{text} → {self.directory}"
 
 

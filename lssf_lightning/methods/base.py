@@ -50,10 +50,6 @@ class Correction(NamedTuple):
     conv1d: bool
     dtype: torch.dtype
 
-    @property
-    def rank(self) -> int:
-        return int(self.left.shape[1])
-
 
 @runtime_checkable
 class LowRankPlanner(Planner, Protocol):
