@@ -299,6 +299,11 @@ class SafetySubspace:
         lazy = isinstance(entries, Mapping) and not isinstance(entries, dict)
         self.entries = entries if lazy else dict(entries)
         self.metadata = dict(metadata or {})
+        self.source: Path | None = None  # the file it was loaded from (an input no output may overlap)
+
+    def input_paths(self) -> list[Path]:
+        """The file it was loaded from, if any (for the output guard)."""
+        return [self.source] if self.source is not None else []
 
     # -- building ---------------------------------------------------------------------------------------
     @classmethod
@@ -543,7 +548,7 @@ class SafetySubspace:
         checked finite, so a damaged or tampered file is refused with one line naming the file and the field.
         """
         entries, metadata = read_subspace_file(path, map_location)
-        return cls(
+        subspace = cls(
             {
                 key: SubspaceEntry(
                     left=e["left"],
@@ -557,6 +562,8 @@ class SafetySubspace:
             },
             metadata,
         )
+        subspace.source = Path(path).expanduser()
+        return subspace
 
 
 class SubspaceBuilder:
@@ -601,6 +608,10 @@ class SubspaceBuilder:
         self._calibration_stats: dict[str, int] | None = None
         self._fingerprint = _Fingerprint(self.settings)
         self.ranks: dict[str, int] = {}
+
+    def input_paths(self) -> list:
+        """The aligned and unaligned weights it reads (for the output guard)."""
+        return [self.aligned, self.unaligned]
 
     @property
     def names(self) -> list[str]:

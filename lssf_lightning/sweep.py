@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -608,8 +609,15 @@ def sweep_checkpoints(
     max_new_tokens: int = 16,
     progress: bool = True,
     log: Callable[[str], None] | None = print,
+    overwrite: bool = False,
+    data_files: Sequence[str | os.PathLike] = (),
 ) -> dict[str, Any]:
     """Sweep ``grid`` on a fine-tuned checkpoint and write ``sweep.json`` and ``front.png`` into ``output``.
+
+    ``output`` goes through the output guard (:mod:`lssf_lightning.io.guard`), checked and locked before any
+    work: refused when it is, contains or lies inside an input (the three models, ``data_files``); an existing
+    one is replaced only with ``overwrite`` and only if it holds files lssf_lightning writes; a second sweep
+    into the same output fails at once on the lock.
 
     Args:
         finetuned: the fine-tuned HF directory or peft LoRA adapter directory (its base: ``aligned``).
@@ -625,20 +633,32 @@ def sweep_checkpoints(
         max_new_tokens: tokens generated per answer.
         progress: progress bars.
         log: called with one line per scored point.
+        overwrite: replace an existing ``output``.
+        data_files: the prompt and text files ``harmful``, ``harmless`` and ``utility_texts`` were read
+            from (inputs the output must not overlap).
 
     Returns:
         The content of ``sweep.json`` (see :func:`sweep_report`).
     """
+    from lssf_lightning.io.guard import guarded_output
+
+    inputs = [finetuned, aligned, unaligned, list(data_files)]
+    with guarded_output(output, inputs, overwrite=overwrite) as staging:  # checked and locked before any work
+        report = _sweep(finetuned, aligned, unaligned, staging, grid, rule, harmful, harmless, utility_texts,
+                        max_new_tokens, progress, log)
+    return report
+
+
+def _sweep(finetuned, aligned, unaligned, output: Path, grid, rule, harmful, harmless, utility_texts,
+           max_new_tokens, progress, log) -> dict[str, Any]:
+    """:func:`sweep_checkpoints`' work, writing into the staging directory ``output``."""
     from transformers import AutoTokenizer
 
     from lssf_lightning.config import SubspaceConfig
-    from lssf_lightning.io.guard import check_output
+    from lssf_lightning.io.guard import write_json
     from lssf_lightning.metrics import load_prompts
     from lssf_lightning.metrics.perplexity import load_utility_texts
 
-    output = Path(output).expanduser()
-    # Refuses an output that is, holds or lies in an input; an existing results directory is written into.
-    check_output(output, [finetuned, aligned, unaligned], overwrite=True, replaceable=lambda _: None)
     grid = grid or SweepGrid(subspaces=(SubspaceConfig(eta=0.8),))
     rule = rule or SelectionRule()
     tokenizer = AutoTokenizer.from_pretrained(finetuned if Path(finetuned, "tokenizer_config.json").is_file()
@@ -666,10 +686,9 @@ def sweep_checkpoints(
     chosen = recommend(points, rule, reference=reference, aligned=aligned_point)
     report = sweep_report(points, chosen, reference=reference, aligned=aligned_point, rule=rule,
                           build_seconds=builds)
-    output.mkdir(parents=True, exist_ok=True)
     plot_front(points, output / "front.png", reference=reference, aligned=aligned_point,
                recommended=chosen.point, limits=chosen.limits)
-    _write_json(output / "sweep.json", report)
+    write_json(output / "sweep.json", report)
     if log:
         log(f"recommended: {describe(chosen.point)}" + ("" if chosen.reached else " (target not reached)")
             + ("" if chosen.acceptable else " (no point within the budget)"))
@@ -687,15 +706,6 @@ class _Sized:
 
     def __len__(self) -> int:
         return self._length
-
-
-def _write_json(path: Path, data: Any) -> None:
-    import json
-    import os
-
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # -- alpha="auto": the same rule along one α curve -----------------------------------------------------------
@@ -889,6 +899,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="aligned model (HF directory; the base of a LoRA adapter)")
     parser.add_argument("--unaligned", required=True, help="unaligned counterpart (HF directory)")
     parser.add_argument("--output", required=True, help="directory for sweep.json and front.png")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing output (only if it holds files lssf_lightning writes)")
     grid = parser.add_argument_group("grid")
     grid.add_argument("--etas", type=_number_list, default=(0.8,), help="subspace η values (default 0.8)")
     grid.add_argument("--max-ranks", default="none",
@@ -936,6 +948,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """``lssf-lightning sweep ...``: see :func:`build_parser`."""
     from lssf_lightning.config import SubspaceConfig
+    from lssf_lightning.io.guard import check_output
     from lssf_lightning.metrics import load_prompts
     from lssf_lightning.metrics.perplexity import load_utility_texts
 
@@ -953,10 +966,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     grid = SweepGrid(
         subspaces, args.alphas, args.reset, args.erosion, args.resta, args.safelora, args.two_sided
     )
+    # The files read are inputs; bundled set names are not paths.
+    data_files = [f for f in (args.harmful, args.harmless, args.utility) if f and os.path.lexists(f)]
+    check_output(args.output, [args.finetuned, args.aligned, args.unaligned, data_files],
+                 overwrite=args.overwrite)  # before reading anything
     sweep_checkpoints(
         args.finetuned, args.aligned, args.unaligned, args.output, grid=grid, rule=rule,
         harmful={"harmful": load_prompts(args.harmful)} if args.harmful else None,
         harmless=load_prompts(args.harmless) if args.harmless else None,
         utility_texts=load_utility_texts(args.utility, "validation"), max_new_tokens=args.max_new_tokens,
+        overwrite=args.overwrite, data_files=data_files,
     )
     return 0

@@ -47,6 +47,7 @@ __all__ = [
     "apply_fixup",
     "build_subspace",
     "check_alpha",
+    "check_outputs",
     "check_apply_epochs",
     "checkpoint_info",
     "checkpoint_subspace",
@@ -60,6 +61,7 @@ __all__ = [
     "load_or_build_subspace",
     "make_fixup",
     "matched_keys",
+    "model_source",
     "named_tensors",
     "read_cache",
     "realign_in_place",
@@ -370,16 +372,18 @@ def export_realigned(
     names: Mapping[str, str | None] | None = None,
     write_support_files: Callable[[Path], object] | None = None,
     inputs: Any = (),
+    overwrite: bool = False,
     progress: bool = False,
 ) -> Path:
     """Stream ``store`` (a :class:`~lssf_lightning.io.weights.WeightStore`) into a HF model directory with
     ``α·U'U'ᵀδ`` added to each matched tensor (``alpha``: the missing strength), atomically; refused when the
-    directory overlaps ``inputs`` (model paths, the cache) or holds other files than a model."""
+    directory overlaps ``inputs`` (model paths, Trainer folders, the cache), or exists and ``overwrite`` is
+    false or it holds files lssf_lightning does not write."""
     from lssf_lightning.methods import LSSF  # the edit protocol shared with realign and SafetySubspace.fuse
 
     edits = LSSF(subspace, alpha).plan(store)
     write_model_directory(store, directory, edits=edits, names=names, write_support_files=write_support_files,
-                          overwrite=True, inputs=inputs, progress=progress)
+                          overwrite=overwrite, inputs=inputs, progress=progress)
     return Path(directory)
 
 
@@ -390,22 +394,55 @@ def export_adapter(
     alpha: float,
     max_rank: int | None = None,
     info: Callable[[str], object] | None = None,
+    *,
+    overwrite: bool = False,
+    inputs: Any = (),
 ):
     """Both callbacks' ``export_adapter_dir``: ``α·U'U'ᵀδ`` (``alpha``: the missing strength) for ``model``'s
     live weights as a peft LoRA adapter (:func:`~lssf_lightning.io.lora_export.write_model_adapter`; a peft
     LoRA ``model`` gets ONE adapter with its task LoRA, to load on the aligned model). Skipped with a warning
     for sharded (FSDP) weights, which it cannot read whole on one rank; returns the report (also passed to
-    ``info`` as one line), or ``None``."""
+    ``info`` as one line), or ``None``. ``overwrite`` and ``inputs``: as in :func:`export_realigned`."""
     from lssf_lightning.io.lora_export import write_model_adapter
 
     if any(distributed.is_dtensor(p) for p in model.parameters()) or _fsdp1_wrapped(model):
         warnings.warn(f"export_adapter_dir={os.fspath(directory)!r} skipped: the weights are sharded (FSDP); "
                       "run `lssf-lightning realign --as-adapter` on the exported model instead", stacklevel=2)
         return None
-    report = write_model_adapter(model, subspace, directory, alpha=alpha, max_rank=max_rank, overwrite=True)
+    report = write_model_adapter(model, subspace, directory, alpha=alpha, max_rank=max_rank,
+                                 overwrite=overwrite, inputs=inputs)
     if info is not None:
         info(f"LSSF: wrote the {report}")
     return report
+
+
+def model_source(model: torch.nn.Module) -> str | None:
+    """The path or hub ID ``model`` was loaded from (``config._name_or_path`` of the base model), if any."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    name = getattr(getattr(base, "config", None), "_name_or_path", None)
+    return str(name) if name else None
+
+
+def check_outputs(
+    outputs: Sequence[str | os.PathLike | None],
+    inputs: Any,
+    *,
+    overwrite: bool,
+    cache: str | os.PathLike | None = None,
+    cache_inputs: Any = (),
+) -> None:
+    """Both callbacks' output check, before training and (through the guard) again at commit: each output
+    directory must not be, contain or lie inside one of ``inputs`` or another output, and an existing one is
+    replaced only with ``overwrite`` and only if it holds files lssf_lightning writes
+    (:func:`~lssf_lightning.io.guard.check_output`); the ``cache`` file must not overlap ``cache_inputs``.
+    Raises the guard's one-line errors."""
+    from lssf_lightning.io.guard import check_output, check_overlap
+
+    given = [o for o in outputs if o]
+    for index, output in enumerate(given):
+        check_output(output, [inputs, given[:index], given[index + 1:]], overwrite=overwrite)
+    if cache:
+        check_overlap(cache, cache_inputs)
 
 
 def _fsdp1_wrapped(model: torch.nn.Module) -> bool:

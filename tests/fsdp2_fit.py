@@ -128,7 +128,7 @@ def checkpoint_scenario(aligned, unaligned, train, out: Path) -> dict:
     callback = LSSFCallback(
         unaligned=unaligned, alpha=1.5, monitor=monitor, export_dir=str(out / "export"), verbose=False
     )
-    checkpoints = ModelCheckpoint(dirpath=out, filename="{epoch}", save_top_k=-1, every_n_epochs=1)
+    checkpoints = ModelCheckpoint(dirpath=out / "ckpts", filename="{epoch}", save_top_k=-1, every_n_epochs=1)
     module, data = module_and_data(aligned, train)
     trainer = trainer_for([callback, Probe(out, "fit"), checkpoints], out)
     trainer.fit(module, data)
@@ -141,11 +141,11 @@ def checkpoint_scenario(aligned, unaligned, train, out: Path) -> dict:
         )
         for epoch in range(2):
             load_distributed_checkpoint(
-                out / f"epoch={epoch}.ckpt", final, out / f"ckpt_epoch{epoch}.safetensors"
+                out / "ckpts" / f"epoch={epoch}.ckpt", final, out / f"ckpt_epoch{epoch}.safetensors"
             )
-        results["checkpoint_is_directory"] = (out / "epoch=0.ckpt").is_dir()
+        results["checkpoint_is_directory"] = (out / "ckpts" / "epoch=0.ckpt").is_dir()
         save_file({k: v.contiguous() for k, v in final.items()}, str(out / "fit_final.safetensors"))
-        meta = torch.load(out / "epoch=0.ckpt" / "meta.pt", weights_only=True)
+        meta = torch.load(out / "ckpts" / "epoch=0.ckpt" / "meta.pt", weights_only=True)
         fixups = meta.get("lssf_raw_fixups") or {}
         results["fixups_world_size"] = fixups.get("world_size")
         results["fixups_keys"] = [sorted(r) for r in fixups.get("ranks", [])]
@@ -155,7 +155,7 @@ def checkpoint_scenario(aligned, unaligned, train, out: Path) -> dict:
     module, data = module_and_data(aligned, train)
     resumed = LSSFCallback(unaligned=unaligned, alpha=1.5, monitor=False, verbose=False)
     trainer = trainer_for([resumed, Probe(out, "resume")], out)
-    trainer.fit(module, data, ckpt_path=str(out / "epoch=0.ckpt"))
+    trainer.fit(module, data, ckpt_path=str(out / "ckpts" / "epoch=0.ckpt"))
     # a resume with other subspace settings: refused before any weight is touched
     module, data = module_and_data(aligned, train)
     changed = LSSFCallback(
@@ -163,7 +163,7 @@ def checkpoint_scenario(aligned, unaligned, train, out: Path) -> dict:
     )
     trainer = trainer_for([changed], out)
     try:
-        trainer.fit(module, data, ckpt_path=str(out / "epoch=0.ckpt"))
+        trainer.fit(module, data, ckpt_path=str(out / "ckpts" / "epoch=0.ckpt"))
         results["refused"] = None
     except ResumeError as err:
         results["refused"] = str(err)
@@ -228,7 +228,7 @@ def lora_scenario(aligned, unaligned, train, out: Path) -> dict:
     callback = LSSFCallback(
         unaligned=unaligned, alpha=1.0, monitor=False, export_dir=str(out / "export"), verbose=False
     )
-    checkpoints = ModelCheckpoint(dirpath=out, filename="lora", every_n_epochs=1)
+    checkpoints = ModelCheckpoint(dirpath=out / "ckpts", filename="lora", every_n_epochs=1)
     module, data = module_and_data(
         aligned,
         train,
@@ -240,7 +240,7 @@ def lora_scenario(aligned, unaligned, train, out: Path) -> dict:
     final = gathered(module)
     results = {"compiled": type(module.model).__name__, "keys": sorted(final)}
     if trainer.is_global_zero:
-        load_distributed_checkpoint(out / "lora.ckpt", final, out / "ckpt_lora.safetensors")
+        load_distributed_checkpoint(out / "ckpts" / "lora.ckpt", final, out / "ckpt_lora.safetensors")
     return results
 
 

@@ -19,7 +19,8 @@ rows = [
     {"input_ids": i, "attention_mask": m, "labels": i}
     for i, m in zip(encoded["input_ids"], encoded["attention_mask"])
 ]
-args = TrainingArguments(output_dir=out, max_steps=2, save_steps=2, eval_strategy="steps", eval_steps=2,
+args = TrainingArguments(output_dir=f"{out}/trainer", max_steps=2, save_steps=2, eval_strategy="steps",
+                         eval_steps=2,
                          per_device_train_batch_size=2, per_device_eval_batch_size=2, learning_rate=1e-2,
                          report_to=[], use_cpu=True, ddp_backend="gloo", seed=0, disable_tqdm=True)
 callback = LSSFTrainerCallback(unaligned=base, alpha="auto", export_dir=f"{out}/export", verbose=False,

@@ -221,8 +221,8 @@ def test_lora_run_realigns_base_weights_and_keeps_adapters(llama_trio, data_file
     lora = {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"]}
     export = tmp_path / "export"
     _, module = fit(llama_trio, data_files, [lssf(llama_trio, export_dir=str(export)),
-                                             checkpoint_as_x(tmp_path)], lora=lora, max_epochs=1)
-    saved = load(tmp_path / "x.ckpt")["state_dict"]
+                                             checkpoint_as_x(tmp_path / "ck")], lora=lora, max_epochs=1)
+    saved = load(tmp_path / "ck" / "x.ckpt")["state_dict"]
     live = state(module)
     base_q = "model.base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"
     assert torch.allclose(saved[base_q].double(), live[base_q].double() + correction(llama_trio, Q0),

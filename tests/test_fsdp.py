@@ -46,10 +46,10 @@ def test_fsdp_checkpoint_is_realigned_and_resume_is_exact(llama_trio, tmp_path):
     callbacks = [
         LSSFCallback(unaligned=str(llama_trio.base), export_dir=str(export), verbose=False),
         raw_at,
-        ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}"),
+        ModelCheckpoint(dirpath=tmp_path / "ck", save_top_k=-1, every_n_epochs=1, filename="{epoch}"),
     ]
     fsdp_fit(llama_trio, train, callbacks)
-    saved = torch.load(tmp_path / "epoch=0.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    saved = torch.load(tmp_path / "ck" / "epoch=0.ckpt", map_location="cpu", weights_only=False)["state_dict"]
     key = "model.model.layers.0.self_attn.q_proj.weight"
     raw = raw_at.seen[0][key].cpu().double()
     assert torch.allclose(saved[key].double(), raw + correction(llama_trio, key), atol=1e-5)
@@ -60,6 +60,6 @@ def test_fsdp_checkpoint_is_realigned_and_resume_is_exact(llama_trio, tmp_path):
         llama_trio,
         train,
         [LSSFCallback(unaligned=str(llama_trio.base), verbose=False), probe],
-        ckpt_path=tmp_path / "epoch=0.ckpt",
+        ckpt_path=tmp_path / "ck" / "epoch=0.ckpt",
     )
     assert torch.equal(probe.weights[key].cpu(), raw_at.seen[0][key].cpu())

@@ -306,5 +306,6 @@ def test_two_process_ddp_run(llama_trio, tmp_path):
         assert metrics["logged"][0][f"lssf/{name}"] * 4 % 1 == 0  # 4 prompts counted over both processes
     final = AutoModelForCausalLM.from_pretrained(tmp_path / "final", dtype=torch.float32).state_dict()
     assert_realigned(tmp_path / "export", final, llama_trio, alpha=0.25)
-    raw = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint-2", dtype=torch.float32).state_dict()
-    assert_realigned(tmp_path / "checkpoint-2" / "realigned", raw, llama_trio, alpha=0.25)
+    checkpoint = tmp_path / "trainer" / "checkpoint-2"
+    raw = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).state_dict()
+    assert_realigned(checkpoint / "realigned", raw, llama_trio, alpha=0.25)

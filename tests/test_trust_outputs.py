@@ -114,20 +114,20 @@ def test_output_that_appears_or_changes_during_the_run_is_never_replaced(model_d
 
     def appear(weight):
         output.mkdir(exist_ok=True)
-        (output / "someone_elses.json").write_text("{}")
+        (output / "config.json").write_text("{}")
         return weight
 
     with pytest.raises(OutputChangedError, match="appeared while this run was writing"):
         write(model_dir, output, edits={"a.weight": appear})
-    assert [p.name for p in output.iterdir()] == ["someone_elses.json"] and leftovers(tmp_path) == []
+    assert [p.name for p in output.iterdir()] == ["config.json"] and leftovers(tmp_path) == []
 
     def modify(weight):
-        (output / "added_meanwhile.json").write_text("{}")
+        (output / "generation_config.json").write_text("{}")
         return weight
 
     with pytest.raises(OutputChangedError, match="replaced or modified"):
         write(model_dir, output, edits={"a.weight": modify}, overwrite=True)
-    assert sorted(p.name for p in output.iterdir()) == ["added_meanwhile.json", "someone_elses.json"]
+    assert sorted(p.name for p in output.iterdir()) == ["config.json", "generation_config.json"]
     assert leftovers(tmp_path) == []
 
 

@@ -192,10 +192,9 @@ class _Progress:
 
 
 def _write_json(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    from lssf_lightning.io.guard import write_json
+
+    write_json(path, data)
 
 
 def _link_tree(source: Path, destination: Path, skip: Sequence[str] = ()) -> None:

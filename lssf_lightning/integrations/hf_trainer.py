@@ -69,6 +69,10 @@ class LSSFTrainerCallback(TrainerCallback):
         auto_alpha: the ``alpha="auto"`` grid, target, tolerance and prompts.
         tokenizer: a tokenizer path or ID; default: the Trainer's ``processing_class``, else ``unaligned``'s.
         verbose: print what happens.
+        overwrite: replace an existing ``export_dir`` / ``export_adapter_dir`` (only if it holds files
+            lssf_lightning writes). Both are checked when the Trainer is created and again when training
+            begins: an output that is, contains or lies inside an input (the model's source, ``aligned``,
+            ``unaligned``, the Trainer's ``output_dir``, the cache) is refused.
     """
 
     def __init__(
@@ -86,6 +90,7 @@ class LSSFTrainerCallback(TrainerCallback):
         auto_alpha: AutoAlphaConfig | None = None,
         tokenizer: str | os.PathLike | None = None,
         verbose: bool = True,
+        overwrite: bool = False,
     ) -> None:
         self.subspace_config = split_legacy(subspace, {}, "LSSFTrainerCallback")
         self.alpha = alpha if alpha == "auto" else check_finite("alpha", alpha)
@@ -114,7 +119,9 @@ class LSSFTrainerCallback(TrainerCallback):
             adapter_max_rank,
         )
         self.subspace_cache, self.checkpoint_subdir = subspace_cache, checkpoint_subdir
-        self.tokenizer, self.verbose = tokenizer, verbose
+        self.tokenizer, self.verbose, self.overwrite = tokenizer, verbose, overwrite
+        self._models: list[Any] = [aligned, unaligned]  # with the model's source once the Trainer is known
+        self._inputs: list[Any] = [*self._models, subspace_cache]
         self.fusion = training.FusionState(target=1.0 if alpha == "auto" else self.alpha)  # applied stays 0
         self.subspace = None
         self.auto_target: float | None = self.auto.target if self.auto else None
@@ -131,12 +138,14 @@ class LSSFTrainerCallback(TrainerCallback):
         given."""
         self._trainer = _calling_trainer()
         _check_supported(args)
+        self.check_outputs(args, model)  # before any work
         if self.aligned is None:
             self._build(args, state, model, processing_class)
 
     def on_train_begin(self, args, state, control, model=None, processing_class=None, **kwargs):
         """Build the subspace if ``on_init_end`` did not (``aligned`` given, or the callback added later)."""
         _check_supported(args)
+        self.check_outputs(args, model)
         if self.auto is not None and state.global_step > 0:
             self._load_auto_state(Path(args.output_dir) / f"checkpoint-{state.global_step}" / AUTO_STATE_FILE)
         if self.subspace is not None:
@@ -162,8 +171,9 @@ class LSSFTrainerCallback(TrainerCallback):
             return
         if self.auto is not None:
             self._save_auto_state(checkpoint / AUTO_STATE_FILE)
-        if self.checkpoint_subdir is not None:
-            self.export(model, checkpoint / self.checkpoint_subdir, processing_class=processing_class)
+        if self.checkpoint_subdir is not None:  # its own folder inside the checkpoint: replaced on a re-save
+            self.export(model, checkpoint / self.checkpoint_subdir, processing_class=processing_class,
+                        overwrite=True, inputs=[*self._models, self.subspace_cache])
 
     def on_evaluate(self, args, state, control, model=None, metrics=None, processing_class=None, **kwargs):
         """Choose ``α`` (auto) and log the refusal rates, raw and realigned, into the Trainer's logs."""
@@ -203,15 +213,29 @@ class LSSFTrainerCallback(TrainerCallback):
             self.export_adapter(model, self.export_adapter_dir)
 
     # -- public pieces ----------------------------------------------------------------------------------
+    def check_outputs(self, args, model: nn.Module | None) -> None:
+        """Refuse ``export_dir``, ``export_adapter_dir`` and ``subspace_cache`` when they overlap an input
+        (the model's source, ``aligned``, ``unaligned``, ``args.output_dir``, the cache), or an existing
+        export folder without ``overwrite`` or holding other files (the same one-line errors as the CLI)."""
+        source = training.model_source(model) if model is not None else None
+        self._models = [source, self.aligned, self.unaligned]
+        self._inputs = [*self._models, getattr(args, "output_dir", None), self.subspace_cache]
+        training.check_outputs([self.export_dir, self.export_adapter_dir], self._inputs,
+                               overwrite=self.overwrite, cache=self.subspace_cache, cache_inputs=self._models)
+
     def export(
         self,
         model: nn.Module,
         directory: str | os.PathLike,
         alpha: float | None = None,
         processing_class=None,
+        *,
+        overwrite: bool | None = None,
+        inputs: Any = None,
     ) -> Path:
         """Write ``model``'s live weights + ``α·U'U'ᵀδ`` (default ``α``: the current one) as a HF directory; a
-        peft model is written merged."""
+        peft model is written merged. ``overwrite`` (default the callback's) and ``inputs`` (default the
+        run's inputs) go to the output guard."""
         alpha = self.fusion.missing if alpha is None else check_finite("alpha", alpha)
         store = ModuleStore(model)
         support = training.hf_support_files(model, self.resolve_tokenizer(processing_class, required=False))
@@ -222,6 +246,8 @@ class LSSFTrainerCallback(TrainerCallback):
             alpha,
             names=training.export_names(store.keys()),
             write_support_files=support,
+            inputs=self._inputs if inputs is None else inputs,
+            overwrite=self.overwrite if overwrite is None else overwrite,
             progress=False,
         )
         self._info(f"LSSF: wrote the realigned model (alpha={alpha:g}) to {path}")
@@ -232,7 +258,8 @@ class LSSFTrainerCallback(TrainerCallback):
         ``model``, ONE adapter with the task LoRA and the correction, to load on the aligned model."""
         alpha = self.fusion.missing if alpha is None else check_finite("alpha", alpha)
         return training.export_adapter(
-            model, self.subspace, directory, alpha, self.adapter_max_rank, info=self._info
+            model, self.subspace, directory, alpha, self.adapter_max_rank, info=self._info,
+            overwrite=self.overwrite, inputs=self._inputs,
         )
 
     def measure(self, model: nn.Module, tokenizer) -> dict[str, float]:
@@ -330,7 +357,7 @@ class LSSFTrainerCallback(TrainerCallback):
             self.auto_target = max(aligned_rate - self.auto.tolerance, 0.0)
 
     def _save_auto_state(self, path: Path) -> None:
-        from lssf_lightning.io.guard import guarded_output
+        from lssf_lightning.io.guard import write_json
 
         record = {
             "alpha": self.fusion.target,
@@ -338,8 +365,7 @@ class LSSFTrainerCallback(TrainerCallback):
             "alpha_curve": self.alpha_curve,
             "fingerprint": self.subspace.metadata.get("fingerprint"),
         }
-        with guarded_output(path, overwrite=True, directory=False) as staging:
-            Path(staging).write_text(json.dumps(record, indent=1))
+        write_json(path, record, indent=1)
 
     def _load_auto_state(self, path: Path) -> None:
         if not path.is_file():

@@ -18,27 +18,11 @@ from tqdm.auto import tqdm
 
 from lssf_lightning.config import MAX_SHARD_BYTES
 from lssf_lightning.core.checks import all_finite
-from lssf_lightning.io.guard import guarded_output, looks_like_model_directory
+from lssf_lightning.io.guard import SUPPORT_FILES, guarded_output, looks_like_model_directory
 from lssf_lightning.io.shards import NonFiniteTensorError, ShardedWriter
 
 __all__ = ["SUPPORT_FILES", "atomic_directory", "copy_support_files", "write_model_directory"]
 
-# Files a model directory needs besides its weights: config, generation defaults, tokenizer, chat template.
-SUPPORT_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "spiece.model",
-    "chat_template.jinja",
-    "chat_template.json",
-    "preprocessor_config.json",
-)
 
 
 @contextlib.contextmanager

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fnmatch
 import functools
 import hashlib
 import json
@@ -41,25 +42,58 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
+
+from typing_extensions import Self
 
 __all__ = [
+    "OUTPUT_FILE_PATTERNS",
+    "SUPPORT_FILES",
     "LeftoverWarning",
     "OutputBusyError",
     "OutputChangedError",
     "OutputGuard",
     "OutputOverlapError",
-    "check_output",
+        "check_output",
+    "check_overlap",
     "guarded_output",
     "looks_like_model_directory",
+    "write_json",
 ]
 
 STAGING_TAG = ".lssf-staging-"
 RETIRED_TAG = ".lssf-old-"
 LOCK_SUFFIX = ".lssf-lock"
-# Files an existing directory may hold for ``overwrite`` to replace it (what a model or adapter directory
-# holds).
-MODEL_DIRECTORY_SUFFIXES = (".safetensors", ".json", ".jsonl", ".txt", ".model", ".jinja", ".md")
+# Files a model directory needs besides its weights: config, generation defaults, tokenizer, chat template.
+SUPPORT_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+)
+# The one list of files lssf_lightning writes into a directory, by exact name pattern (``fnmatchcase``): an
+# existing directory is replaced (with ``overwrite``) only if every entry in it matches one of them.
+OUTPUT_FILE_PATTERNS = (
+    "model*.safetensors",
+    "model.safetensors.index.json",
+    *SUPPORT_FILES,
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    "lssf_state.json",  # alpha="auto"'s state in a transformers checkpoint
+    "sweep.json",  # the sweep's results and plot
+    "front.png",
+    "align_meta.json",  # the demo's aligned model
+    "align_train.jsonl",
+)
 
 
 class OutputOverlapError(ValueError):
@@ -98,12 +132,27 @@ def _sibling_owner(rest: str, tag: str) -> tuple[str | None, int | None]:
 
 # -- inputs vs output -------------------------------------------------------------------------------------
 def _paths(inputs: Iterable[Any] | Any) -> list[Path]:
-    """The path-like items of ``inputs`` (nested lists allowed; modules, mappings, ``None`` are skipped)."""
+    """The input paths named by ``inputs``: paths (a hub ID: its cached snapshot), nested lists, and objects
+    with an ``input_paths()`` method (weight stores, subspaces, planners); anything else is skipped."""
     if isinstance(inputs, (str, os.PathLike)):
-        return [Path(inputs).expanduser()]
+        return _spec_paths(inputs)
     if isinstance(inputs, (list, tuple, set, frozenset)):
         return [path for item in inputs for path in _paths(item)]
-    return []
+    provider = getattr(inputs, "input_paths", None)
+    return _paths(list(provider())) if callable(provider) else []
+
+
+def _spec_paths(spec: str | os.PathLike) -> list[Path]:
+    """A local path as it is; a hub ID (not an existing path) as its snapshot in the local cache, if any."""
+    path = Path(spec).expanduser()
+    if not isinstance(spec, str) or os.path.lexists(path):
+        return [path]
+    from lssf_lightning.io.hub import cached_snapshot, is_hub_id
+
+    if not is_hub_id(spec):
+        return [path]
+    snapshot = cached_snapshot(spec)
+    return [snapshot] if snapshot is not None else []
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -126,31 +175,48 @@ def _ancestors(path: Path) -> list[tuple[Path, tuple[int, int]]]:
 
 
 def _input_files(path: Path) -> list[Path]:
-    """An input and, for a directory, what its entries point to (a HF cache snapshot links into
-    ``blobs/``)."""
+    """An input and what it links to: a symlinked file's target, and for a directory the targets of its
+    symlinked entries (a HF cache snapshot links every file into ``blobs/``)."""
     files = [path]
-    if path.is_dir():
+    if path.is_symlink():
+        files.append(Path(os.path.realpath(path)))
+    elif path.is_dir():
         with contextlib.suppress(OSError):
             files.extend(Path(os.path.realpath(e.path)) for e in os.scandir(path) if e.is_symlink())
     return files
 
 
-def _check_overlap(target: Path, inputs: Iterable[Any] | Any) -> None:
+def _relation(target: Path, path: Path, target_chain: list, target_self: tuple[int, int] | None,
+              ) -> str | None:
+    """How ``target`` relates to the input ``path``: "is", "lies inside", "contains" or ``None``. An input
+    that does not exist yet (a Trainer's checkpoint folder) is compared by its path, symlinks resolved."""
+    identity = _identity(path)
+    if identity is None:
+        real_target, real_path = Path(os.path.realpath(target)), Path(os.path.realpath(path))
+        if real_target == real_path:
+            return "is"
+        if real_path in real_target.parents:
+            return "lies inside"
+        return "contains" if real_target in real_path.parents else None
+    if identity == target_self:
+        return "is"
+    if identity in {i for _, i in target_chain}:
+        return "lies inside"
+    if target_self is not None and any(i == target_self for _, i in _ancestors(path)):
+        return "contains"
+    return None
+
+
+def check_overlap(target: str | os.PathLike, inputs: Iterable[Any] | Any) -> None:
+    """Raise :class:`OutputOverlapError` when ``target`` is, contains or lies inside one of ``inputs``
+    (compared by device and inode, and through the links of a hub snapshot into its blobs)."""
+    target = Path(os.path.abspath(Path(target).expanduser()))
     target_chain = _ancestors(target)
-    target_ids = {identity for _, identity in target_chain}
     target_self = _identity(target)  # None when absent
     for given in _paths(inputs):
         for path in _input_files(given):
-            identity = _identity(path)
-            if identity is None:
-                continue
-            if identity == target_self:
-                relation = "is"
-            elif identity in target_ids:
-                relation = "lies inside"
-            elif target_self is not None and any(i == target_self for _, i in _ancestors(path)):
-                relation = "contains"
-            else:
+            relation = _relation(target, path, target_chain, target_self)
+            if relation is None:
                 continue
             detail = f"the input {given}" + (f" (through {path})" if path != given else "")
             raise OutputOverlapError(
@@ -184,15 +250,14 @@ class _State:
 
 
 def looks_like_model_directory(directory: Path) -> str | None:
-    """``None`` when ``directory`` holds only files a model directory holds, else a few entries that are
-    not."""
+    """``None`` when every entry of ``directory`` is a file lssf_lightning writes (a name matching
+    :data:`OUTPUT_FILE_PATTERNS`), else the first few entries that are not."""
     foreign = []
     with os.scandir(directory) as entries:
         for entry in entries:
-            is_model_file = entry.is_file(follow_symlinks=False) and (
-                entry.name.endswith(MODEL_DIRECTORY_SUFFIXES) or entry.name == ".gitattributes"
-            )
-            if not is_model_file:
+            ours = entry.is_file(follow_symlinks=False) and any(
+                fnmatch.fnmatchcase(entry.name, pattern) for pattern in OUTPUT_FILE_PATTERNS)
+            if not ours:
                 foreign.append(entry.name + ("/" if entry.is_dir(follow_symlinks=False) else ""))
     return ", ".join(sorted(foreign)[:3]) if foreign else None
 
@@ -213,7 +278,8 @@ def check_output(
         overwrite: allow replacing an existing target.
         directory: the output is a directory (else a single file).
         replaceable: for an existing directory target, returns ``None`` when it may be replaced, else a short
-            description of the entries that make it irreplaceable. Default: it holds only model files.
+            description of the entries that make it irreplaceable. Default: every file in it is one
+            lssf_lightning writes (:func:`looks_like_model_directory`).
 
     Raises:
         OutputOverlapError: the target is, contains or lies inside an input.
@@ -221,7 +287,7 @@ def check_output(
         IsADirectoryError, NotADirectoryError: the target exists with the other kind.
     """
     target = Path(os.path.abspath(Path(target).expanduser()))
-    _check_overlap(target, inputs)
+    check_overlap(target, inputs)
     state = _State.of(target)
     if state.kind == "absent":
         return target
@@ -237,8 +303,8 @@ def check_output(
         raise error(code, f"exists and is not {what}; refusing to replace it", str(target))
     foreign = replaceable(target) if directory and replaceable is not None else None
     if foreign:
-        raise FileExistsError(errno.EEXIST, f"holds files an lssf_lightning output does not ({foreign}); "
-                              "refusing to replace it: delete it yourself or choose another output",
+        raise FileExistsError(errno.EEXIST, f"holds {foreign}, which lssf_lightning does not write; refusing "
+                              "to replace it (nothing was changed): move it away or choose another output",
                               str(target))
     return target
 
@@ -304,7 +370,8 @@ class _Lock:
                     continue
                 raise OutputBusyError(
                     errno.EEXIST, f"is being written by another lssf_lightning run ({_describe(holder)}); "
-                    f"wait for it, or delete {self.path} if no such run is alive", str(self.target)) from None
+                    "wait for it (a lock of a killed run on this host is removed by the next run), or delete "
+                    f"{self.path} if no such run is alive", str(self.target)) from None
             with os.fdopen(fd, "w") as f:
                 json.dump(self.info, f)
             self.held = True
@@ -326,7 +393,8 @@ class _Lock:
                 os.unlink(moved)
             return False
         os.unlink(moved)
-        warnings.warn(f"removed the lock {self.path} left by a killed run ({_describe(holder)})",
+        warnings.warn(f"removed the lock {self.path} left by a killed run ({_describe(holder)}); its staging "
+                      "files are removed too",
                       LeftoverWarning, stacklevel=5)
         return True
 
@@ -433,6 +501,26 @@ def _remove(path: Path) -> None:
             os.unlink(path)
 
 
+def _make_parents(directory: Path) -> list[Path]:
+    """Create ``directory`` and its missing parents; returns those created, innermost first."""
+    missing = []
+    for item in (directory, *directory.parents):
+        if os.path.lexists(item):
+            break
+        missing.append(item)
+    directory.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _remove_empty(directories: list[Path]) -> None:
+    """Remove the folders of ``directories`` (innermost first) that are still empty."""
+    for item in directories:
+        try:
+            os.rmdir(item)
+        except OSError:
+            return
+
+
 # -- the guard ---------------------------------------------------------------------------------------------
 class OutputGuard:
     """Guards one output: checks, lock, staging path, checked commit. Use :func:`guarded_output`.
@@ -462,12 +550,17 @@ class OutputGuard:
         self.staging: Path | None = None
         self._lock = _Lock(self.target)
         self._checked: _State | None = None
+        self._created: list[Path] = []
         self.committed = False
 
     def __enter__(self) -> Self:
         self._check()  # before the lock is written: the target's directory may be an input
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self._lock.acquire()
+        self._created = _make_parents(self.target.parent)
+        try:
+            self._lock.acquire()
+        except BaseException:
+            _remove_empty(self._created)
+            raise
         try:
             self._leftovers()
             # Checked again under the lock: the state recorded here is what the commit insists on finding.
@@ -478,6 +571,7 @@ class OutputGuard:
                 self.staging.mkdir()
         except BaseException:
             self._lock.release()
+            _remove_empty(self._created)
             raise
         return self
 
@@ -487,6 +581,8 @@ class OutputGuard:
                 _remove(self.staging)
         finally:
             self._lock.release()
+            if not self.committed:  # a failed run leaves no empty folders it created for the output
+                _remove_empty(self._created)
 
     def commit(self) -> Path:
         """Move the staged output into place; the target must still be what was checked at the start."""
@@ -601,3 +697,15 @@ def guarded_output(
             detail = f" (writing {part})" if part != "." else ""
             raise OSError(err.errno, f"{err.strerror}{detail}", str(guard.target)) from err
         guard.commit()
+
+
+def write_json(
+    path: str | os.PathLike, data: Any, inputs: Iterable[Any] | Any = (), *, overwrite: bool = True,
+    indent: int = 2,
+) -> Path:
+    """Write ``data`` as JSON to the file ``path`` through the guard (whole or not at all, under the lock;
+    refused when it overlaps ``inputs``); an existing file is replaced only with ``overwrite``."""
+    text = json.dumps(data, indent=indent, ensure_ascii=False) + "\n"
+    with guarded_output(path, inputs, overwrite=overwrite, directory=False) as staging:
+        staging.write_text(text, encoding="utf-8")
+    return Path(path)

@@ -13,11 +13,11 @@ import contextlib
 import os
 from pathlib import Path
 
-__all__ = ["HUB_WEIGHT_PATTERNS", "is_hub_id", "parse_hub_id", "resolve_model"]
+__all__ = ["HUB_WEIGHT_PATTERNS", "cached_snapshot", "is_hub_id", "parse_hub_id", "resolve_model"]
 
 HUB_WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "adapter_config.json")
 """Weight files fetched for a model ID (with the config and tokenizer files of
-``io.export.SUPPORT_FILES``)."""
+``io.guard.SUPPORT_FILES``)."""
 
 _TOP_LEVEL_ONLY = ("*/*",)  # snapshot_download's ``*`` crosses folders; repos keep variants in sub-folders
 
@@ -88,6 +88,18 @@ def resolve_model(spec: str | os.PathLike, *, what: str = "model", weights: bool
     return directory
 
 
+def cached_snapshot(spec: str) -> Path | None:
+    """The snapshot directory of the hub ID ``spec`` already in the local cache (no network), or ``None``:
+    what the output guard compares outputs with (the snapshot's files and the blobs they link to)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        repo_id, revision = parse_hub_id(spec)
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached, or not a valid ID: nothing of it to protect on disk
+        return None
+
+
 def _snapshot(repo_id: str, revision: str | None, what: str, weights: bool) -> Path:
     from huggingface_hub import constants, get_token, snapshot_download
     from huggingface_hub.errors import (
@@ -98,7 +110,7 @@ def _snapshot(repo_id: str, revision: str | None, what: str, weights: bool) -> P
         RevisionNotFoundError,
     )
 
-    from lssf_lightning.io.export import SUPPORT_FILES
+    from lssf_lightning.io.guard import SUPPORT_FILES
 
     label = f"{what} {repo_id}" + (f"@{revision}" if revision else "")
     patterns = [*(HUB_WEIGHT_PATTERNS if weights else ()), *SUPPORT_FILES]

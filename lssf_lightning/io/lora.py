@@ -155,6 +155,10 @@ class MergedLoraStore(WeightStore):
     def keys(self) -> list[str]:
         return self.base.keys()
 
+    def input_paths(self) -> list:
+        """The base's paths and the adapter directory (for the output guard)."""
+        return [self.base, self.adapter.path]
+
     def shape(self, key: str) -> tuple[int, ...]:
         return self.base.shape(key)
 

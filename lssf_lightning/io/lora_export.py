@@ -99,6 +99,7 @@ def write_lora_adapter(
     task_adapter: str | os.PathLike | None = None,
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
+    inputs: Any = (),
 ) -> AdapterReport:
     """Write a low-rank safety correction of every matrix as a peft LoRA adapter directory (atomically).
 
@@ -118,9 +119,13 @@ def write_lora_adapter(
         task_adapter: a peft LoRA adapter directory of a LoRA fine-tune of the aligned model ``base_model``:
             the result is ONE adapter equal to task adapter + correction (load it onto the aligned model).
         dtype: the adapter's dtype (default: the subspace factors' dtype).
-        overwrite: replace an existing ``directory``.
+        overwrite: replace an existing ``directory`` (only if it holds adapter files alone).
+        inputs: more paths the output must not overlap (a callback's model and Trainer folders); the
+            planner's models and subspace file, ``base_model`` and ``task_adapter`` always count.
 
     Raises:
+        lssf_lightning.io.guard.OutputOverlapError: ``directory`` is, contains or lies inside an input, with
+            or without ``overwrite``.
         ValueError: bad settings, a task adapter this format cannot carry, module names that do not match
             ``base_model``, an output overlapping an input, or a NaN/inf in the adapter (nothing is written).
         FileExistsError: ``directory`` exists and ``overwrite`` is false.
@@ -132,7 +137,7 @@ def write_lora_adapter(
         check_int("max_rank", max_rank, minimum=1)
     task = _open_task_adapter(task_adapter) if task_adapter is not None else None
     base_store = _open_base(base_model)
-    inputs = [task.path if task is not None else None, getattr(base_store, "directory", None)]
+    inputs = [inputs, task.path if task is not None else None, base_store, planner]
     check_output(directory, inputs, overwrite=overwrite)
     target = _target(planner, base_store, task)
     factors, energy = _correction_factors(planner, target, max_rank, task, dtype)
@@ -392,12 +397,13 @@ def write_model_adapter(
     alpha: float | None = None,
     max_rank: int | None = None,
     overwrite: bool = False,
+    inputs: Any = (),
 ) -> AdapterReport:
     """The adapter for a live model (what both callbacks' ``export_adapter_dir`` writes): the correction
     (a subspace or a low-rank planner, as in :func:`write_lora_adapter`) for ``model``'s weights, or for a
     peft LoRA ``model`` ONE adapter with its task LoRA and the correction, to load on the model it adapts
     (the aligned model)."""
-    settings = {"alpha": alpha, "max_rank": max_rank, "overwrite": overwrite}
+    settings = {"alpha": alpha, "max_rank": max_rank, "overwrite": overwrite, "inputs": inputs}
     if not hasattr(model, "peft_config"):
         return write_lora_adapter(correction, directory, base_model=model, **settings)
     with tempfile.TemporaryDirectory(prefix=".lssf-task-adapter-") as task, model.disable_adapter():

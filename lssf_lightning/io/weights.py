@@ -210,10 +210,15 @@ class SafetensorsStore(WeightStore):
         self.location = str(paths[0]) if len(paths) == 1 else f"{paths[0]} (+{len(paths) - 1} more)"
         self.directory = paths[0] if len(paths) == 1 and paths[0].is_dir() else None
         self.reader = SafetensorsReader(files)
+        self._paths = [*paths, *files]
         self._kinds: dict[str, str] | None = None
 
     def keys(self) -> list[str]:
         return self.reader.keys()
+
+    def input_paths(self) -> list[Path]:
+        """The paths read (what an output must not overlap: see :mod:`lssf_lightning.io.guard`)."""
+        return list(self._paths)
 
     def shape(self, key: str) -> tuple[int, ...]:
         return self.reader.entries[key].shape

@@ -66,6 +66,10 @@ class LSSFCallback(Callback):
         tokenizer: tokenizer path; default: the module's ``tokenizer`` attribute, else ``unaligned``'s.
         verbose: print what the callback does.
         export_adapter_dir: also write the correction here at the end of fit as a peft LoRA adapter (rank 0).
+        overwrite: replace an existing ``export_dir`` / ``export_adapter_dir`` (only if it holds files
+            lssf_lightning writes). Both are checked in ``setup``, before training: an output that is,
+            contains or lies inside an input (the module's source directory, ``aligned``, ``unaligned``, the
+            cache, the Trainer's checkpoint and log folders) is refused.
         legacy: the 0.1 spellings (``eta=``, ``judge=`` …), accepted with a DeprecationWarning naming the new
             one.
     """
@@ -87,6 +91,7 @@ class LSSFCallback(Callback):
         tokenizer: str | None = None,
         verbose: bool = True,
         export_adapter_dir: str | None = None,
+        overwrite: bool = False,
         **legacy: Any,
     ) -> None:
         super().__init__()
@@ -104,7 +109,8 @@ class LSSFCallback(Callback):
             raise MisconfigurationException("`apply_on='train_end'` needs `export_dir`: where to write the "
                                             "model")
         self.unaligned, self.aligned, self.apply_epochs = unaligned, aligned, apply_epochs
-        self.export_dir, self.export_adapter_dir = export_dir, export_adapter_dir
+        self.export_dir, self.export_adapter_dir, self.overwrite = export_dir, export_adapter_dir, overwrite
+        self._inputs: list[Any] = [aligned, unaligned, subspace_cache]
         self.subspace_cache, self.keep_raw_fixups = subspace_cache, keep_raw_fixups
         self.model_attribute, self.tokenizer, self.verbose = model_attribute, tokenizer, verbose
         self.monitor: RefusalMonitor | None = RefusalMonitor() if monitor is True else monitor or None
@@ -145,6 +151,7 @@ class LSSFCallback(Callback):
         """Check the strategy and checkpointing, then load or build the safety subspace (``fit`` only)."""
         if stage != "fit":
             return
+        self.check_outputs(trainer, pl_module)  # before any work
         live = self.apply_on == "epochs" or getattr(self.monitor, "min_refusal_rate", None) is not None
         strategy.check_strategy(trainer, self.apply_on, edits_live_weights=live)
         if self.monitor is not None and not strategy.monitor_supported(trainer):
@@ -166,6 +173,16 @@ class LSSFCallback(Callback):
         self._resume_subspaces = [cached] if cached is not None and cached is not self.subspace else []
         trainer.strategy.barrier("lssf_subspace")  # the cache is written: several ranks read factors from it
         self.subspace = training.disk_backed(self.subspace, self.subspace_cache, trainer.world_size)
+
+    def check_outputs(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Refuse ``export_dir``, ``export_adapter_dir`` and ``subspace_cache`` when they overlap an input
+        (the module's source, ``aligned``, ``unaligned``, the Trainer's own folders, the cache), or an
+        existing export folder without ``overwrite`` or holding other files (the same one-line errors as the
+        CLI)."""
+        models = [training.model_source(self.hf_model(pl_module)), self.aligned, self.unaligned]
+        self._inputs = [*models, *_trainer_folders(trainer), self.subspace_cache]
+        training.check_outputs([self.export_dir, self.export_adapter_dir], self._inputs,
+                               overwrite=self.overwrite, cache=self.subspace_cache, cache_inputs=models)
 
     # -- checkpoint mode --------------------------------------------------------------------------------
     @override
@@ -291,13 +308,14 @@ class LSSFCallback(Callback):
             self.export(trainer, pl_module, self.export_dir)
         if self.export_adapter_dir and trainer.is_global_zero:
             training.export_adapter(self.hf_model(pl_module), self.subspace, self.export_adapter_dir,
-                                    self.fusion.missing, info=self._info)
+                                    self.fusion.missing, info=self._info, overwrite=self.overwrite,
+                                    inputs=self._inputs)
 
     def export(self, trainer: Trainer, pl_module: LightningModule, directory: str | os.PathLike,
-               alpha: float | None = None) -> Path | None:
+               alpha: float | None = None, overwrite: bool | None = None) -> Path | None:
         """Write the realigned model (live weights + the missing correction up to ``alpha``, default
-        ``current_alpha``) as a HF model directory. Runs on every rank (FSDP gathers collectively); rank 0
-        writes."""
+        ``current_alpha``) as a HF model directory (``overwrite``: default the callback's; refused when it
+        overlaps an input). Runs on every rank (FSDP gathers collectively); rank 0 writes."""
         total = self.fusion.target if alpha is None else training.check_alpha(alpha)
         model = self.hf_model(pl_module)
         path = None
@@ -308,7 +326,8 @@ class LSSFCallback(Callback):
                 path = training.export_realigned(store, directory, self.subspace, total - self.fusion.applied,
                                                  names=training.export_names(store.keys(), prefix),
                                                  write_support_files=support, progress=self.verbose,
-                                                 inputs=[self.aligned, self.unaligned, self.subspace_cache])
+                                                 inputs=self._inputs,
+                                                 overwrite=self.overwrite if overwrite is None else overwrite)
                 self._info(f"LSSF: exported the realigned model to {path}")
         trainer.strategy.barrier("lssf_export")
         return path
@@ -327,3 +346,16 @@ class LSSFCallback(Callback):
     def _info(self, message: str) -> None:
         return rank_zero_info(message) if self.verbose else None
 
+
+def _trainer_folders(trainer: Trainer) -> list[str]:
+    """Where the Trainer writes its own files: each ``ModelCheckpoint``'s folder (as Lightning resolves it)
+    and the logger's folder."""
+    folders = []
+    for checkpoint in trainer.checkpoint_callbacks:
+        if checkpoint.dirpath is not None:
+            folders.append(checkpoint.dirpath)
+        elif not trainer.loggers:
+            folders.append(os.path.join(trainer.default_root_dir, "checkpoints"))
+    if trainer.loggers:
+        folders.append(trainer.log_dir)
+    return [os.fspath(f) for f in folders if f]

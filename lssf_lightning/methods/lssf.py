@@ -77,6 +77,11 @@ class LSSF:
         builder = SubspaceBuilder(aligned, unaligned, config, allow_partial=allow_partial, **builder_options)
         return cls(builder, alpha, allow_partial=allow_partial)
 
+    def input_paths(self) -> list:
+        """What it reads: the subspace (its file, or the builder's models) and the reference weights of the
+        reset forms (for the output guard)."""
+        return [self.subspace, getattr(self, "unaligned", None), getattr(self, "aligned", None)]
+
     @property
     def names(self) -> list[str]:
         """The subspace's matrices."""
