@@ -131,9 +131,10 @@ def _sibling_owner(rest: str, tag: str) -> tuple[str | None, int | None]:
 
 
 # -- inputs vs output -------------------------------------------------------------------------------------
-def _paths(inputs: Iterable[Any] | Any) -> list[Path]:
-    """The input paths named by ``inputs``: paths (a hub ID: its cached snapshot), nested lists, and objects
-    with an ``input_paths()`` method (weight stores, subspaces, planners); anything else is skipped."""
+def _paths(inputs: Iterable[Any] | Any) -> list[tuple[str, Path]]:
+    """``(name, path)`` of the inputs named by ``inputs``: paths (a hub ID: its cached snapshot), nested
+    lists, and objects with an ``input_paths()`` method (weight stores, subspaces, planners); anything else
+    is skipped."""
     if isinstance(inputs, (str, os.PathLike)):
         return _spec_paths(inputs)
     if isinstance(inputs, (list, tuple, set, frozenset)):
@@ -142,17 +143,17 @@ def _paths(inputs: Iterable[Any] | Any) -> list[Path]:
     return _paths(list(provider())) if callable(provider) else []
 
 
-def _spec_paths(spec: str | os.PathLike) -> list[Path]:
+def _spec_paths(spec: str | os.PathLike) -> list[tuple[str, Path]]:
     """A local path as it is; a hub ID (not an existing path) as its snapshot in the local cache, if any."""
     path = Path(spec).expanduser()
     if not isinstance(spec, str) or os.path.lexists(path):
-        return [path]
+        return [(str(path), path)]
     from lssf_lightning.io.hub import cached_snapshot, is_hub_id
 
     if not is_hub_id(spec):
-        return [path]
+        return [(str(path), path)]
     snapshot = cached_snapshot(spec)
-    return [snapshot] if snapshot is not None else []
+    return [(f"{spec} (cached at {snapshot})", snapshot)] if snapshot is not None else []
 
 
 def _identity(path: Path) -> tuple[int, int] | None:
@@ -213,12 +214,12 @@ def check_overlap(target: str | os.PathLike, inputs: Iterable[Any] | Any) -> Non
     target = Path(os.path.abspath(Path(target).expanduser()))
     target_chain = _ancestors(target)
     target_self = _identity(target)  # None when absent
-    for given in _paths(inputs):
+    for name, given in _paths(inputs):
         for path in _input_files(given):
             relation = _relation(target, path, target_chain, target_self)
             if relation is None:
                 continue
-            detail = f"the input {given}" + (f" (through {path})" if path != given else "")
+            detail = f"the input {name}" + (f" (through {path})" if path != given else "")
             raise OutputOverlapError(
                 f"output {target} {relation} {detail}; writing it could destroy the input: "
                 "choose another output"
