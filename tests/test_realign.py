@@ -247,7 +247,7 @@ def test_non_finite_weights_fail_and_leave_nothing_behind(llama_trio, tmp_path):
 def test_overwrite_replaces_atomically(llama_trio, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "stale.txt").write_text("old")
+    (out / "model-00001-of-00002.safetensors").write_text("old")  # a shard of an older output
     realign_checkpoint(
         llama_trio.finetuned,
         out,
@@ -256,7 +256,7 @@ def test_overwrite_replaces_atomically(llama_trio, tmp_path):
         overwrite=True,
         progress=False,
     )
-    assert not (out / "stale.txt").exists() and (out / "model.safetensors").is_file()
+    assert not (out / "model-00001-of-00002.safetensors").exists() and (out / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 

@@ -136,7 +136,7 @@ def _paths(inputs: Iterable[Any] | Any) -> list[tuple[str, Path]]:
     lists, and objects with an ``input_paths()`` method (weight stores, subspaces, planners); anything else
     is skipped."""
     if isinstance(inputs, (str, os.PathLike)):
-        return _spec_paths(inputs)
+        return _spec_paths(inputs) if os.fspath(inputs) else []
     if isinstance(inputs, (list, tuple, set, frozenset)):
         return [path for item in inputs for path in _paths(item)]
     provider = getattr(inputs, "input_paths", None)
