@@ -2,8 +2,9 @@
 
     python examples/finetune_with_callback.py ALIGNED_DIR UNALIGNED_DIR TRAIN.jsonl OUTPUT_DIR [--lora]
 
-TRAIN.jsonl holds {"prompt": ..., "response": ...} rows. OUTPUT_DIR receives the checkpoints and, at the end,
-a realigned Hugging Face model in OUTPUT_DIR/realigned.
+TRAIN.jsonl holds {"prompt": ..., "response": ...} rows. OUTPUT_DIR receives the checkpoints in
+OUTPUT_DIR/checkpoints and, at the end, a realigned Hugging Face model in OUTPUT_DIR/realigned (an export may
+not lie inside the checkpoint folder).
 """
 
 import argparse
@@ -32,8 +33,7 @@ safety = LSSFCallback(
     alpha=1.0,
     export_dir=f"{args.output}/realigned",
 )
-trainer = Trainer(
-    max_epochs=args.epochs, callbacks=[safety, ModelCheckpoint(dirpath=args.output, save_last=True)]
-)
+checkpoints = ModelCheckpoint(dirpath=f"{args.output}/checkpoints", save_last=True)
+trainer = Trainer(max_epochs=args.epochs, callbacks=[safety, checkpoints])
 trainer.fit(model, data)
 print(safety.subspace.summary(max_rows=5))

@@ -58,6 +58,6 @@ def test_finetune_example(llama_trio, tmp_path):
         "--lora",
         cwd=tmp_path,
     )
-    assert (tmp_path / "run" / "last.ckpt").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
     exported = load_file(tmp_path / "run" / "realigned" / "model.safetensors")
     assert "model.layers.0.self_attn.q_proj.weight" in exported and not any("lora" in k for k in exported)
