@@ -3,7 +3,9 @@
 A run that writes ``target`` (a model directory, a subspace file, a plot):
 
 1. refuses, before any work, a target that is, contains or lies inside one of its inputs (compared by
-   device and inode, so symlinks, bind mounts and ``..`` cannot hide an overlap) — :func:`check_output`;
+   device and inode, so symlinks, bind mounts and ``..`` cannot hide an overlap; a hub ID as its cached
+   snapshot and the blobs it links to) — :func:`check_output`; an existing target only with ``overwrite``,
+   and a directory only if every file in it matches :data:`OUTPUT_FILE_PATTERNS`;
 2. takes a lock next to the target (``.<name>.lssf-lock``, created with ``O_CREAT | O_EXCL``): a second run
    writing the same target fails at once with a message naming the first (pid, host, start time);
 3. names the staging directories/files that killed runs left next to the target and removes them when that
@@ -16,7 +18,8 @@ A run that writes ``target`` (a model directory, a subspace file, a plot):
    plain rename under the lock elsewhere). With ``overwrite`` the old target is moved aside first and
    deleted after.
 
-On any failure the staging path is removed and the target is left as it was. Ctrl-C is held back during the
+On any failure the staging path and the empty folders created for the target are removed, and the target
+is left as it was. Ctrl-C is held back during the
 few system calls of the commit itself, so an interrupt never leaves the target half replaced.
 """
 
@@ -54,7 +57,7 @@ __all__ = [
     "OutputChangedError",
     "OutputGuard",
     "OutputOverlapError",
-        "check_output",
+    "check_output",
     "check_overlap",
     "guarded_output",
     "looks_like_model_directory",
@@ -181,7 +184,7 @@ def _input_files(path: Path) -> list[Path]:
     files = [path]
     if path.is_symlink():
         files.append(Path(os.path.realpath(path)))
-    elif path.is_dir():
+    if path.is_dir():
         with contextlib.suppress(OSError):
             files.extend(Path(os.path.realpath(e.path)) for e in os.scandir(path) if e.is_symlink())
     return files
