@@ -374,8 +374,20 @@ class _Terminated(KeyboardInterrupt):
     """SIGTERM (``kill``, a scheduler's time limit), raised like Ctrl-C so the output guard cleans up."""
 
 
+# The signal that ended the run, if any. A library may catch the KeyboardInterrupt and raise its own error
+# instead (a Ctrl-C inside numpy's import becomes "cannot load module more than once per process" when
+# torch imports it again): such an error is still reported as the interruption.
+_received: list[int] = []
+
+
 def _raise_terminated(signum, frame) -> None:
+    _received.append(signum)
     raise _Terminated
+
+
+def _raise_interrupted(signum, frame) -> None:
+    _received.append(signum)
+    raise KeyboardInterrupt
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -390,7 +402,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     command = "lssf-lightning"
     main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
+    previous = {}
+    if main_thread:
+        previous = {signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_terminated)}
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            previous[signal.SIGINT] = signal.signal(signal.SIGINT, _raise_interrupted)
+    _received.clear()
     try:
         argv = [str(arg) for arg in (sys.argv[1:] if argv is None else argv)]
         delegated = {"fit": _run_fit, "demo": _run_demo, "sweep": _run_sweep}  # these parse their own options
@@ -404,8 +421,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as err:  # while parsing, or between the steps above
         return _interrupted(command, err)
     finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
 
 # Exception types that only a bug raises: reported as an internal error (still one line, with how to get
@@ -453,6 +470,7 @@ def _interrupted(command: str, err: KeyboardInterrupt) -> int:
 def _guarded(run: Callable[[], object], command: str) -> int:
     """Run ``run``; any error becomes one line on stderr and exit code 1 (``LSSF_LIGHTNING_DEBUG=1``:
     traceback)."""
+    import signal
     import warnings
 
     debug = bool(os.environ.get("LSSF_LIGHTNING_DEBUG"))
@@ -464,6 +482,8 @@ def _guarded(run: Callable[[], object], command: str) -> int:
     except KeyboardInterrupt as err:
         return _interrupted(command, err)
     except Exception as err:
+        if _received:  # a library turned the signal into its own error
+            return _interrupted(command, _Terminated() if _received[-1] == signal.SIGTERM else KeyboardInterrupt())
         if debug:
             raise
         print(f"lssf-lightning {command}: error: {_describe(err)}", file=sys.stderr)
