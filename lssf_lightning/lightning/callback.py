@@ -210,8 +210,8 @@ class LSSFCallback(Callback):
         if not info or trainer.state.fn != "fit" or self.subspace is None or not info.get("alpha_added"):
             return
         subspace = training.checkpoint_subspace(info, self.subspace, where=trainer.ckpt_path, progress=False,
-                                                known=self._resume_subspaces, aligned=self.aligned,
-                                                unaligned=self.unaligned)
+                                                known=self._resume_subspaces, cache=self.subspace_cache,
+                                                aligned=self.aligned, unaligned=self.unaligned)
         with strategy.full_parameters(trainer, pl_module):
             training.restore_raw(training.named_tensors(pl_module), subspace, info["alpha_added"],
                                  checkpoint.get(RAW_FIXUPS_KEY))
