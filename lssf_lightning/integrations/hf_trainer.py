@@ -62,7 +62,9 @@ class LSSFTrainerCallback(TrainerCallback):
         export_adapter_dir: the correction as a peft LoRA adapter, written at the end of training (a LoRA run
             gets the combined task + correction adapter, to load on the aligned model).
         adapter_max_rank: cap the adapter's per-module rank (servers with a maximum LoRA rank).
-        subspace_cache: a subspace file reused when its fingerprint matches (written otherwise).
+        subspace_cache: a subspace file reused when its fingerprint matches (written otherwise; the subspace
+            it replaces is kept next to it, at most ``training.CACHE_KEEP`` = 8 subspaces in all, the oldest
+            removed first).
         checkpoint_subdir: the realigned model's folder inside each ``checkpoint-N``; ``None``: none written.
         monitor: ``True``/``False``, or the refusal monitor's settings (``harmful_prompts``,
             ``harmless_prompts``, ``num_prompts``, ``max_new_tokens``, ``judge``, as in ``RefusalMonitor``).
