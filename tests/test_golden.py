@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import sys
 import tempfile
 import warnings
@@ -60,6 +61,20 @@ def _directory_digest(path: Path) -> dict[str, str]:
     if index.is_file():
         files.update(index.read_bytes())
     return {"tensors": _tensor_digest(tensors), "files": files.hexdigest()[:32]}
+
+
+def _without_integrity(path: Path) -> bytes:
+    """The bytes of the subspace file ``path`` without its ``lssf_integrity`` record (added after the
+    restructuring; the rest of the file, the ``"lssf"`` metadata and the factors, must be byte-identical)."""
+    raw = path.read_bytes()
+    length = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + length])
+    if "lssf_integrity" not in header.get("__metadata__", {}):
+        return raw
+    del header["__metadata__"]["lssf_integrity"]
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + raw[8 + length:]
 
 
 def _state(model) -> dict[str, torch.Tensor]:
@@ -145,7 +160,8 @@ def golden_digests(root: Path) -> dict[str, object]:
     try:  # relative paths: the metadata records them, so the file's bytes do not depend on ``root``
         os.chdir(root)
         SafetySubspace.from_weights("llama/aligned", "llama/base", progress=False).save("llama.safetensors")
-        out["subspace_file_llama"] = hashlib.sha256(Path("llama.safetensors").read_bytes()).hexdigest()[:32]
+        file_bytes = _without_integrity(Path("llama.safetensors"))
+        out["subspace_file_llama"] = hashlib.sha256(file_bytes).hexdigest()[:32]
     finally:
         os.chdir(here)
     runs = {

@@ -4,12 +4,16 @@ checked against the models they are used with, bounded hub calls, hub snapshot l
 
 from __future__ import annotations
 
+import json
+import struct
+
 import pytest
 import torch
 from test_callback import ROWS, EpochEndWeights, StartSnapshot, checkpoint_as_x, fit, lssf
 
 from lssf_lightning import training
 from lssf_lightning.config import SubspaceConfig
+from lssf_lightning.io.schema import FormatError
 from lssf_lightning.lightning.finetune import write_chat_jsonl
 from lssf_lightning.subspace import SafetySubspace
 
@@ -59,3 +63,78 @@ def test_a_resume_after_two_settings_changes_finds_its_subspace_in_the_cache(lla
         fit(llama_trio, chat, [callback, probe], max_epochs=2, ckpt_path=tmp_path / "a" / "x.ckpt")
         # A's correction came off exactly: the raw weights of A's first epoch
         assert all(torch.equal(probe.weights[k], v) for k, v in raw_at.seen[0].items())
+
+
+# -- 2. the factors carry an integrity hash checked on load --------------------------------------------------
+def _split(path):
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8:8 + length]), raw[8 + length:]
+
+
+def _join(header, body):
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + body
+
+
+@pytest.fixture(scope="module")
+def gpt2_subspace(gpt2_trio, tmp_path_factory):
+    path = tmp_path_factory.mktemp("integrity") / "safety.safetensors"
+    SafetySubspace.from_weights(gpt2_trio.aligned, gpt2_trio.base, progress=False).save(path)
+    return path
+
+
+def _loaders(path):
+    from lssf_lightning.io.lazy_factors import LazyFactors
+
+    def lazy():
+        factors = LazyFactors(path)
+        return [factors[key] for key in factors]
+
+    return [lambda: SafetySubspace.load(path), lazy]
+
+
+def test_a_flipped_conv1d_flag_is_refused_naming_the_file_and_the_entry(gpt2_subspace, tmp_path):
+    header, body = _split(gpt2_subspace)
+    lssf = json.loads(header["__metadata__"]["lssf"])
+    key = next(k for k in lssf["entries"] if lssf["entries"][k]["conv1d"])
+    lssf["entries"][key]["conv1d"] = False
+    header["__metadata__"]["lssf"] = json.dumps(lssf)
+    bad = tmp_path / "flag.safetensors"
+    bad.write_bytes(_join(header, body))
+    for load in _loaders(bad):
+        with pytest.raises(FormatError, match=rf"{bad}.*entry '{key}' does not match its integrity hash"
+                                              r".*'conv1d'") as caught:
+            load()
+        assert "\n" not in str(caught.value)
+
+
+def test_an_edited_factor_value_is_refused_naming_the_file_and_the_entry(gpt2_subspace, tmp_path):
+    from lssf_lightning.distributed import ShardRegion
+    from lssf_lightning.io.lazy_factors import LazyFactors
+
+    header, body = _split(gpt2_subspace)
+    name = next(k for k in header if k.endswith(":right"))
+    start = header[name]["data_offsets"][0]
+    value = struct.unpack("<f", body[start:start + 4])[0]
+    body = body[:start] + struct.pack("<f", value * 1.01 + 1e-3) + body[start + 4:]
+    bad = tmp_path / "value.safetensors"
+    bad.write_bytes(_join(header, body))
+    key = name.removesuffix(":right")
+    for load in _loaders(bad):
+        with pytest.raises(FormatError, match=rf"{bad}.*entry '{key}': the factors' bytes do not match"):
+            load()
+    factors = LazyFactors(bad)  # a shard's block is checked too (the whole entry, once)
+    rows, cols = factors.shape(key)
+    region = ShardRegion((rows, cols), (0, 0), (rows // 2, cols))
+    with pytest.raises(FormatError, match=rf"entry '{key}': the factors' bytes"):
+        factors.restrict(key, region)
+    assert LazyFactors(gpt2_subspace).restrict(key, region).left.shape[0] > 0
+    # the original loads, and a file without the record (as written by 0.1) loads too, same fingerprint
+    original = SafetySubspace.load(gpt2_subspace)
+    header, body = _split(gpt2_subspace)
+    del header["__metadata__"]["lssf_integrity"]
+    old = tmp_path / "old.safetensors"
+    old.write_bytes(_join(header, body))
+    assert SafetySubspace.load(old).metadata["fingerprint"] == original.metadata["fingerprint"]
