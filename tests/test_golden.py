@@ -64,14 +64,17 @@ def _directory_digest(path: Path) -> dict[str, str]:
 
 
 def _without_integrity(path: Path) -> bytes:
-    """The bytes of the subspace file ``path`` without its ``lssf_integrity`` record (added after the
-    restructuring; the rest of the file, the ``"lssf"`` metadata and the factors, must be byte-identical)."""
+    """The bytes of the subspace file ``path`` without its ``lssf_integrity`` and ``lssf_inputs`` records
+    (added after the restructuring; the rest of the file, the ``"lssf"`` metadata and the factors, must be
+    byte-identical)."""
     raw = path.read_bytes()
     length = struct.unpack("<Q", raw[:8])[0]
     header = json.loads(raw[8:8 + length])
-    if "lssf_integrity" not in header.get("__metadata__", {}):
+    added = [k for k in ("lssf_integrity", "lssf_inputs") if k in header.get("__metadata__", {})]
+    if not added:
         return raw
-    del header["__metadata__"]["lssf_integrity"]
+    for key in added:
+        del header["__metadata__"][key]
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     return struct.pack("<Q", len(text)) + text + raw[8 + length:]

@@ -9,6 +9,7 @@ import struct
 
 import pytest
 import torch
+from conftest import run_cli
 from test_callback import ROWS, EpochEndWeights, StartSnapshot, checkpoint_as_x, fit, lssf
 
 from lssf_lightning import training
@@ -138,3 +139,24 @@ def test_an_edited_factor_value_is_refused_naming_the_file_and_the_entry(gpt2_su
     old = tmp_path / "old.safetensors"
     old.write_bytes(_join(header, body))
     assert SafetySubspace.load(old).metadata["fingerprint"] == original.metadata["fingerprint"]
+
+
+# -- 3. the subspace's fingerprint is compared with the models it is used with ----------------------------
+def test_a_subspace_used_with_a_model_it_was_not_built_from_is_refused(llama_trio, tmp_path):
+    subspace = tmp_path / "s.safetensors"
+    SafetySubspace.from_weights(llama_trio.aligned, llama_trio.base, progress=False).save(subspace)
+    fingerprint = SafetySubspace.load(subspace).metadata["fingerprint"][:12]
+    other = llama_trio.finetuned  # same architecture and shapes, other weights
+    cases = [("lssf-reset", "--unaligned", "unaligned"), ("lssf-two-sided", "--aligned", "aligned")]
+    for method, flag, side in cases:
+        output = tmp_path / f"out-{method}"
+        code, _, err = run_cli("realign", "--finetuned", llama_trio.finetuned, "--method", method,
+                               "--subspace", subspace, flag, other, "--output", output)
+        assert code != 0 and not output.exists(), err
+        line = err.strip().splitlines()[-1]
+        assert f"fingerprint {fingerprint}" in line and str(other) in line and f"{side} model" in line, err
+        # the models it was built from: accepted
+        right = llama_trio.base if side == "unaligned" else llama_trio.aligned
+        code, _, err = run_cli("realign", "--finetuned", llama_trio.finetuned, "--method", method,
+                               "--subspace", subspace, flag, right, "--output", output)
+        assert code == 0 and output.is_dir(), err

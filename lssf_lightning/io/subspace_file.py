@@ -8,12 +8,16 @@ Layout (format version 1, unchanged since lssf_lightning 0.1)::
     __metadata__["lssf"] = {"format": "lssf_lightning.safety_subspace", "version": 1,
                             "metadata": {...build settings...},
                             "entries": {<key>: {"entropy": float, "total_energy": float, "conv1d": bool}}}
+    __metadata__["lssf_inputs"] = {"aligned": {<key>: "(shape)|dtype|crc32"}, "unaligned": {...}}
     __metadata__["lssf_integrity"] = {"algorithm": "sha256", "metadata": <digest>,
                                       "entries": {<key>: {"layout": <digest>, "tensors": <digest>}}}
 
 The integrity record (files without it, e.g. written by lssf_lightning 0.1, load as before) holds SHA-256
 digests: of the metadata, of each entry's layout (its name, ``entropy``, ``total_energy``, ``conv1d``, and its
-three tensors' names, dtypes and shapes) and of each entry's tensor bytes.
+three tensors' names, dtypes and shapes) and of each entry's tensor bytes. ``"lssf_inputs"`` (read back as
+``metadata["input_digests"]``) records the digest the fingerprint took of each input weight, so that the
+models a subspace is used with can be checked weight by weight
+(:func:`lssf_lightning.subspace.check_input_weight`).
 The metadata and layouts are checked when the header is read, an entry's bytes when its factors are read: a
 flipped flag or an edited tensor is refused with one line naming the file and the entry. It guards against
 damage and edits by hand, not against someone who rewrites the record too. The ``"lssf"`` text is the same
@@ -57,6 +61,7 @@ __all__ = [
 FORMAT = "lssf_lightning.safety_subspace"
 FORMAT_VERSION = 1
 INTEGRITY_KEY = "lssf_integrity"  # the safetensors metadata key of the integrity record
+INPUTS_KEY = "lssf_inputs"  # ... of the inputs' per-weight digests (metadata["input_digests"])
 _PARTS = {"left": 2, "right": 2, "sigma": 1}  # tensor suffix → number of dimensions
 # Metadata fields the package reads back, with their types (others are kept as they are).
 _METADATA_FIELDS: dict[str, tuple[type, ...]] = {
@@ -101,6 +106,14 @@ def read_subspace_header(path: str | os.PathLike) -> tuple[dict[str, Any], dict[
     extra = sorted(set(tensors) - expected)
     if extra:
         raise FormatError(path, f"tensor {extra[0]!r} belongs to no entry of the 'entries' field")
+    if INPUTS_KEY in raw_metadata:
+        inputs = load_json(path, raw_metadata[INPUTS_KEY], where=f"the {INPUTS_KEY!r} metadata")
+        for side in ("aligned", "unaligned"):
+            for key, digest in field(path, inputs, side, dict, where=INPUTS_KEY).items():
+                if not isinstance(digest, str) or digest.count("|") != 2:
+                    raise FormatError(path, f"{INPUTS_KEY}: {side} digest of {key!r} must be "
+                                            f"'(shape)|dtype|crc32', got {digest!r}")
+        metadata["input_digests"] = {side: inputs[side] for side in ("aligned", "unaligned")}
     integrity = _read_integrity(path, raw_metadata, header, tensors)
     if integrity is not None:
         header["integrity"] = integrity
@@ -291,12 +304,16 @@ def write_subspace_file(
         tensors[f"{key}:right"] = entry.right.contiguous()
         tensors[f"{key}:sigma"] = entry.singular_values.contiguous()
         layout[key] = {"entropy": entry.entropy, "total_energy": entry.total_energy, "conv1d": entry.conv1d}
-    header = {"format": FORMAT, "version": FORMAT_VERSION, "metadata": dict(metadata), "entries": layout}
+    settings = {k: v for k, v in metadata.items() if k != "input_digests"}  # its own key (see above)
+    header = {"format": FORMAT, "version": FORMAT_VERSION, "metadata": settings, "entries": layout}
     try:
         text = json.dumps(header, allow_nan=False)
     except ValueError:
         raise ValueError(f"refusing to write {path}: a number of its metadata is NaN or inf") from None
-    integrity = json.dumps(_integrity(metadata, layout, tensors))
+    records = {"lssf": text}
+    if metadata.get("input_digests"):
+        records[INPUTS_KEY] = json.dumps(metadata["input_digests"])
+    records[INTEGRITY_KEY] = json.dumps(_integrity(metadata, layout, tensors))
     with guarded_output(path, inputs, overwrite=overwrite, directory=False) as staging:
-        write_safetensors(staging, tensors, {"lssf": text, INTEGRITY_KEY: integrity})
+        write_safetensors(staging, tensors, records)
     return path
