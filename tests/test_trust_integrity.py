@@ -160,3 +160,27 @@ def test_a_subspace_used_with_a_model_it_was_not_built_from_is_refused(llama_tri
         code, _, err = run_cli("realign", "--finetuned", llama_trio.finetuned, "--method", method,
                                "--subspace", subspace, flag, right, "--output", output)
         assert code == 0 and output.is_dir(), err
+
+
+# -- 8. a malformed lssf_state.json ---------------------------------------------------------------------
+@pytest.mark.parametrize(("text", "expected"), [
+    ('{"alpha": "x"}', "field 'alpha' must be a number"),
+    ('{"auto_target": 0.1}', "field 'alpha' is missing"),
+    ('[1, 2]', "the top level must be a JSON object"),
+    ('{"alpha": 1.0, "alpha_curve": [{"alpha": 1.0}]}', r"alpha_curve\[0\]: field 'refusal' is missing"),
+    ('{"alpha": 1.0, "alpha_curve": 3}', "field 'alpha_curve' must be a list"),
+    ('{"alpha": 1.0, "auto_target": 7}', "field 'auto_target' must be a rate"),
+    ('{"alpha": 1.0', "invalid JSON"),
+])
+def test_a_malformed_lssf_state_file_is_one_line_naming_the_file_and_field(tmp_path, text, expected):
+    from lssf_lightning.integrations.hf_trainer import AUTO_STATE_FILE, LSSFTrainerCallback
+
+    path = tmp_path / AUTO_STATE_FILE
+    path.write_text(text)
+    callback = LSSFTrainerCallback(unaligned=str(tmp_path), alpha="auto")
+    with pytest.raises(FormatError, match=expected) as caught:
+        callback._load_auto_state(path)
+    assert str(caught.value).startswith(str(path)) and "\n" not in str(caught.value)
+    path.write_text('{"alpha": 0.5, "auto_target": 0.25, "alpha_curve": [{"alpha": 0.5, "refusal": 0.3}]}')
+    callback._load_auto_state(path)
+    assert (callback.fusion.target, callback.auto_target) == (0.5, 0.25)
