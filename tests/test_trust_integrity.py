@@ -184,3 +184,22 @@ def test_a_malformed_lssf_state_file_is_one_line_naming_the_file_and_field(tmp_p
     path.write_text('{"alpha": 0.5, "auto_target": 0.25, "alpha_curve": [{"alpha": 0.5, "refusal": 0.3}]}')
     callback._load_auto_state(path)
     assert (callback.fusion.target, callback.auto_target) == (0.5, 0.25)
+
+
+# -- 9. over-long prompts are truncated to the model's positions ---------------------------------------------
+def test_an_over_long_prompt_is_cut_to_the_positions_a_gpt2_has():
+    from _tiny import build_tiny_tokenizer
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lssf_lightning.metrics.generation import generate_responses
+
+    tokenizer = build_tiny_tokenizer()
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=16, n_layer=1, n_head=2,
+                                       n_positions=24, bos_token_id=0, eos_token_id=0))
+    long = "tell me a fun fact about space . " * 20  # far more than 24 tokens
+    with pytest.warns(UserWarning, match=r"1 prompt\(s\) are longer than the 20 tokens .* 24 positions"):
+        answers = generate_responses(model, tokenizer, [long, "hello ."], max_new_tokens=4)
+    assert len(answers) == 2
+    with pytest.raises(ValueError, match="max_new_tokens=24 leaves no room for a prompt"):
+        generate_responses(model, tokenizer, ["hello ."], max_new_tokens=24)
