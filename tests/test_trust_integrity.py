@@ -203,3 +203,27 @@ def test_an_over_long_prompt_is_cut_to_the_positions_a_gpt2_has():
     assert len(answers) == 2
     with pytest.raises(ValueError, match="max_new_tokens=24 leaves no room for a prompt"):
         generate_responses(model, tokenizer, ["hello ."], max_new_tokens=24)
+
+
+# -- 7. sweep does not unpickle ------------------------------------------------------------------------------
+def test_sweep_refuses_a_pickled_model_without_unpickling_it(llama_trio, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from lssf_lightning.cli import main
+
+    pickled = tmp_path / "pickled"  # the layout transformers reads: config.json and pytorch_model.bin
+    pickled.mkdir()
+    shutil.copy(llama_trio.finetuned / "config.json", pickled)
+    torch.save(llama_trio.models["finetuned"].state_dict(), pickled / "pytorch_model.bin")
+
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("torch.load was called")
+
+    monkeypatch.setattr(torch, "load", no_unpickling)
+    for finetuned, aligned in ((pickled, llama_trio.aligned), (llama_trio.finetuned, pickled)):
+        output = tmp_path / "sweep"
+        code = main(["sweep", "--finetuned", str(finetuned), "--aligned", str(aligned), "--unaligned",
+                     str(llama_trio.base), "--output", str(output), "--alphas", "1", "--max-new-tokens", "1"])
+        err = capsys.readouterr().err
+        assert code == 1 and "pickled checkpoints are not loaded" in err and str(pickled) in err, err
+        assert not (output / "sweep.json").exists()
