@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import struct
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import run_cli
 from test_callback import ROWS, EpochEndWeights, StartSnapshot, checkpoint_as_x, fit, lssf
+from test_hub import hub  # noqa: F401  (the offline hub cache fixture)
 
 from lssf_lightning import training
 from lssf_lightning.config import SubspaceConfig
@@ -227,3 +229,82 @@ def test_sweep_refuses_a_pickled_model_without_unpickling_it(llama_trio, tmp_pat
         err = capsys.readouterr().err
         assert code == 1 and "pickled checkpoints are not loaded" in err and str(pickled) in err, err
         assert not (output / "sweep.json").exists()
+
+
+# -- 4. hub calls are bounded; 5. snapshot links must point into blobs/ --------------------------------------
+def _cache() -> Path:
+    """The offline hub cache the ``hub`` fixture of ``test_hub.py`` laid out (and pointed the library at)."""
+    import huggingface_hub.constants
+
+    return Path(huggingface_hub.constants.HF_HUB_CACHE)
+
+
+@pytest.fixture()
+def silent_hub(request, monkeypatch, tmp_path):
+    """A hub endpoint that accepts connections and never answers (a proxy that swallows requests)."""
+    import socket
+
+    import huggingface_hub.constants
+
+    request.getfixturevalue("hub")
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    endpoint = f"http://127.0.0.1:{server.getsockname()[1]}"
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", endpoint)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_ETAG_TIMEOUT", 2)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    yield endpoint
+    server.close()
+
+
+def test_a_hub_that_never_answers_falls_back_to_the_cache_within_the_timeout(silent_hub, tmp_path):
+    import time
+
+    from test_hub import COMMIT
+
+    from lssf_lightning.io.hub import resolve_model
+
+    start = time.monotonic()
+    expected = (r"^aligned org/aligned: the hub did not answer within 2 s \(HF_HUB_ETAG_TIMEOUT\); using its "
+                r"snapshot in the Hugging Face cache$")
+    with pytest.warns(UserWarning, match=expected):
+        assert resolve_model("org/aligned", what="aligned").name == COMMIT
+    assert resolve_model(f"org/base@{COMMIT}").name == COMMIT  # a commit: not asked again, no listing
+    assert time.monotonic() - start < 15
+    # not cached: one line, within the bound too (the command line, HF_HUB_OFFLINE unset)
+    env = {"HF_ENDPOINT": silent_hub, "HF_HUB_CACHE": str(_cache()), "HF_HUB_ETAG_TIMEOUT": "2",
+           "NO_PROXY": "127.0.0.1", "HF_HUB_OFFLINE": ""}
+    start = time.monotonic()
+    code, _, err = run_cli("subspace", "--aligned", "org/aligned", "--unaligned", "org/missing", "--output",
+                           tmp_path / "s.safetensors", env=env)
+    assert time.monotonic() - start < 30  # the bound, plus starting Python and torch
+    lines = err.strip().splitlines()
+    assert code == 1, err
+    assert ("unaligned org/missing: no such local path, not in the Hugging Face cache, and the hub could not "
+            "be reached (the hub did not answer within 2 s") in lines[-1], err
+    assert "aligned org/aligned: the hub did not answer" in err  # the cached one said so, in one line
+    assert not (tmp_path / "s.safetensors").exists()
+
+
+@pytest.mark.usefixtures("hub")
+def test_a_snapshot_file_linking_out_of_the_cache_is_refused(tmp_path):
+    from test_hub import COMMIT
+
+    from lssf_lightning.io.hub import resolve_model
+
+    snapshot = _cache() / "models--org--aligned" / "snapshots" / COMMIT
+    outside = tmp_path / "elsewhere.json"
+    outside.write_text("{}")
+    (snapshot / "config.json").unlink()
+    (snapshot / "config.json").symlink_to(outside)
+    with pytest.raises(ValueError, match=r"aligned org/aligned: .*config.json is a link to .*elsewhere.json, "
+                                         r"outside the cache's .*blobs; refusing to read it") as caught:
+        resolve_model("org/aligned", what="aligned")
+    assert "\n" not in str(caught.value)
+    assert resolve_model("org/base").is_dir()  # links into blobs/ are the cache's own layout
