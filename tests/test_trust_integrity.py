@@ -308,3 +308,54 @@ def test_a_snapshot_file_linking_out_of_the_cache_is_refused(tmp_path):
         resolve_model("org/aligned", what="aligned")
     assert "\n" not in str(caught.value)
     assert resolve_model("org/base").is_dir()  # links into blobs/ are the cache's own layout
+
+
+# -- 6. a LoRA adapter's fully trained tensors reach the merged output ---------------------------------------
+def test_a_lora_adapters_modules_to_save_are_carried_into_the_realigned_model(llama_trio, tmp_path):
+    import peft
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from lssf_lightning.realign import realign_checkpoint
+
+    torch.manual_seed(0)
+    model = peft.get_peft_model(
+        AutoModelForCausalLM.from_pretrained(llama_trio.aligned),
+        peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"],
+                        init_lora_weights=False),
+    )
+    with torch.no_grad():  # "training" the head: the adapter's copy moves away from the aligned head
+        head = model.base_model.model.lm_head.modules_to_save["default"].weight
+        head.add_(0.5 * torch.randn_like(head))
+    trained_head = head.detach().clone()
+    adapter = tmp_path / "adapter"
+    model.save_pretrained(adapter)
+    merged = model.merge_and_unload()
+    output = tmp_path / "out"
+    realign_checkpoint(adapter, output, aligned=llama_trio.aligned, unaligned=llama_trio.base, alpha=0.0,
+                       progress=False)
+    written = {}
+    for file in output.glob("*.safetensors"):
+        written.update(load_file(file))
+    assert torch.equal(written["lm_head.weight"], trained_head)
+    aligned_head = load_file(next(llama_trio.aligned.glob("*.safetensors")))["lm_head.weight"]
+    assert not torch.equal(written["lm_head.weight"], aligned_head)
+    # with alpha = 0 the realigned model is peft's merge, tensor for tensor
+    for key, value in merged.state_dict().items():
+        assert torch.allclose(written[key], value, atol=1e-6), key
+
+
+def test_a_lora_adapter_training_tensors_that_cannot_be_merged_is_refused(llama_trio, tmp_path):
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    from lssf_lightning.realign import realign_checkpoint
+
+    model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(llama_trio.aligned),
+                                peft.LoraConfig(r=2, target_modules=["q_proj"], lora_bias=True))
+    model.save_pretrained(tmp_path / "adapter")
+    with pytest.raises(ValueError, match=r"adapter .* trains .*q_proj\.lora_B\.bias, which lssf_lightning "
+                                         r"cannot merge") as caught:
+        realign_checkpoint(tmp_path / "adapter", tmp_path / "out", aligned=llama_trio.aligned,
+                           unaligned=llama_trio.base, progress=False)
+    assert "\n" not in str(caught.value) and not (tmp_path / "out").exists()
