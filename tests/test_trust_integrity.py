@@ -143,6 +143,14 @@ def test_an_edited_factor_value_is_refused_naming_the_file_and_the_entry(gpt2_su
     assert SafetySubspace.load(old).metadata["fingerprint"] == original.metadata["fingerprint"]
 
 
+def test_any_metadata_a_user_gives_reads_back_through_the_integrity_check(gpt2_subspace, tmp_path):
+    subspace = SafetySubspace.load(gpt2_subspace)
+    for extra in ({"input_digests": {}}, {"input_digests": "mine", "notes": ("a", 1)}, {}):
+        metadata = {k: v for k, v in subspace.metadata.items() if k != "input_digests"} | extra
+        path = SafetySubspace(subspace.entries, metadata).save(tmp_path / "m.safetensors", overwrite=True)
+        assert SafetySubspace.load(path).metadata.get("notes") == (["a", 1] if extra.get("notes") else None)
+
+
 # -- 3. the subspace's fingerprint is compared with the models it is used with ----------------------------
 def test_a_subspace_used_with_a_model_it_was_not_built_from_is_refused(llama_trio, tmp_path):
     subspace = tmp_path / "s.safetensors"

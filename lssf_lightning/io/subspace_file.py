@@ -121,6 +121,13 @@ def read_subspace_header(path: str | os.PathLike) -> tuple[dict[str, Any], dict[
 
 
 # -- the integrity record ------------------------------------------------------------------------------------
+def _input_digests_layout(digests: Any) -> bool:
+    """Whether ``digests`` is ``{"aligned": {name: "(shape)|dtype|crc32"}, "unaligned": {...}}``."""
+    return (isinstance(digests, Mapping) and set(digests) == {"aligned", "unaligned"}
+            and all(isinstance(side, Mapping) and all(isinstance(d, str) and d.count("|") == 2
+                                                       for d in side.values()) for side in digests.values()))
+
+
 def _digest_json(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, allow_nan=False).encode()).hexdigest()
 
@@ -304,16 +311,20 @@ def write_subspace_file(
         tensors[f"{key}:right"] = entry.right.contiguous()
         tensors[f"{key}:sigma"] = entry.singular_values.contiguous()
         layout[key] = {"entropy": entry.entropy, "total_energy": entry.total_energy, "conv1d": entry.conv1d}
-    settings = {k: v for k, v in metadata.items() if k != "input_digests"}  # its own key (see above)
+    digests = metadata.get("input_digests")
+    own_key = _input_digests_layout(digests)  # as the builder records them: their own key (see above)
+    settings = {k: v for k, v in metadata.items() if not (own_key and k == "input_digests")}
     header = {"format": FORMAT, "version": FORMAT_VERSION, "metadata": settings, "entries": layout}
     try:
         text = json.dumps(header, allow_nan=False)
     except ValueError:
         raise ValueError(f"refusing to write {path}: a number of its metadata is NaN or inf") from None
     records = {"lssf": text}
-    if metadata.get("input_digests"):
-        records[INPUTS_KEY] = json.dumps(metadata["input_digests"])
-    records[INTEGRITY_KEY] = json.dumps(_integrity(metadata, layout, tensors))
+    if own_key:
+        records[INPUTS_KEY] = json.dumps(digests)
+    # the digest of the metadata as it reads back (JSON types, the input digests merged in)
+    read_back = {**json.loads(text)["metadata"], **({"input_digests": digests} if own_key else {})}
+    records[INTEGRITY_KEY] = json.dumps(_integrity(read_back, layout, tensors))
     with guarded_output(path, inputs, overwrite=overwrite, directory=False) as staging:
         write_safetensors(staging, tensors, records)
     return path
