@@ -163,7 +163,10 @@ def _keep_previous(cache: Path, fingerprint: str) -> None:
     fingerprint) next to it under its fingerprint; remove the oldest kept ones beyond :data:`CACHE_KEEP`."""
     previous = _file_fingerprint(cache) if cache.is_file() and not cache.is_symlink() else None
     if previous is not None and previous != fingerprint:
-        os.replace(cache, cache_history_path(cache, previous))
+        history = cache_history_path(cache, previous)
+        # never over a file that is not that same subspace (a user's file of that name, a link)
+        if not history.exists() or (not history.is_symlink() and _file_fingerprint(history) == previous):
+            os.replace(cache, history)
     kept = [p for p in _cache_history(cache) if p != cache_history_path(cache, fingerprint)]
     kept.sort(key=lambda p: p.stat().st_mtime_ns)
     for old in kept[: max(len(kept) - (CACHE_KEEP - 1), 0)]:

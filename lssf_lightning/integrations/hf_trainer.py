@@ -13,7 +13,6 @@ LoRA and the correction).
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import sys
 import warnings
