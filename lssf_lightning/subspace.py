@@ -292,7 +292,8 @@ def tensor_digest(tensor: Tensor) -> str:
     return f"{tuple(tensor.shape)}|{tensor.dtype}|{crc:08x}"
 
 
-def check_input_weight(subspace: SafetySubspace, side: str, name: str, tensor: Tensor, location: Any) -> None:
+def check_input_weight(subspace: SafetySubspace, side: str, name: str, tensor: Tensor, location: Any, *,
+                       subspace_file: str | None = None) -> None:
     """Refuse to use ``subspace`` with the ``side`` (``"aligned"``/``"unaligned"``) model at ``location``
     whose weight ``name`` (just read: nothing else is read) is not the one the subspace was built from.
 
@@ -300,7 +301,8 @@ def check_input_weight(subspace: SafetySubspace, side: str, name: str, tensor: T
     was built from (a cast copy), cannot be checked: nothing is said then, except once, a warning.
 
     Raises:
-        ValueError: one line naming the subspace (its file and fingerprint), the model and the weight.
+        ValueError: one line naming the subspace (``subspace_file``, its fingerprint and the model it was
+            built from), the model and the weight.
     """
     recorded = subspace.metadata.get("input_digests")
     expected = recorded.get(side, {}).get(name) if isinstance(recorded, Mapping) else None
@@ -315,8 +317,9 @@ def check_input_weight(subspace: SafetySubspace, side: str, name: str, tensor: T
     if got == expected or (got_shape == want_shape and got_dtype != want_dtype):
         return  # identical, or the same shape in another dtype (a cast copy: not checkable)
     source = subspace.metadata.get(side)
+    which = f"the safety subspace {subspace_file}" if subspace_file else "the safety subspace"
     raise ValueError(
-        f"the safety subspace (fingerprint {str(subspace.metadata.get('fingerprint'))[:12]}, built from the "
+        f"{which} (fingerprint {str(subspace.metadata.get('fingerprint'))[:12]}, built from the "
         f"{side} model {source!r}) was not built from the {side} model {location}: its weight {name} differs "
         f"({expected} vs {got}); pass the {side} model the subspace was built from, or rebuild the subspace"
     )

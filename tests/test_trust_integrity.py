@@ -165,6 +165,7 @@ def test_a_subspace_used_with_a_model_it_was_not_built_from_is_refused(llama_tri
         assert code != 0 and not output.exists(), err
         line = err.strip().splitlines()[-1]
         assert f"fingerprint {fingerprint}" in line and str(other) in line and f"{side} model" in line, err
+        assert f"the safety subspace {subspace} " in line, err
         # the models it was built from: accepted
         right = llama_trio.base if side == "unaligned" else llama_trio.aligned
         code, _, err = run_cli("realign", "--finetuned", llama_trio.finetuned, "--method", method,

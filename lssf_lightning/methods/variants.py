@@ -66,7 +66,8 @@ class _ReferenceFusion(LSSF):
         if key is None:
             raise ValueError(f"{name} has no counterpart in the {self.reference} weights {store.location}")
         weight = store.get(key)
-        check_input_weight(self.subspace, self.reference, name, weight, store.location)
+        check_input_weight(self.subspace, self.reference, name, weight, store.location,
+                           subspace_file=getattr(self, "subspace_file", None))
         return weight
 
     def _factors(self, entry: SubspaceEntry, weight: Tensor, reference: Tensor) -> tuple[Tensor, Tensor]:
