@@ -10,9 +10,8 @@ Online, every call to the hub is bounded: the revision is resolved with a timeou
 ``HF_HUB_ETAG_TIMEOUT`` seconds (default 10), the files are checked with the same ``etag_timeout`` and
 downloaded with ``HF_HUB_DOWNLOAD_TIMEOUT``; a hub that does not answer in time is taken as unreachable: the
 cached snapshot is used, with one warning saying so (or, if the model is not cached, one error), and the
-process does not ask that hub again. A file of a
-snapshot that is a symbolic link must point into its repo's ``blobs/`` folder, as the hub's cache lays them
-out; any other link is refused.
+process does not ask that hub again. A file of a snapshot that is a symbolic link must point into its repo's
+``blobs/`` folder, as the hub's cache lays them out; any other link is refused.
 """
 
 from __future__ import annotations
