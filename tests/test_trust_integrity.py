@@ -143,6 +143,25 @@ def test_an_edited_factor_value_is_refused_naming_the_file_and_the_entry(gpt2_su
     assert SafetySubspace.load(old).metadata["fingerprint"] == original.metadata["fingerprint"]
 
 
+def test_edited_metadata_or_input_digests_are_refused(gpt2_subspace, tmp_path):
+    for edit in ("eta", "inputs"):
+        header, body = _split(gpt2_subspace)
+        if edit == "eta":
+            lssf = json.loads(header["__metadata__"]["lssf"])
+            lssf["metadata"]["eta"] = 0.5
+            header["__metadata__"]["lssf"] = json.dumps(lssf)
+        else:
+            inputs = json.loads(header["__metadata__"]["lssf_inputs"])
+            name = next(iter(inputs["unaligned"]))
+            digest = inputs["unaligned"][name]
+            inputs["unaligned"][name] = digest[:-1] + ("1" if digest[-1] != "1" else "2")
+            header["__metadata__"]["lssf_inputs"] = json.dumps(inputs)
+        bad = tmp_path / f"{edit}.safetensors"
+        bad.write_bytes(_join(header, body))
+        with pytest.raises(FormatError, match=rf"{bad}: the subspace's metadata does not match its "):
+            SafetySubspace.load(bad)
+
+
 def test_any_metadata_a_user_gives_reads_back_through_the_integrity_check(gpt2_subspace, tmp_path):
     subspace = SafetySubspace.load(gpt2_subspace)
     for extra in ({"input_digests": {}}, {"input_digests": "mine", "notes": ("a", 1)}, {}):

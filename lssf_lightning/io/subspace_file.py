@@ -108,12 +108,10 @@ def read_subspace_header(path: str | os.PathLike) -> tuple[dict[str, Any], dict[
         raise FormatError(path, f"tensor {extra[0]!r} belongs to no entry of the 'entries' field")
     if INPUTS_KEY in raw_metadata:
         inputs = load_json(path, raw_metadata[INPUTS_KEY], where=f"the {INPUTS_KEY!r} metadata")
-        for side in ("aligned", "unaligned"):
-            for key, digest in field(path, inputs, side, dict, where=INPUTS_KEY).items():
-                if not isinstance(digest, str) or digest.count("|") != 2:
-                    raise FormatError(path, f"{INPUTS_KEY}: {side} digest of {key!r} must be "
-                                            f"'(shape)|dtype|crc32', got {digest!r}")
-        metadata["input_digests"] = {side: inputs[side] for side in ("aligned", "unaligned")}
+        if not _input_digests_layout(inputs):
+            raise FormatError(path, f"the {INPUTS_KEY!r} metadata must map 'aligned' and 'unaligned' to "
+                                    "{weight: '(shape)|dtype|crc32'}")
+        metadata["input_digests"] = inputs
     integrity = _read_integrity(path, raw_metadata, header, tensors)
     if integrity is not None:
         header["integrity"] = integrity
