@@ -268,14 +268,61 @@ class _Fingerprint:
         self.digests: dict[str, str] = {}
 
     def add(self, key: str, tensor: Tensor) -> None:
-        data = tensor.detach().reshape(-1).contiguous().cpu()
-        crc = zlib.crc32(memoryview(data.view(torch.uint8).numpy()))
-        self.digests[key] = f"{tuple(tensor.shape)}|{tensor.dtype}|{crc:08x}"
+        self.digests[key] = tensor_digest(tensor)
+
+    def by_model(self) -> dict[str, dict[str, str]]:
+        """``{"aligned": {matrix: digest}, "unaligned": {...}}``: what a subspace records of its inputs, so
+        that a model it is later used with can be checked against it (:func:`check_input_weight`)."""
+        out: dict[str, dict[str, str]] = {"aligned": {}, "unaligned": {}}
+        for key, digest in sorted(self.digests.items()):
+            side, _, name = key.partition(":")
+            out[side][name] = digest
+        return out
 
     def hexdigest(self) -> str:
         return hashlib.blake2b(
             json.dumps([self._settings, sorted(self.digests.items())]).encode(), digest_size=16
         ).hexdigest()
+
+
+def tensor_digest(tensor: Tensor) -> str:
+    """``"(shape)|dtype|crc32"`` of one tensor: what the fingerprint hashes of each input weight."""
+    data = tensor.detach().reshape(-1).contiguous().cpu()
+    crc = zlib.crc32(memoryview(data.view(torch.uint8).numpy()))
+    return f"{tuple(tensor.shape)}|{tensor.dtype}|{crc:08x}"
+
+
+def check_input_weight(subspace: SafetySubspace, side: str, name: str, tensor: Tensor, location: Any, *,
+                       subspace_file: str | None = None) -> None:
+    """Refuse to use ``subspace`` with the ``side`` (``"aligned"``/``"unaligned"``) model at ``location``
+    whose weight ``name`` (just read: nothing else is read) is not the one the subspace was built from.
+
+    A subspace written before it recorded its inputs' digests, or a weight in another dtype than the one it
+    was built from (a cast copy), cannot be checked: nothing is said then, except once, a warning.
+
+    Raises:
+        ValueError: one line naming the subspace (``subspace_file``, its fingerprint and the model it was
+            built from), the model and the weight.
+    """
+    recorded = subspace.metadata.get("input_digests")
+    expected = recorded.get(side, {}).get(name) if isinstance(recorded, Mapping) else None
+    if expected is None:
+        if not getattr(subspace, "_unverified_warned", False):
+            subspace._unverified_warned = True
+            warnings.warn(f"the safety subspace records no digest of its {side} weights (written by an "
+                          f"earlier version?): it cannot be checked to come from {location}", stacklevel=3)
+        return
+    got = tensor_digest(tensor)
+    (want_shape, want_dtype, _), (got_shape, got_dtype, _) = expected.split("|"), got.split("|")
+    if got == expected or (got_shape == want_shape and got_dtype != want_dtype):
+        return  # identical, or the same shape in another dtype (a cast copy: not checkable)
+    source = subspace.metadata.get(side)
+    which = f"the safety subspace {subspace_file}" if subspace_file else "the safety subspace"
+    raise ValueError(
+        f"{which} (fingerprint {str(subspace.metadata.get('fingerprint'))[:12]}, built from the "
+        f"{side} model {source!r}) was not built from the {side} model {location}: its weight {name} differs "
+        f"({expected} vs {got}); pass the {side} model the subspace was built from, or rebuild the subspace"
+    )
 
 
 class SafetySubspace:
@@ -667,6 +714,7 @@ class SubspaceBuilder:
             "fingerprint": self._fingerprint.hexdigest(),
             "aligned": self.aligned.location,
             "unaligned": self.unaligned.location,
+            "input_digests": self._fingerprint.by_model(),
         }
         if self._calibration_stats:
             metadata["calibration_stats"] = self._calibration_stats

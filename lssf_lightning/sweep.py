@@ -582,17 +582,28 @@ def grid_candidates(
 
 
 def _load_causal_lm(path: str, aligned: str, dtype):
-    """A HF directory as a model, or a peft adapter directory on top of ``aligned``; ``(model, is_lora)``."""
+    """A HF directory as a model, or a peft adapter directory on top of ``aligned``; ``(model, is_lora)``.
+
+    Safetensors only, as everywhere in the package: a directory holding only pickled weights
+    (``pytorch_model.bin``, ``adapter_model.bin``) is refused by :func:`find_safetensors` before transformers
+    or peft could unpickle it."""
     from transformers import AutoModelForCausalLM
 
     from lssf_lightning.io.lora import is_adapter_dir
+    from lssf_lightning.io.weights import find_safetensors
+
+    def base_model(directory: str):
+        find_safetensors(directory)
+        return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True,
+                                                    use_safetensors=True)
 
     if is_adapter_dir(path):
         from peft import PeftModel
 
-        base = AutoModelForCausalLM.from_pretrained(aligned, dtype=dtype, local_files_only=True)
-        return PeftModel.from_pretrained(base, path).eval(), True
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).eval(), False
+        find_safetensors(path)
+        base = base_model(aligned)
+        return PeftModel.from_pretrained(base, path, use_safetensors=True).eval(), True
+    return base_model(path).eval(), False
 
 
 def sweep_checkpoints(

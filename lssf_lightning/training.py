@@ -18,6 +18,7 @@ pass local shards (see :mod:`lssf_lightning.distributed`).
 
 from __future__ import annotations
 
+import glob
 import math
 import os
 import warnings
@@ -45,7 +46,10 @@ __all__ = [
     "FusionState",
     "ResumeError",
     "apply_fixup",
+    "CACHE_KEEP",
     "build_subspace",
+    "cache_file",
+    "cache_history_path",
     "check_alpha",
     "check_outputs",
     "check_apply_epochs",
@@ -55,6 +59,7 @@ __all__ = [
     "export_adapter",
     "export_names",
     "export_realigned",
+    "find_cached",
     "fingerprint",
     "fuse_checkpoint",
     "hf_support_files",
@@ -98,20 +103,87 @@ def fingerprint(aligned, unaligned, config: SubspaceConfig) -> str:
     return SafetySubspace.fingerprint(aligned, unaligned, config=config)
 
 
+CACHE_KEEP = 8
+"""How many subspaces a ``subspace_cache`` keeps: the one at the given path plus up to ``CACHE_KEEP − 1``
+earlier ones next to it (``<stem>.fp-<fingerprint[:16]><suffix>``), the oldest (by modification time) removed
+first; the one at the given path (the run's own) is never removed."""
+
+
 def read_cache(cache: str | os.PathLike | None) -> SafetySubspace | None:
     """The subspace saved in ``cache``, or ``None`` when there is no such file."""
     path = Path(cache).expanduser() if cache else None
     return SafetySubspace.load(path) if path is not None and path.is_file() else None
 
 
+def cache_history_path(cache: str | os.PathLike, fingerprint: str) -> Path:
+    """Where the cache ``cache`` keeps the subspace of ``fingerprint`` once another one took its place."""
+    path = Path(cache).expanduser()
+    return path.with_name(f"{path.stem}.fp-{fingerprint[:16]}{path.suffix}")
+
+
+def _cache_history(cache: str | os.PathLike) -> list[Path]:
+    path = Path(cache).expanduser()
+    if not path.parent.is_dir():
+        return []
+    return sorted(p for p in path.parent.glob(f"{glob.escape(path.stem)}.fp-*{glob.escape(path.suffix)}")
+                  if p.is_file() and not p.is_symlink())
+
+
+def _file_fingerprint(path: Path) -> str | None:
+    from lssf_lightning.io.subspace_file import read_subspace_header
+
+    try:
+        header, _ = read_subspace_header(path)
+    except (OSError, ValueError):
+        return None
+    value = header["metadata"].get("fingerprint")
+    return value if isinstance(value, str) else None
+
+
+def cache_file(cache: str | os.PathLike | None, fingerprint: str | None) -> Path | None:
+    """The file of the cache ``cache`` holding the subspace of ``fingerprint`` (the given path or one of the
+    earlier subspaces kept next to it), read from the headers only; ``None`` when none holds it."""
+    if not cache or not fingerprint:
+        return None
+    path = Path(cache).expanduser()
+    for candidate in (path, cache_history_path(path, fingerprint)):
+        if candidate.is_file() and _file_fingerprint(candidate) == fingerprint:
+            return candidate
+    return None
+
+
+def find_cached(cache: str | os.PathLike | None, fingerprint: str | None) -> SafetySubspace | None:
+    """The subspace of ``fingerprint`` kept by the cache ``cache`` (see :func:`cache_file`), or ``None``."""
+    path = cache_file(cache, fingerprint)
+    return SafetySubspace.load(path) if path is not None else None
+
+
+def _keep_previous(cache: Path, fingerprint: str) -> None:
+    """Before the subspace of ``fingerprint`` is written to ``cache``: move the subspace there now (another
+    fingerprint) next to it under its fingerprint; remove the oldest kept ones beyond :data:`CACHE_KEEP`."""
+    previous = _file_fingerprint(cache) if cache.is_file() and not cache.is_symlink() else None
+    if previous is not None and previous != fingerprint:
+        history = cache_history_path(cache, previous)
+        # never over a file that is not that same subspace (a user's file of that name, a link)
+        if not history.exists() or (not history.is_symlink() and _file_fingerprint(history) == previous):
+            os.replace(cache, history)
+    kept = [p for p in _cache_history(cache) if p != cache_history_path(cache, fingerprint)]
+    kept.sort(key=lambda p: p.stat().st_mtime_ns)
+    for old in kept[: max(len(kept) - (CACHE_KEEP - 1), 0)]:
+        if _file_fingerprint(old) is not None:  # only subspace files this cache wrote
+            old.unlink()
+
+
 def disk_backed(subspace: SafetySubspace, cache: str | os.PathLike | None, world_size: int) -> SafetySubspace:
-    """``subspace`` over its factors in the file ``cache`` when several processes train: each rank then keeps
-    at most 64 MiB of factors plus the entry (or the shard's block) in hand
+    """``subspace`` over its factors in the cache's file of its fingerprint when several processes train: each
+    rank then keeps at most 64 MiB of factors plus the entry (or the shard's block) in hand
     (:class:`~lssf_lightning.io.lazy_factors.LazyFactors`) instead of all of them. ``subspace`` itself for one
-    process, without a cache file, or when the file is not this subspace (other fingerprint: e.g. a cache
-    path local to each node of a multi-node run, where rank 0 wrote only its own)."""
-    path = Path(cache).expanduser() if cache else None
-    if world_size <= 1 or path is None or not path.is_file():
+    process, without a cache file, or when no cache file holds this subspace (e.g. a cache path local to each
+    node of a multi-node run, where rank 0 wrote only its own)."""
+    if world_size <= 1:
+        return subspace
+    path = cache_file(cache, subspace.metadata.get("fingerprint"))
+    if path is None:
         return subspace
     from lssf_lightning.io.lazy_factors import LazyFactors
 
@@ -133,18 +205,31 @@ def load_or_build_subspace(
     **options: Any,
 ) -> SafetySubspace:
     """The subspace of ``aligned − unaligned``: the one in ``cache`` (or ``cached``, already read from it)
-    when its fingerprint matches, else built (and written to ``cache`` when ``write_cache``, e.g. on rank 0
-    only)."""
+    when its fingerprint matches, else one the cache kept from an earlier run with these inputs and settings
+    (:func:`find_cached`), else built and written to ``cache`` when ``write_cache`` (e.g. on rank 0 only),
+    the subspace it replaces kept next to it (up to :data:`CACHE_KEEP` in all)."""
     cached = cached if cached is not None else read_cache(cache)
+    wanted = None  # computed (it reads every target weight) only when the cache holds a subspace
+    if cached is not None or (cache is not None and _cache_history(cache)):
+        wanted = fingerprint(aligned, unaligned, config)
+    if cached is not None and cached.metadata.get("fingerprint") == wanted:
+        info(f"LSSF: loaded the safety subspace from {cache} ({cached})")
+        return cached
+    kept = cache_file(cache, wanted)
+    if kept is not None:
+        subspace = SafetySubspace.load(kept)
+        info(f"LSSF: loaded the safety subspace from {kept} ({subspace})")
+        return subspace
     if cached is not None:
-        if cached.metadata.get("fingerprint") == fingerprint(aligned, unaligned, config):
-            info(f"LSSF: loaded the safety subspace from {cache} ({cached})")
-            return cached
-        warnings.warn(f"LSSF: {cache} was built from other weights or settings; rebuilding it.", stacklevel=2)
+        warnings.warn(f"LSSF: {cache} was built from other weights or settings; it is kept as "
+                      f"{cache_history_path(cache, str(cached.metadata.get('fingerprint')))} and the "
+                      "subspace of this run is built.", stacklevel=2)
     subspace = build_subspace(aligned, unaligned, config, **options)
     info(f"LSSF: built {subspace}")
     if cache is not None and write_cache:
-        subspace.save(Path(cache).expanduser(), overwrite=True, inputs=[aligned, unaligned])
+        path = Path(cache).expanduser()
+        _keep_previous(path, str(subspace.metadata.get("fingerprint")))
+        subspace.save(path, overwrite=True, inputs=[aligned, unaligned])
     return subspace
 
 
@@ -276,15 +361,15 @@ def recover_subspace(
     unaligned=None,
     **options: Any,
 ) -> SafetySubspace | None:
-    """The subspace with the checkpoint's fingerprint: one of ``known``, the ``cache`` file, or a rebuild from
-    ``aligned``/``unaligned`` with the settings stored in the checkpoint (only if it reproduces the
-    fingerprint); ``None`` when none of these has it."""
+    """The subspace with the checkpoint's fingerprint: one of ``known``, one the ``cache`` kept, or a
+    rebuild from ``aligned``/``unaligned`` with the settings stored in the checkpoint (only if it reproduces
+    the fingerprint); ``None`` when none of these has it."""
     stored = info.get("fingerprint")
     for subspace in known:
         if subspace.metadata.get("fingerprint") == stored:
             return subspace
-    cached = read_cache(cache)
-    if cached is not None and cached.metadata.get("fingerprint") == stored:
+    cached = find_cached(cache, stored)
+    if cached is not None:
         return cached
     settings = info.get("subspace")
     if settings is not None and aligned is not None and unaligned is not None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import sys
 import tempfile
 import warnings
@@ -60,6 +61,23 @@ def _directory_digest(path: Path) -> dict[str, str]:
     if index.is_file():
         files.update(index.read_bytes())
     return {"tensors": _tensor_digest(tensors), "files": files.hexdigest()[:32]}
+
+
+def _without_integrity(path: Path) -> bytes:
+    """The bytes of the subspace file ``path`` without its ``lssf_integrity`` and ``lssf_inputs`` records
+    (added after the restructuring; the rest of the file, the ``"lssf"`` metadata and the factors, must be
+    byte-identical)."""
+    raw = path.read_bytes()
+    length = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + length])
+    added = [k for k in ("lssf_integrity", "lssf_inputs") if k in header.get("__metadata__", {})]
+    if not added:
+        return raw
+    for key in added:
+        del header["__metadata__"][key]
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + raw[8 + length:]
 
 
 def _state(model) -> dict[str, torch.Tensor]:
@@ -145,7 +163,8 @@ def golden_digests(root: Path) -> dict[str, object]:
     try:  # relative paths: the metadata records them, so the file's bytes do not depend on ``root``
         os.chdir(root)
         SafetySubspace.from_weights("llama/aligned", "llama/base", progress=False).save("llama.safetensors")
-        out["subspace_file_llama"] = hashlib.sha256(Path("llama.safetensors").read_bytes()).hexdigest()[:32]
+        file_bytes = _without_integrity(Path("llama.safetensors"))
+        out["subspace_file_llama"] = hashlib.sha256(file_bytes).hexdigest()[:32]
     finally:
         os.chdir(here)
     runs = {

@@ -13,7 +13,6 @@ LoRA and the correction).
 from __future__ import annotations
 
 import inspect
-import json
 import os
 import sys
 import warnings
@@ -28,6 +27,7 @@ from transformers import TrainerCallback
 
 from lssf_lightning import training
 from lssf_lightning.config import AutoAlphaConfig, SubspaceConfig, split_legacy
+from lssf_lightning.io.schema import FormatError, field, load_json
 from lssf_lightning.io.weights import ModuleStore
 from lssf_lightning.validation import SettingError, check_finite, check_int
 
@@ -62,7 +62,9 @@ class LSSFTrainerCallback(TrainerCallback):
         export_adapter_dir: the correction as a peft LoRA adapter, written at the end of training (a LoRA run
             gets the combined task + correction adapter, to load on the aligned model).
         adapter_max_rank: cap the adapter's per-module rank (servers with a maximum LoRA rank).
-        subspace_cache: a subspace file reused when its fingerprint matches (written otherwise).
+        subspace_cache: a subspace file reused when its fingerprint matches (written otherwise; the subspace
+            it replaces is kept next to it, at most ``training.CACHE_KEEP`` = 8 subspaces in all, the oldest
+            removed first).
         checkpoint_subdir: the realigned model's folder inside each ``checkpoint-N``; ``None``: none written.
         monitor: ``True``/``False``, or the refusal monitor's settings (``harmful_prompts``,
             ``harmless_prompts``, ``num_prompts``, ``max_new_tokens``, ``judge``, as in ``RefusalMonitor``).
@@ -370,10 +372,19 @@ class LSSFTrainerCallback(TrainerCallback):
     def _load_auto_state(self, path: Path) -> None:
         if not path.is_file():
             return
-        record = json.loads(path.read_text())
-        self.fusion.target = check_finite("alpha", record["alpha"])
-        self.auto_target = record.get("auto_target")
-        self.alpha_curve = list(record.get("alpha_curve") or [])
+        record = load_json(path)
+        alpha = field(path, record, "alpha", float)
+        auto_target = field(path, record, "auto_target", (float, type(None)), default=None)
+        curve = field(path, record, "alpha_curve", (list, type(None)), default=None) or []
+        for i, point in enumerate(curve):
+            for name in ("alpha", "refusal"):
+                field(path, point, name, float, where=f"alpha_curve[{i}]")
+        field(path, record, "fingerprint", (str, type(None)), default=None)
+        if auto_target is not None and not 0.0 <= auto_target <= 1.0:
+            raise FormatError(path, f"field 'auto_target' must be a rate in [0, 1], got {auto_target!r}")
+        self.fusion.target = float(alpha)
+        self.auto_target = None if auto_target is None else float(auto_target)
+        self.alpha_curve = [dict(point) for point in curve]
 
     def _auto_prompts(self) -> list[str]:
         from lssf_lightning.metrics import load_prompts

@@ -5,12 +5,20 @@ Everywhere a model is accepted, a local path that exists wins; otherwise an ID i
 ``HF_HUB_OFFLINE=1``, with the usual token (``HF_TOKEN``, ``hf auth login``). Only what the project reads is
 fetched — top-level safetensors weights, their index, config, generation config and tokenizer files, a peft
 adapter's config — never a pickle. The library reads these variables once, when it is imported.
+
+Online, every call to the hub is bounded: the revision is resolved with a timeout of
+``HF_HUB_ETAG_TIMEOUT`` seconds (default 10), the files are checked with the same ``etag_timeout`` and
+downloaded with ``HF_HUB_DOWNLOAD_TIMEOUT``; a hub that does not answer in time is taken as unreachable: the
+cached snapshot is used, with one warning saying so (or, if the model is not cached, one error), and the
+process does not ask that hub again. A file of a snapshot that is a symbolic link must point into its repo's
+``blobs/`` folder, as the hub's cache lays them out; any other link is refused.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from pathlib import Path
 
 __all__ = ["HUB_WEIGHT_PATTERNS", "cached_snapshot", "is_hub_id", "parse_hub_id", "resolve_model"]
@@ -19,6 +27,7 @@ HUB_WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "adapter_con
 """Weight files fetched for a model ID (with the config and tokenizer files of
 ``io.guard.SUPPORT_FILES``)."""
 
+_UNANSWERED: set[str] = set()  # endpoints that did not answer in time: not asked again by this process
 _TOP_LEVEL_ONLY = ("*/*",)  # snapshot_download's ``*`` crosses folders; repos keep variants in sub-folders
 
 
@@ -83,6 +92,7 @@ def resolve_model(spec: str | os.PathLike, *, what: str = "model", weights: bool
         return Path(spec).expanduser()
     repo_id, revision = parse_hub_id(str(spec))
     directory = _snapshot(repo_id, revision, what, weights)
+    _check_links(directory, f"{what} {spec}")
     if weights:
         _require_safetensors(directory, repo_id, revision, what)
     return directory
@@ -114,12 +124,23 @@ def _snapshot(repo_id: str, revision: str | None, what: str, weights: bool) -> P
 
     label = f"{what} {repo_id}" + (f"@{revision}" if revision else "")
     patterns = [*(HUB_WEIGHT_PATTERNS if weights else ()), *SUPPORT_FILES]
+    timeout = float(constants.HF_HUB_ETAG_TIMEOUT)
+    unreachable = None
     try:
-        return Path(
+        resolved, answered = (revision, True) if constants.is_offline_mode() else _resolve_revision(
+            repo_id, revision, timeout)
+        if not answered:  # the cache only
+            unreachable = f"the hub did not answer within {timeout:g} s (HF_HUB_ETAG_TIMEOUT)"
+        directory = Path(
             snapshot_download(
-                repo_id, revision=revision, allow_patterns=patterns, ignore_patterns=list(_TOP_LEVEL_ONLY)
+                repo_id, revision=resolved, allow_patterns=patterns, ignore_patterns=list(_TOP_LEVEL_ONLY),
+                etag_timeout=timeout, local_files_only=not answered,
             )
         )
+        if unreachable:
+            warnings.warn(f"{label}: {unreachable}; using its snapshot in the Hugging Face cache",
+                          stacklevel=4)
+        return directory
     except GatedRepoError:
         token = "your token has not been granted access" if get_token() else "no token is set"
         raise PermissionError(
@@ -142,12 +163,61 @@ def _snapshot(repo_id: str, revision: str | None, what: str, weights: bool) -> P
                 "with HF_HUB_OFFLINE=1"
             )
         else:
-            reason = "no such local path, not in the Hugging Face cache, and the hub could not be reached"
+            reason = ("no such local path, not in the Hugging Face cache, and the hub could not be reached"
+                      + (f" ({unreachable})" if unreachable else ""))
         raise FileNotFoundError(
             f"{label}: {reason}; download it first, e.g. `hf download {repo_id}"
             + (f" --revision {revision}" if revision else "")
             + "`"
         ) from None
+
+
+def _resolve_revision(repo_id: str, revision: str | None, timeout: float) -> tuple[str | None, bool]:
+    """``(revision to download, whether the hub answered)``, the hub asked with ``timeout`` seconds to answer.
+
+    The revision is the commit ``revision`` (default: the main branch) points to, recorded in the cache's
+    ``refs/`` as ``snapshot_download`` records it; ``revision`` itself when the hub answered with an error
+    (``snapshot_download`` then asks again and handles it, as always) or could not be reached in time.
+    """
+    import importlib
+
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+    from huggingface_hub.file_download import REGEX_COMMIT_HASH, repo_folder_name
+
+    if constants.ENDPOINT in _UNANSWERED:
+        return revision, False
+    unreachable: list[type[BaseException]] = [OfflineModeIsEnabled]  # + the HTTP clients' transport errors
+    for client in ("httpx2", "httpx"):
+        with contextlib.suppress(ImportError, AttributeError):
+            unreachable.append(importlib.import_module(client).TransportError)
+    try:
+        sha = HfApi().repo_info(repo_id, revision=revision, timeout=timeout).sha
+    except tuple(unreachable):
+        _UNANSWERED.add(constants.ENDPOINT)
+        return revision, False
+    except HfHubHTTPError:  # not found, gated, down...: as snapshot_download always decided
+        return revision, True
+    if revision is not None and REGEX_COMMIT_HASH.fullmatch(revision):
+        return revision, True  # (asked all the same: snapshot_download lists the commit's files next)
+    folder = Path(constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model")
+    with contextlib.suppress(OSError):
+        ref = folder / "refs" / (revision or constants.DEFAULT_REVISION)
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        ref.write_text(sha)
+    return sha, True
+
+
+def _check_links(directory: Path, label: str) -> None:
+    """Refuse a snapshot file that is a symbolic link anywhere but into its repo's ``blobs/`` folder."""
+    blobs = (directory.parent.parent / "blobs").resolve()
+    for file in sorted(directory.iterdir()):
+        if not file.is_symlink():
+            continue
+        target = file.resolve()
+        if not target.is_relative_to(blobs):
+            raise ValueError(f"{label}: {file} is a link to {target}, outside the cache's {blobs}; refusing "
+                             "to read it (the hub's cache links snapshot files only into blobs/)")
 
 
 def _require_safetensors(directory: Path, repo_id: str, revision: str | None, what: str) -> None:

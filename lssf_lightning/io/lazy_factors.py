@@ -21,7 +21,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lssf_lightning.io.subspace_file import check_factor, read_subspace_header, subspace_path
+from lssf_lightning.io.subspace_file import (
+    check_entry_bytes,
+    check_factor,
+    read_subspace_header,
+    subspace_path,
+)
 from lssf_lightning.validation import check_int
 
 if TYPE_CHECKING:
@@ -66,6 +71,8 @@ class LazyFactors(Mapping):
         self.map_location = map_location
         self._handle = None
         header, self._tensors = read_subspace_header(self.path)
+        self._header = header
+        self._verified: set[str] = set()  # entries whose bytes were checked against the integrity hash
         self.metadata: dict[str, Any] = dict(header["metadata"])
         self._layout: dict[str, dict[str, Any]] = dict(header["entries"])
         self._cache: OrderedDict[str, SubspaceEntry] = OrderedDict()
@@ -121,10 +128,11 @@ class LazyFactors(Mapping):
         from lssf_lightning.subspace import SubspaceEntry
 
         handle, info = self._open(), self._layout[key]
-        left, right, sigma = (
-            self._checked(f"{key}:{part}", handle.get_tensor(f"{key}:{part}"))
-            for part in ("left", "right", "sigma")
-        )
+        parts = [check_factor(self.path, f"{key}:{part}", handle.get_tensor(f"{key}:{part}"))
+                 for part in ("left", "right", "sigma")]
+        check_entry_bytes(self.path, self._header, key, parts)
+        self._verified.add(key)
+        left, right, sigma = (part.to(self.map_location) for part in parts)
         return SubspaceEntry(
             left=left,
             right=right,
@@ -169,9 +177,19 @@ class LazyFactors(Mapping):
         conv1d = bool(self._layout[key]["conv1d"])
         out_slice, in_slice = region.entry_slices(conv1d)
         handle = self._open()
+        self._verify(key)
         left = self._checked(f"{key}:left", handle.get_slice(f"{key}:left")[out_slice])
         right = self._checked(f"{key}:right", handle.get_slice(f"{key}:right")[:, in_slice].contiguous())
         return LocalFactors(left, right, region, conv1d)
+
+    def _verify(self, key: str) -> None:
+        """Check entry ``key``'s bytes against the file's integrity hash once (read one tensor at a time)."""
+        if key in self._verified:
+            return
+        handle = self._open()
+        check_entry_bytes(self.path, self._header, key,
+                          (handle.get_tensor(f"{key}:{part}") for part in ("left", "right", "sigma")))
+        self._verified.add(key)
 
     def __repr__(self) -> str:
         return f"LazyFactors({str(self.path)!r}, {len(self)} entries, budget {self.budget_bytes} bytes)"

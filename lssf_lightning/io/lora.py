@@ -4,6 +4,11 @@ A peft adapter directory holds ``adapter_config.json`` and ``adapter_model.safet
 ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``. The merged weight of a module is
 ``W + s·B·A`` with ``s = lora_alpha / r`` (``lora_alpha / √r`` with rsLoRA), per-module overrides from
 ``rank_pattern`` / ``alpha_pattern``, transposed for ``fan_in_fan_out`` (GPT-2 ``Conv1D``) layers.
+
+Tensors an adapter trains in full (``modules_to_save``, e.g. ``base_model.model.lm_head.weight``; trained
+biases) replace the base's, as peft's ``merge_and_unload`` does. Trained tensors of other kinds
+(``lora_bias``'s ``lora_B.bias``, ``trainable_token_indices``' deltas, embedding LoRA) are refused when the
+adapter is merged: nothing an adapter trains is left out of the merged weights silently.
 """
 
 from __future__ import annotations
@@ -64,10 +69,16 @@ class LoraAdapter:
             raise ValueError(f"{self.path}: DoRA adapters are not supported; merge it with peft first")
         reader = SafetensorsReader(find_safetensors(self.path))
         pieces: dict[str, dict[str, str]] = {}
+        self._full: dict[str, str] = {}  # canonical weight name → key of a tensor trained in full
+        self.unmergeable: list[str] = []  # trained tensors that are neither LoRA factors nor whole weights
         for key in reader.entries:
             found = _LORA_KEY.match(key)
             if found:
                 pieces.setdefault(canonical_key(found["module"]), {})[found["which"]] = key
+            elif "lora_" in key or "token_adapter" in key or "trainable_tokens" in key:
+                self.unmergeable.append(key)
+            else:
+                self._full[canonical_key(key)] = key
         incomplete = [m for m, p in pieces.items() if set(p) != {"A", "B"}]
         if incomplete:
             raise ValueError(f"{self.path}: LoRA layer {incomplete[0]} lacks its A or B factor")
@@ -88,6 +99,14 @@ class LoraAdapter:
 
     def modules(self) -> list[str]:
         return list(self._pieces)
+
+    def full_tensors(self) -> list[str]:
+        """The weights the adapter trains in full (``modules_to_save``, biases), canonical names."""
+        return list(self._full)
+
+    def full_tensor(self, name: str) -> Tensor:
+        """The trained tensor ``name`` (one of :meth:`full_tensors`)."""
+        return self._reader.get(self._full[name])
 
     def factors(self, module: str) -> LoraFactors:
         keys = self._pieces[module]
@@ -137,7 +156,8 @@ def _pattern_value(patterns: dict[str, float], module: str, default: float) -> f
 
 
 class MergedLoraStore(WeightStore):
-    """``base`` with an adapter's ``s·B·A`` added to each adapted weight, computed when the weight is read."""
+    """``base`` with an adapter's ``s·B·A`` added to each adapted weight, computed when the weight is read,
+    and the tensors it trains in full (``modules_to_save``) in place of the base's."""
 
     def __init__(self, base: WeightStore, adapter: LoraAdapter) -> None:
         self.base = base
@@ -151,6 +171,17 @@ class MergedLoraStore(WeightStore):
                 f"adapter {adapter.path} adapts modules that {base.location} lacks, "
                 f"e.g. {sorted(unmatched)[:3]}"
             )
+        if adapter.unmergeable:
+            raise ValueError(f"adapter {adapter.path} trains {adapter.unmergeable[0]}, which lssf_lightning "
+                             "cannot merge into the weights; merge the adapter with peft's "
+                             "merge_and_unload() and pass the merged model")
+        full = KeyMatcher(adapter.full_tensors())
+        self._replaced = {k: full.match(k) for k in base.keys() if full.match(k)}  # noqa: SIM118
+        missing = sorted(set(adapter.full_tensors()) - set(self._replaced.values()))
+        if missing:
+            raise ValueError(f"adapter {adapter.path} trains {missing[0]} (modules_to_save), which "
+                             f"{base.location} does not store (tied to another weight?); merge the adapter "
+                             "with peft's merge_and_unload() and pass the merged model")
 
     def keys(self) -> list[str]:
         return self.base.keys()
@@ -176,6 +207,13 @@ class MergedLoraStore(WeightStore):
         return self.adapter.factors(module) if module else None
 
     def get(self, key: str) -> Tensor:
+        if key in self._replaced:
+            trained = self.adapter.full_tensor(self._replaced[key])
+            if tuple(trained.shape) != tuple(self.base.shape(key)):
+                shape = tuple(self.base.shape(key))
+                raise ValueError(f"adapter {self.adapter.path} trains {self._replaced[key]} with shape "
+                                 f"{tuple(trained.shape)}, the base's {key} has {shape}")
+            return trained.to(self.base.dtype(key))
         weight = self.base.get(key)
         factors = self.lora_factors(key)
         if factors is None:

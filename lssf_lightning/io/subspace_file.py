@@ -8,6 +8,20 @@ Layout (format version 1, unchanged since lssf_lightning 0.1)::
     __metadata__["lssf"] = {"format": "lssf_lightning.safety_subspace", "version": 1,
                             "metadata": {...build settings...},
                             "entries": {<key>: {"entropy": float, "total_energy": float, "conv1d": bool}}}
+    __metadata__["lssf_inputs"] = {"aligned": {<key>: "(shape)|dtype|crc32"}, "unaligned": {...}}
+    __metadata__["lssf_integrity"] = {"algorithm": "sha256", "metadata": <digest>,
+                                      "entries": {<key>: {"layout": <digest>, "tensors": <digest>}}}
+
+The integrity record (files without it, e.g. written by lssf_lightning 0.1, load as before) holds SHA-256
+digests: of the metadata, of each entry's layout (its name, ``entropy``, ``total_energy``, ``conv1d``, and its
+three tensors' names, dtypes and shapes) and of each entry's tensor bytes. ``"lssf_inputs"`` (read back as
+``metadata["input_digests"]``) records the digest the fingerprint took of each input weight, so that the
+models a subspace is used with can be checked weight by weight
+(:func:`lssf_lightning.subspace.check_input_weight`).
+The metadata and layouts are checked when the header is read, an entry's bytes when its factors are read: a
+flipped flag or an edited tensor is refused with one line naming the file and the entry. It guards against
+damage and edits by hand, not against someone who rewrites the record too. The ``"lssf"`` text is the same
+as without it, so the fingerprint and everything 0.1 read are unchanged.
 
 :func:`read_subspace_file` checks all of it (a violation is one :class:`~lssf_lightning.io.schema.FormatError`
 naming the file and the field, never a shape error later in a matrix product) and that every factor is
@@ -17,6 +31,7 @@ finite; :func:`write_subspace_file` writes through the output guard.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import warnings
@@ -34,6 +49,8 @@ from lssf_lightning.io.shards import SafetensorsReader, TensorEntry, read_header
 __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
+    "INTEGRITY_KEY",
+    "check_entry_bytes",
     "check_factor",
     "read_subspace_file",
     "read_subspace_header",
@@ -43,6 +60,8 @@ __all__ = [
 
 FORMAT = "lssf_lightning.safety_subspace"
 FORMAT_VERSION = 1
+INTEGRITY_KEY = "lssf_integrity"  # the safetensors metadata key of the integrity record
+INPUTS_KEY = "lssf_inputs"  # ... of the inputs' per-weight digests (metadata["input_digests"])
 _PARTS = {"left": 2, "right": 2, "sigma": 1}  # tensor suffix → number of dimensions
 # Metadata fields the package reads back, with their types (others are kept as they are).
 _METADATA_FIELDS: dict[str, tuple[type, ...]] = {
@@ -87,7 +106,97 @@ def read_subspace_header(path: str | os.PathLike) -> tuple[dict[str, Any], dict[
     extra = sorted(set(tensors) - expected)
     if extra:
         raise FormatError(path, f"tensor {extra[0]!r} belongs to no entry of the 'entries' field")
+    if INPUTS_KEY in raw_metadata:
+        inputs = load_json(path, raw_metadata[INPUTS_KEY], where=f"the {INPUTS_KEY!r} metadata")
+        if not _input_digests_layout(inputs):
+            raise FormatError(path, f"the {INPUTS_KEY!r} metadata must map 'aligned' and 'unaligned' to "
+                                    "{weight: '(shape)|dtype|crc32'}")
+        metadata["input_digests"] = inputs
+    integrity = _read_integrity(path, raw_metadata, header, tensors)
+    if integrity is not None:
+        header["integrity"] = integrity
     return header, tensors
+
+
+# -- the integrity record ------------------------------------------------------------------------------------
+def _input_digests_layout(digests: Any) -> bool:
+    """Whether ``digests`` is ``{"aligned": {name: "(shape)|dtype|crc32"}, "unaligned": {...}}``."""
+    return (isinstance(digests, Mapping) and set(digests) == {"aligned", "unaligned"}
+            and all(isinstance(side, Mapping) and all(isinstance(d, str) and d.count("|") == 2
+                                                       for d in side.values()) for side in digests.values()))
+
+
+def _digest_json(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, allow_nan=False).encode()).hexdigest()
+
+
+def _layout_digest(key: str, info: Mapping[str, Any], shapes: Mapping[str, tuple[str, list[int]]]) -> str:
+    layout = {part: info.get(part) for part in ("entropy", "total_energy", "conv1d")}
+    return _digest_json([key, layout, {f"{key}:{part}": list(shapes[part]) for part in _PARTS}])
+
+
+def _tensor_layout(tensors: Mapping[str, Any], key: str) -> dict[str, tuple[str, list[int]]]:
+    return {part: (str(tensors[f"{key}:{part}"].dtype), list(tensors[f"{key}:{part}"].shape))
+            for part in _PARTS}
+
+
+def tensors_digest(parts: Iterable[torch.Tensor]) -> str:
+    """SHA-256 of the bytes of ``parts`` (an entry's left, right, sigma) as the file stores them."""
+    digest = hashlib.sha256()
+    for tensor in parts:
+        tensor = tensor.detach().to("cpu").contiguous()
+        digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
+def _integrity(metadata: Mapping[str, Any], layout: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]):
+    entries = {
+        key: {"layout": _layout_digest(key, info, _tensor_layout(tensors, key)),
+              "tensors": tensors_digest(tensors[f"{key}:{part}"] for part in _PARTS)}
+        for key, info in layout.items()
+    }
+    return {"algorithm": "sha256", "metadata": _digest_json(dict(metadata)), "entries": entries}
+
+
+def _read_integrity(path: Path, raw_metadata: Mapping[str, str], header: Mapping[str, Any],
+                    tensors: Mapping[str, TensorEntry]) -> dict[str, Any] | None:
+    """The checked integrity record (``None`` for a file without one): the metadata and every entry's layout
+    must match their digests; the tensor digests are returned for :func:`check_entry_bytes`."""
+    if INTEGRITY_KEY not in raw_metadata:
+        return None
+    record = load_json(path, raw_metadata[INTEGRITY_KEY], where=f"the {INTEGRITY_KEY!r} metadata")
+    if field(path, record, "algorithm", str, where=INTEGRITY_KEY) != "sha256":
+        raise FormatError(path, f"{INTEGRITY_KEY}: unknown algorithm {record['algorithm']!r}")
+    if field(path, record, "metadata", str, where=INTEGRITY_KEY) != _digest_json(header["metadata"]):
+        raise FormatError(path, "the subspace's metadata does not match its integrity hash (the file was "
+                                "edited or damaged)")
+    digests = field(path, record, "entries", dict, where=INTEGRITY_KEY)
+    for key in sorted(set(digests) ^ set(header["entries"])):
+        state = "is missing from the file" if key in digests else "has no integrity hash"
+        raise FormatError(path, f"entry {key!r} {state} (the file was edited or damaged)")
+    for key, info in header["entries"].items():
+        where = f"{INTEGRITY_KEY} entry {key!r}"
+        record = field(path, digests, key, dict, where=f"{INTEGRITY_KEY} entries")
+        field(path, record, "tensors", str, where=where)
+        layout = _layout_digest(key, info, _tensor_layout(tensors, key))
+        if field(path, record, "layout", str, where=where) != layout:
+            raise FormatError(path, f"entry {key!r} does not match its integrity hash: its 'conv1d', "
+                                    "'entropy', 'total_energy' or a tensor's dtype or shape was edited")
+    return {key: digests[key]["tensors"] for key in header["entries"]}
+
+
+def check_entry_bytes(path: str | os.PathLike, header: Mapping[str, Any], key: str,
+                      parts: Iterable[torch.Tensor]) -> None:
+    """Check the bytes of entry ``key``'s tensors (``parts``: left, right, sigma, as read from ``path``)
+    against the integrity record of ``header`` (nothing to check in a file without one).
+
+    Raises:
+        FormatError: naming the file and the entry.
+    """
+    expected = header.get("integrity", {}).get(key)  # ``parts`` may be a generator: read only if needed
+    if expected is not None and tensors_digest(parts) != expected:
+        raise FormatError(path, f"entry {key!r}: the factors' bytes do not match the integrity hash (the "
+                                "file was edited or damaged)")
 
 
 def _check_shapes(path: Path, key: str, tensors: Mapping[str, TensorEntry]) -> None:
@@ -126,7 +235,9 @@ def read_subspace_file(
         parts = {}
         for part in _PARTS:
             name = f"{key}:{part}"
-            parts[part] = check_factor(path, name, reader.get(name)).to(map_location)
+            parts[part] = check_factor(path, name, reader.get(name))
+        check_entry_bytes(path, header, key, parts.values())
+        parts = {part: tensor.to(map_location) for part, tensor in parts.items()}
         entries[key] = {**parts, "entropy": float(info["entropy"]),
                         "total_energy": float(info["total_energy"]), "conv1d": info["conv1d"]}
     return entries, header["metadata"]
@@ -198,11 +309,20 @@ def write_subspace_file(
         tensors[f"{key}:right"] = entry.right.contiguous()
         tensors[f"{key}:sigma"] = entry.singular_values.contiguous()
         layout[key] = {"entropy": entry.entropy, "total_energy": entry.total_energy, "conv1d": entry.conv1d}
-    header = {"format": FORMAT, "version": FORMAT_VERSION, "metadata": dict(metadata), "entries": layout}
+    digests = metadata.get("input_digests")
+    own_key = _input_digests_layout(digests)  # as the builder records them: their own key (see above)
+    settings = {k: v for k, v in metadata.items() if not (own_key and k == "input_digests")}
+    header = {"format": FORMAT, "version": FORMAT_VERSION, "metadata": settings, "entries": layout}
     try:
         text = json.dumps(header, allow_nan=False)
     except ValueError:
         raise ValueError(f"refusing to write {path}: a number of its metadata is NaN or inf") from None
+    records = {"lssf": text}
+    if own_key:
+        records[INPUTS_KEY] = json.dumps(digests)
+    # the digest of the metadata as it reads back (JSON types, the input digests merged in)
+    read_back = {**json.loads(text)["metadata"], **({"input_digests": digests} if own_key else {})}
+    records[INTEGRITY_KEY] = json.dumps(_integrity(read_back, layout, tensors))
     with guarded_output(path, inputs, overwrite=overwrite, directory=False) as staging:
-        write_safetensors(staging, tensors, {"lssf": text})
+        write_safetensors(staging, tensors, records)
     return path

@@ -57,7 +57,9 @@ class LSSFCallback(Callback):
         apply_epochs: for ``"epochs"``: 0-based epoch indices, or a share of ``max_epochs`` in ``(0, 1]``.
         export_dir: write a realigned HF model directory here at the end of fit (needed for ``"train_end"``).
         subspace_cache: a ``.safetensors`` file: loaded when its fingerprint matches the inputs, written after
-            a build.
+            a build; the subspace it replaces is kept next to it (``<stem>.fp-<fingerprint>.safetensors``, at
+            most ``training.CACHE_KEEP`` = 8 subspaces in all, the oldest removed first), so a checkpoint
+            written with earlier settings still resumes exactly without a rebuild.
         keep_raw_fixups: store what makes a resume exact (entries where ``fused − correction`` rounds off the
             raw value, a few percent, and a checksum); ``False``: exact up to rounding.
         auto_alpha: ``alpha="auto"``'s settings, or an :class:`AutoAlpha` (e.g. with its own judge).
@@ -210,8 +212,8 @@ class LSSFCallback(Callback):
         if not info or trainer.state.fn != "fit" or self.subspace is None or not info.get("alpha_added"):
             return
         subspace = training.checkpoint_subspace(info, self.subspace, where=trainer.ckpt_path, progress=False,
-                                                known=self._resume_subspaces, aligned=self.aligned,
-                                                unaligned=self.unaligned)
+                                                known=self._resume_subspaces, cache=self.subspace_cache,
+                                                aligned=self.aligned, unaligned=self.unaligned)
         with strategy.full_parameters(trainer, pl_module):
             training.restore_raw(training.named_tensors(pl_module), subspace, info["alpha_added"],
                                  checkpoint.get(RAW_FIXUPS_KEY))

@@ -50,7 +50,9 @@ class LSSF:
         allow_partial: bool = False,
     ) -> None:
         self.alpha = check_finite("alpha", alpha)
+        self.subspace_file = None  # the file the subspace was read from, for messages
         if isinstance(subspace, (str, os.PathLike)):
+            self.subspace_file = os.fspath(subspace)
             subspace = SafetySubspace.load(subspace)
         if not isinstance(subspace, (SafetySubspace, SubspaceBuilder)):
             raise TypeError(

@@ -29,7 +29,7 @@ from lssf_lightning.io.weights import WeightsLike, WeightStore, open_weights
 from lssf_lightning.methods import register_method
 from lssf_lightning.methods.base import Correction, Edit
 from lssf_lightning.methods.lssf import LSSF
-from lssf_lightning.subspace import SafetySubspace, SubspaceBuilder, SubspaceEntry
+from lssf_lightning.subspace import SafetySubspace, SubspaceBuilder, SubspaceEntry, check_input_weight
 from lssf_lightning.validation import SettingError, check_finite
 
 __all__ = ["LSSFErosion", "LSSFReset", "LSSFTwoSided"]
@@ -65,7 +65,10 @@ class _ReferenceFusion(LSSF):
         key = self._reference_keys.match(name)
         if key is None:
             raise ValueError(f"{name} has no counterpart in the {self.reference} weights {store.location}")
-        return store.get(key)
+        weight = store.get(key)
+        check_input_weight(self.subspace, self.reference, name, weight, store.location,
+                           subspace_file=getattr(self, "subspace_file", None))
+        return weight
 
     def _factors(self, entry: SubspaceEntry, weight: Tensor, reference: Tensor) -> tuple[Tensor, Tensor]:
         """``(L, R)`` of the correction ``W ← W + L·R`` (output-major ``weight`` and ``reference``)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -55,9 +56,12 @@ def generate_responses(
     Returns:
         One answer per prompt, in the order of ``prompts``, special tokens removed and whitespace stripped.
 
+    A prompt longer than the model's positions allow (``max_position_embeddings`` minus ``max_new_tokens``)
+    keeps its last tokens (where the question and the assistant's turn are), with one warning for the call.
+
     Raises:
-        ValueError: If ``max_new_tokens`` or ``batch_size`` is not a positive integer, or the tokenizer has
-            neither a pad nor an eos token.
+        ValueError: If ``max_new_tokens`` or ``batch_size`` is not a positive integer, ``max_new_tokens``
+            leaves no position for a prompt, or the tokenizer has neither a pad nor an eos token.
     """
     check_int("max_new_tokens", max_new_tokens)
     check_int("batch_size", batch_size)
@@ -67,7 +71,8 @@ def generate_responses(
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ValueError(f"tokenizer {type(tokenizer).__name__} has neither a pad token nor an eos token")
-    encoded = _encode(tokenizer, [format_prompt(tokenizer, p, system_prompt) for p in prompts])
+    encoded = _fit_positions(model, _encode(tokenizer, [format_prompt(tokenizer, p, system_prompt)
+                                                        for p in prompts]), max_new_tokens)
     # Longest first: similar lengths share a batch (little padding) and memory problems surface at once.
     order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]), reverse=True)
     batches = [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
@@ -98,6 +103,25 @@ def generate_responses(
         if contiguous_hook is not None:
             contiguous_hook.remove()
     return responses
+
+
+def _fit_positions(model: nn.Module, encoded: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """``encoded`` with each prompt cut to its last ``max positions − max_new_tokens`` tokens (models with a
+    fixed number of positions, e.g. GPT-2's ``n_positions``; others are returned as they are)."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) if config is not None else None
+    if not isinstance(limit, int) or limit <= 0:
+        return encoded
+    room = limit - max_new_tokens
+    if room < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt: the model has "
+                         f"{limit} positions")
+    long = sum(len(ids) > room for ids in encoded)
+    if long:
+        warnings.warn(f"{long} prompt(s) are longer than the {room} tokens the model's {limit} positions "
+                      f"leave besides max_new_tokens={max_new_tokens}; each keeps its last {room} tokens",
+                      stacklevel=3)
+    return [ids[-room:] if len(ids) > room else ids for ids in encoded]
 
 
 def _contiguous_head_inputs(model: nn.Module):
