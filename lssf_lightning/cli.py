@@ -20,27 +20,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from lssf_lightning.config import (
-    DEFAULT_ADD,
-    DEFAULT_ALPHA,
-    DEFAULT_BETA,
-    DEFAULT_DROP_RATE,
-    DEFAULT_INPUT_SHARE,
-    DEFAULT_SEED,
-    DEFAULT_THRESHOLD,
-    MAX_SHARD_BYTES,
-    SOURCES,
-    SVD_METHODS,
-    SubspaceConfig,
-)
-from lssf_lightning.validation import (
-    SettingError,
-    check_cosine,
-    check_drop_rate,
-    check_finite,
-    check_int,
-    check_seed,
-)
+from lssf_lightning.config import MAX_SHARD_BYTES, SOURCES, SVD_METHODS, SubspaceConfig
+from lssf_lightning.methods.registry import METHODS, all_parameters, check_options, takers
+from lssf_lightning.validation import SettingError, check_int
 
 __all__ = ["main"]
 
@@ -67,26 +49,6 @@ def _checked(check: Callable[..., Any], option: str, convert: Callable[[str], An
 
     parse.__name__ = option  # argparse names the type in its messages
     return parse
-
-
-class _RegisteredMethods:
-    """``--method``'s choices: the names in :data:`lssf_lightning.methods.METHODS`, read when argparse first
-    checks or lists them (importing the methods pulls in torch; ``--help`` of other commands stays fast).
-
-    Importing :mod:`lssf_lightning.methods` also imports the modules that register further methods (the fusion
-    variants), so every registered name is listed.
-    """
-
-    def _names(self) -> tuple[str, ...]:
-        from lssf_lightning.methods import METHODS
-
-        return tuple(METHODS)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._names()
-
-    def __iter__(self):
-        return iter(self._names())
 
 
 def _shard_size(text: str) -> int:
@@ -180,24 +142,50 @@ def _subspace_config(args) -> SubspaceConfig:
     return SubspaceConfig(**values)
 
 
-# realign's numeric method options: flag, rule of lssf_lightning.validation, conversion, default, help.
-_METHOD_NUMBERS = (
-    ("--alpha", check_finite, float, DEFAULT_ALPHA,
-     f"LSSF fusion strength (default {DEFAULT_ALPHA:g})"),
-    ("--add", check_finite, float, DEFAULT_ADD,
-     f"lssf-reset / lssf-erosion / lssf-two-sided: strength of the additive term on top "
-     f"(default {DEFAULT_ADD:g})"),
-    ("--input-share", check_finite, float, DEFAULT_INPUT_SHARE,
-     f"lssf-two-sided: share rho of the input-side reset (default {DEFAULT_INPUT_SHARE:g})"),
-    ("--beta", check_finite, float, DEFAULT_BETA,
-     f"RESTA scale of the safety vector (default {DEFAULT_BETA:g})"),
-    ("--drop-rate", check_drop_rate, float, DEFAULT_DROP_RATE,
-     f"RESTA's DARE drop probability in [0, 1) (default {DEFAULT_DROP_RATE:g}; 0 = off)"),
-    ("--seed", check_seed, int, DEFAULT_SEED,
-     f"DARE seed (default {DEFAULT_SEED})"),
-    ("--threshold", check_cosine, float, DEFAULT_THRESHOLD,
-     f"SafeLoRA cosine threshold tau in [-1, 1] (default {DEFAULT_THRESHOLD:g})"),
-)
+class _RegisteredMethods:
+    """``--method``'s choices: a live view of :data:`~lssf_lightning.methods.registry.METHODS` (a method
+    registered after the parser was built is accepted too)."""
+
+    def __contains__(self, name: object) -> bool:
+        return name in METHODS
+
+    def __iter__(self):
+        return iter(tuple(METHODS))
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_method_options(parser: argparse.ArgumentParser) -> None:
+    """``--method`` and one flag per declared method parameter (:mod:`lssf_lightning.methods.registry`): its
+    range checked as it is parsed; which method takes it checked in :func:`_method_options`."""
+    group = parser.add_argument_group("method (each flag belongs to the methods it names)")
+    group.add_argument(
+        "--method",
+        default="lssf",
+        choices=_RegisteredMethods(),
+        metavar="METHOD",
+        help="a registered realignment method: %(choices)s (default %(default)s)",
+    )
+    for name, param in all_parameters().items():
+        convert = int if param.kind is int else float
+        group.add_argument(
+            param.flag,
+            dest=name,
+            type=_checked(lambda option, value, p=param: p.check(value, option), param.flag, convert),
+            default=None,
+            help=f"{param.help}; {param.interval} (default {param.default:g}; "
+            f"{', '.join(takers(name))})".replace("%", "%%"),
+        )
+
+
+def _method_options(args) -> dict[str, Any]:
+    """The method parameters given on the command line, refused (one line) when ``--method`` does not take
+    them."""
+    given = {name: getattr(args, name) for name in all_parameters() if getattr(args, name) is not None}
+    check_options(args.method, given, spell=_flag)
+    return given
 
 
 def _add_realign_options(real: argparse.ArgumentParser) -> None:
@@ -212,15 +200,7 @@ def _add_realign_options(real: argparse.ArgumentParser) -> None:
     )
     real.add_argument("--unaligned", help="unaligned counterpart (HF directory or hub ID)")
     real.add_argument("--subspace", help="a precomputed subspace file (skips the SVDs)")
-    real.add_argument(
-        "--method",
-        default="lssf",
-        choices=_RegisteredMethods(),
-        metavar="METHOD",
-        help="a registered realignment method: %(choices)s (default %(default)s)",
-    )
-    for flag, rule, convert, default, text in _METHOD_NUMBERS:
-        real.add_argument(flag, type=_checked(rule, flag, convert), default=default, help=text)
+    _add_method_options(real)
     real.add_argument(
         "--max-shard-size",
         type=_shard_size,
@@ -317,24 +297,14 @@ def _run_realign(args) -> None:
         "subspace": args.subspace,
         "config": _subspace_config(args),
         "method": args.method,
-        "alpha": args.alpha,
-        "method_options": {"add": args.add, "input_share": args.input_share},  # the LSSF forms' own
+        **_method_options(args),
         "overwrite": args.overwrite,
         "allow_partial": args.allow_partial,
     }
     if args.as_adapter:
         print(realign_as_adapter(args.finetuned, args.output, max_rank=args.adapter_max_rank, **common))
         return
-    report = realign_checkpoint(
-        args.finetuned,
-        args.output,
-        beta=args.beta,
-        drop_rate=args.drop_rate,
-        seed=args.seed,
-        threshold=args.threshold,
-        max_shard_bytes=args.max_shard_size,
-        **common,
-    )
+    report = realign_checkpoint(args.finetuned, args.output, max_shard_bytes=args.max_shard_size, **common)
     print(report)
 
 
