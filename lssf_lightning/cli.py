@@ -3,7 +3,7 @@
     lssf-lightning subspace --aligned A --unaligned U --output S.safetensors [--eta 0.9 ...]
     lssf-lightning realign  --aligned A --unaligned U --finetuned F --output OUT [--method lssf|resta|...]
     lssf-lightning inspect  S.safetensors [--plot ranks.png]
-    lssf-lightning sweep    --aligned A --unaligned U --finetuned F --output DIR   (the safety–utility front)
+    lssf-lightning sweep    --aligned A --unaligned U --finetuned F --output DIR [--lssf 0.5,1 --resta 1+0.9]
     lssf-lightning fit      --config configs/demo.yaml       (LightningCLI)
     lssf-lightning demo     [--quick] [--output DIR]
 
@@ -21,8 +21,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from lssf_lightning.config import MAX_SHARD_BYTES, SOURCES, SVD_METHODS, SubspaceConfig
+from lssf_lightning.io.guard import check_output
 from lssf_lightning.methods.registry import METHODS, all_parameters, check_options, takers
-from lssf_lightning.validation import SettingError, check_int
+from lssf_lightning.methods.spec import MethodSpec
+from lssf_lightning.metrics import load_prompts
+from lssf_lightning.metrics.perplexity import load_utility_texts
+from lssf_lightning.selection import SelectionRule
+from lssf_lightning.sweep import SweepGrid, sweep_checkpoints
+from lssf_lightning.validation import SettingError, check_finite, check_int
 
 __all__ = ["main"]
 
@@ -223,6 +229,87 @@ def _add_realign_options(real: argparse.ArgumentParser) -> None:
     )
 
 
+def _number_list(text: str) -> tuple[float, ...]:
+    """``"0.25,0.5,1"`` → a tuple of finite numbers."""
+    try:
+        return tuple(check_finite("value", float(item)) for item in text.split(",") if item.strip())
+    except (ValueError, SettingError) as err:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r} ({err})") from None
+
+
+def _grid_items(spec: MethodSpec):
+    """An argparse ``type`` for a method's sweep points: ``1,2+0.15`` (values of the method's parameters in
+    their declared order, ``+`` between them; ``none``: no point), each checked against the declarations."""
+
+    def parse(text: str) -> tuple[tuple[float, ...], ...]:
+        if text.strip().lower() == "none":
+            return ()
+        items = []
+        for item in (i.strip() for i in text.split(",") if i.strip()):
+            try:
+                values = tuple(float(v) for v in item.split("+"))
+                spec.point(values)
+            except ValueError as err:
+                message = str(err) if isinstance(err, SettingError) else f"invalid item {item!r}"
+                raise argparse.ArgumentTypeError(message) from None
+            items.append(values)
+        return tuple(items)
+
+    parse.__name__ = f"--{spec.name}"
+    return parse
+
+
+def _add_sweep_grid(parser: argparse.ArgumentParser) -> None:
+    """The sweep's grid flags: the subspaces, and one flag per registered method (from its declarations)."""
+    grid = parser.add_argument_group("grid (per method: values of its parameters in order, '+' between them)")
+    grid.add_argument("--etas", type=_number_list, default=(0.8,), help="subspace η values (default 0.8)")
+    grid.add_argument("--max-ranks", default="none",
+                      help="rank caps, comma-separated; 'none' = no cap (default none)")
+    grid.add_argument("--source", choices=SOURCES, default="weights",
+                      help="subspace source (default weights)")
+    for name, spec in METHODS.items():
+        shown = ",".join("+".join(f"{v:g}" for v in values) for values in spec.grid) or "none"
+        order = "+".join(spec.names) or "no parameters"
+        lora = "; LoRA fine-tunes only" if spec.lora_only else ""
+        grid.add_argument(f"--{name}", dest=f"grid_{name}", type=_grid_items(spec), default=None,
+                          metavar="ITEMS",
+                          help=f"{spec.help}: {order} items or 'none' (default {shown}{lora})")
+
+
+def _add_sweep_options(parser: argparse.ArgumentParser) -> None:
+    rule = SelectionRule()
+    parser.add_argument("--finetuned", required=True,
+                        help="fine-tuned HF directory or peft LoRA adapter directory")
+    parser.add_argument("--aligned", required=True, help="aligned model (HF directory; the base of a LoRA)")
+    parser.add_argument("--unaligned", required=True, help="unaligned counterpart (HF directory)")
+    parser.add_argument("--output", required=True, help="directory for sweep.json and front.png")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing output (only if it holds files lssf_lightning writes)")
+    _add_sweep_grid(parser)
+    data = parser.add_argument_group("validation data (never the test sets)")
+    data.add_argument("--harmful",
+                      help="harmful validation prompts (file); default the bundled calibration set")
+    data.add_argument("--harmless", help="harmless prompts for over-refusal (file); default the bundled set")
+    data.add_argument("--utility", default="stdlib", help="general text for perplexity: stdlib, bundled or a "
+                      "file (default stdlib, validation half)")
+    data.add_argument("--max-new-tokens", type=_checked(check_int, "--max-new-tokens", int), default=16,
+                      help="tokens per answer (default 16)")
+    choice = parser.add_argument_group("recommendation")
+    choice.add_argument("--target-refusal", type=float,
+                        help="refusal to reach (default: aligned − tolerance)")
+    choice.add_argument("--refusal-tolerance", type=float, default=rule.refusal_tolerance,
+                        help=f"default {rule.refusal_tolerance:g}")
+    choice.add_argument("--max-perplexity-increase", type=float, default=rule.max_perplexity_increase,
+                        help="utility budget over the fine-tuned model "
+                        f"(default {rule.max_perplexity_increase:g} = +5%%)")
+    choice.add_argument("--max-over-refusal-margin", type=float, default=rule.max_over_refusal_margin,
+                        help=f"over-refusal allowed above the aligned model's "
+                        f"(default {rule.max_over_refusal_margin:g})")
+    choice.add_argument("--prefer", choices=("refusal", "utility"), default=rule.prefer,
+                        help="among acceptable points reaching the target: the most refusal, or the lowest "
+                        f"perplexity (default {rule.prefer})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog="lssf-lightning", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
@@ -251,12 +338,14 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--overwrite", action="store_true", help="replace an existing --plot file")
     ins.add_argument("--all", action="store_true", help="print every matrix (default: the first 40)")
 
-    commands.add_parser(
+    sweep = commands.add_parser(
         "sweep",
-        help="score a grid of realignments on validation prompts and general text, and "
-        "recommend one (see `lssf-lightning sweep --help`)",
-        add_help=False,
+        help="score a grid of realignments on validation prompts and general text, and recommend one",
+        description="Score a grid of realignments on validation data (never the test sets) and recommend "
+        "the setting that reaches the refusal target within the utility budget; writes sweep.json and "
+        "front.png.",
     )
+    _add_sweep_options(sweep)
 
     commands.add_parser(
         "demo",
@@ -322,10 +411,27 @@ def _run_inspect(args) -> None:
         print(f"saved {plot_subspace(subspace, args.plot, overwrite=args.overwrite, inputs=[args.subspace])}")
 
 
-def _run_sweep(argv: Sequence[str]) -> None:
-    from lssf_lightning.sweep import main as sweep_main
-
-    sweep_main(list(argv))
+def _run_sweep(args) -> None:
+    caps = [None if c.strip().lower() == "none" else int(c) for c in args.max_ranks.split(",")]
+    subspaces = tuple(
+        SubspaceConfig(eta=eta, max_rank=cap, source=args.source) for eta in args.etas for cap in caps
+    )
+    rule = SelectionRule(args.target_refusal, args.refusal_tolerance, args.max_perplexity_increase,
+                         args.max_over_refusal_margin, None, args.prefer)
+    given = {name: getattr(args, f"grid_{name}") for name in METHODS}
+    grid = SweepGrid(subspaces, {name: spec.grid if given[name] is None else given[name]
+                                 for name, spec in METHODS.items()})
+    # The files read are inputs; bundled set names are not paths.
+    data_files = [f for f in (args.harmful, args.harmless, args.utility) if f and os.path.lexists(f)]
+    check_output(args.output, [args.finetuned, args.aligned, args.unaligned, data_files],
+                 overwrite=args.overwrite)  # before reading anything
+    sweep_checkpoints(
+        args.finetuned, args.aligned, args.unaligned, args.output, grid=grid, rule=rule,
+        harmful={"harmful": load_prompts(args.harmful)} if args.harmful else None,
+        harmless=load_prompts(args.harmless) if args.harmless else None,
+        utility_texts=load_utility_texts(args.utility, "validation"), max_new_tokens=args.max_new_tokens,
+        overwrite=args.overwrite, data_files=data_files,
+    )
 
 
 def _run_demo(argv: Sequence[str]) -> None:
@@ -363,13 +469,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
         argv = [str(arg) for arg in (sys.argv[1:] if argv is None else argv)]
-        delegated = {"fit": _run_fit, "demo": _run_demo, "sweep": _run_sweep}  # these parse their own options
+        delegated = {"fit": _run_fit, "demo": _run_demo}  # these parse their own options
         if argv[:1] and argv[0] in delegated:
             command = argv[0]
             return _guarded(lambda: delegated[argv[0]](argv[1:]), command)
         args = build_parser().parse_args(argv)
         command = args.command
-        runner = {"subspace": _run_subspace, "realign": _run_realign, "inspect": _run_inspect}
+        runner = {"subspace": _run_subspace, "realign": _run_realign, "inspect": _run_inspect,
+                  "sweep": _run_sweep}
         return _guarded(lambda: runner[args.command](args), command)
     except KeyboardInterrupt as err:  # while parsing, or between the steps above
         return _interrupted(command, err)

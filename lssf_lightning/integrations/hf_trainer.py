@@ -282,7 +282,7 @@ class LSSFTrainerCallback(TrainerCallback):
 
     def choose_alpha(self, model: nn.Module, tokenizer) -> float:
         """``alpha="auto"``'s rule (:func:`lssf_lightning.sweep.tune_alpha`) on the live model."""
-        from lssf_lightning.sweep import tune_alpha
+        from lssf_lightning.selection import tune_alpha
 
         target = self.auto_target if self.auto_target is not None else 1.0 - self.auto.tolerance
         choice = tune_alpha(

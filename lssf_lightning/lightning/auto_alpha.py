@@ -65,7 +65,7 @@ class AutoAlpha:
     def choose(self, trainer: Trainer, pl_module: LightningModule, lssf: LSSFCallback) -> float:
         """Measure the grid on the live model (which already carries ``lssf.fusion.applied``); returns the
         total α."""
-        from lssf_lightning.sweep import tune_alpha
+        from lssf_lightning.selection import tune_alpha
 
         target = self.target if self.target is not None else 1.0 - self.config.tolerance
         model = self.monitor.model(trainer, pl_module)
