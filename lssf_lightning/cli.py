@@ -259,6 +259,10 @@ def _grid_items(spec: MethodSpec):
     return parse
 
 
+def _grid_dest(method: str) -> str:
+    return "grid_" + method.replace("-", "_")
+
+
 def _add_sweep_grid(parser: argparse.ArgumentParser) -> None:
     """The sweep's grid flags: the subspaces, and one flag per registered method (from its declarations)."""
     grid = parser.add_argument_group("grid (per method: values of its parameters in order, '+' between them)")
@@ -271,7 +275,7 @@ def _add_sweep_grid(parser: argparse.ArgumentParser) -> None:
         shown = ",".join("+".join(f"{v:g}" for v in values) for values in spec.grid) or "none"
         order = "+".join(spec.names) or "no parameters"
         lora = "; LoRA fine-tunes only" if spec.lora_only else ""
-        grid.add_argument(f"--{name}", dest=f"grid_{name}", type=_grid_items(spec), default=None,
+        grid.add_argument(f"--{name}", dest=_grid_dest(name), type=_grid_items(spec), default=None,
                           metavar="ITEMS",
                           help=f"{spec.help}: {order} items or 'none' (default {shown}{lora})")
 
@@ -418,7 +422,7 @@ def _run_sweep(args) -> None:
     )
     rule = SelectionRule(args.target_refusal, args.refusal_tolerance, args.max_perplexity_increase,
                          args.max_over_refusal_margin, None, args.prefer)
-    given = {name: getattr(args, f"grid_{name}") for name in METHODS}
+    given = {name: getattr(args, _grid_dest(name)) for name in METHODS}
     grid = SweepGrid(subspaces, {name: spec.grid if given[name] is None else given[name]
                                  for name, spec in METHODS.items()})
     # The files read are inputs; bundled set names are not paths.
