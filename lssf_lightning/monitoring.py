@@ -130,14 +130,19 @@ class SafetyProbe:
             realigned: runs a measurement with the fusion swapped in (:func:`fused_call`); ``None`` without a
                 subspace.
         """
-        raw = answers()
-        fused = realigned(answers, raw) if realigned is not None else None
-        values = {"refusal_rate": rate(raw["harmful"])}
+
+        def rates() -> dict[str, Any]:
+            given = answers()
+            return {"refusal_rate": rate(given["harmful"]), "harmless_refusal_rate": rate(given["harmless"])}
+
+        raw = rates()
+        fused = realigned(rates, raw) if realigned is not None else None
+        values = {"refusal_rate": raw["refusal_rate"]}
         if fused is not None:
-            values["refusal_rate_realigned"] = rate(fused["harmful"])
-        values["harmless_refusal_rate"] = rate(raw["harmless"])
+            values["refusal_rate_realigned"] = fused["refusal_rate"]
+        values["harmless_refusal_rate"] = raw["harmless_refusal_rate"]
         if fused is not None:
-            values["harmless_refusal_rate_realigned"] = rate(fused["harmless"])
+            values["harmless_refusal_rate_realigned"] = fused["harmless_refusal_rate"]
         if perplexity is not None and self.utility_texts is not None:
             values["perplexity"] = perplexity()
             if realigned is not None:
