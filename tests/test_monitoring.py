@@ -92,3 +92,17 @@ def test_transformers_callback_logs_perplexity_and_honours_the_utility_budget(ll
     assert curve[0.5]["perplexity"] <= 1.03 * logs["lssf/perplexity"]
     assert budgeted.fusion.target == 0.5
     assert logs["lssf/refusal_rate_realigned"] == 0.0
+
+
+def test_transformers_callback_min_refusal_rate_realigns_the_live_weights(llama_trio, tiny_tokenizer,
+                                                                          tmp_path):
+    never = {**PROBE, "judge": lambda responses: [False] * len(responses), "utility_texts": None}
+    callback = LSSFTrainerCallback(unaligned=str(llama_trio.base), monitor=never, min_refusal_rate=0.5,
+                                   checkpoint_subdir=None, verbose=False)
+    raw = AutoModelForCausalLM.from_pretrained(llama_trio.aligned, dtype=torch.float32).state_dict()[Q]
+    trainer = hf_run(llama_trio, tiny_tokenizer, tmp_path / "run", callback)
+    assert callback.fusion.applied == 1.0 and callback.fusion.missing == 0
+    expected = callback.subspace.fuse_tensor(Q, raw, 1.0)
+    torch.testing.assert_close(trainer.model.state_dict()[Q], expected)
+    with pytest.raises(ValueError, match="min_refusal_rate needs the refusal monitor"):
+        LSSFTrainerCallback(unaligned="x", monitor=False, min_refusal_rate=0.5)
