@@ -22,11 +22,16 @@ from typing import Any
 
 from lssf_lightning.config import MAX_SHARD_BYTES, SOURCES, SVD_METHODS, SubspaceConfig
 from lssf_lightning.io.guard import check_output
+from lssf_lightning.io.lora_export import realign_as_adapter
+from lssf_lightning.io.shards import parse_shard_size
 from lssf_lightning.methods.registry import METHODS, all_parameters, check_options, takers
 from lssf_lightning.methods.spec import MethodSpec
 from lssf_lightning.metrics import load_prompts
 from lssf_lightning.metrics.perplexity import load_utility_texts
+from lssf_lightning.plots import plot_subspace
+from lssf_lightning.realign import realign_checkpoint
 from lssf_lightning.selection import SelectionRule
+from lssf_lightning.subspace import SafetySubspace
 from lssf_lightning.sweep import SweepGrid, sweep_checkpoints
 from lssf_lightning.validation import SettingError, check_finite, check_int
 
@@ -59,8 +64,6 @@ def _checked(check: Callable[..., Any], option: str, convert: Callable[[str], An
 
 def _shard_size(text: str) -> int:
     """``--max-shard-size``: ``2GB`` (10⁹), ``2GiB`` (2³⁰) or bytes, through ``huggingface_hub``'s parser."""
-    from lssf_lightning.io.shards import parse_shard_size
-
     try:
         return parse_shard_size(text, "--max-shard-size")
     except SettingError as err:
@@ -366,9 +369,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_subspace(args) -> None:
-    from lssf_lightning.io.guard import check_output
-    from lssf_lightning.subspace import SafetySubspace
-
     config = _subspace_config(args)
     inputs = [args.aligned, args.unaligned, config.calibration]
     check_output(args.output, inputs, overwrite=args.overwrite, directory=False)  # before any SVD
@@ -381,9 +381,6 @@ def _run_subspace(args) -> None:
 
 
 def _run_realign(args) -> None:
-    from lssf_lightning.io.lora_export import realign_as_adapter
-    from lssf_lightning.realign import realign_checkpoint
-
     common = {
         "aligned": args.aligned,
         "unaligned": args.unaligned,
@@ -402,16 +399,11 @@ def _run_realign(args) -> None:
 
 
 def _run_inspect(args) -> None:
-    from lssf_lightning.io.guard import check_output
-    from lssf_lightning.subspace import SafetySubspace
-
     if args.plot:
         check_output(args.plot, [args.subspace], overwrite=args.overwrite, directory=False)
     subspace = SafetySubspace.load(args.subspace)
     print(subspace.summary(max_rows=None if args.all else 40))
     if args.plot:
-        from lssf_lightning.plots import plot_subspace
-
         print(f"saved {plot_subspace(subspace, args.plot, overwrite=args.overwrite, inputs=[args.subspace])}")
 
 
@@ -462,8 +454,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; the exit code is 0, 1 (an error, one line on stderr), 2 (usage), 130 (Ctrl-C) or
     143 (SIGTERM).
 
-    Everything heavy is imported inside the runners, under :func:`_guarded`, so a Ctrl-C at any moment
-    (also while torch is still being imported) ends in one line and exit code 130.
+    The package's modules (and torch) are imported with this module: the flags of ``realign`` and ``sweep`` are
+    generated from the methods' declared parameters. A Ctrl-C while a command runs ends in one line and exit
+    code 130.
     """
     import signal
     import threading
