@@ -10,7 +10,7 @@ import torch
 from conftest import run_cli, state, tree_hashes
 from safetensors.torch import load_file
 
-from lssf_lightning.cli import build_parser
+from lssf_lightning.commands import build_parser
 from lssf_lightning.config import MAX_SHARD_BYTES, SubspaceConfig
 from lssf_lightning.methods import LSSF, METHODS, MethodInputs, Resta, SafeLoRA, apply_edits, register_method
 from lssf_lightning.methods.registry import all_parameters

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from lssf_lightning.cli import build_parser
+from lssf_lightning.commands import build_parser
 from lssf_lightning.methods.registry import METHODS, check_options, register_method
 from lssf_lightning.methods.resta import Resta
 from lssf_lightning.methods.spec import Param
