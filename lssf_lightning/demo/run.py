@@ -594,7 +594,7 @@ def _full_finetune_stage(run: _Run):
         log.info(f"models written to {models}")
     ranks = list(subspace.ranks.values())
     run.report.update(
-        lssf={"recommended": chosen.point.to_dict(), "reached": chosen.reached,
+        lssf={"recommended": chosen.point.to_dict(), "reached": chosen.recommended,
               "acceptable": chosen.acceptable, "limits": dict(chosen.limits), "eta": config.eta,
               "alpha_1": config.alpha_1, "source": config.source, "mean_rank": sum(ranks) / len(ranks),
               "min_rank": min(ranks), "max_rank": max(ranks), "matrices": len(ranks)},
@@ -648,7 +648,7 @@ def _lora_stage(run: _Run) -> None:
     for name, result in scores.items():
         _save_responses(run.output, f"lora_{name}", result)
     run.report["lora"] = {
-        "recommended": chosen.point.to_dict(), "reached": chosen.reached, "sweep": sweep,
+        "recommended": chosen.point.to_dict(), "reached": chosen.recommended, "sweep": sweep,
         "safelora_projected_layers": sum(bool(v) for v in projector.projected.values()),
         "safelora_layers": len(projector.projected),
         "scores": {name: _scores(result) for name, result in scores.items()},
@@ -782,8 +782,9 @@ def _report_stage(run: _Run, subspace) -> dict:
     (output / "results.md").write_text(table + "\n", encoding="utf-8")
     print("\n" + table, flush=True)
     lssf = report["lssf"]
-    print(f"\nrecommended on validation: {lssf['recommended']['label']}"
-          + ("" if lssf["reached"] else " (refusal target not reached)")
+    outcome = "recommended on validation" if lssf["reached"] else (
+        "refusal target not reached on validation; used the safest setting within the budget")
+    print(f"\n{outcome}: {lssf['recommended']['label']}"
           + f"; subspace mean rank {lssf['mean_rank']:.1f}; sweep cost "
           f"{report['sweep']['cost']['seconds_per_point']:.0f} s per point", flush=True)
     print(f"done in {timings['total'] / 60:.1f} min; results in {output}", flush=True)
@@ -796,7 +797,7 @@ def _plot_sweep(sweep: dict, path: Path, title: str) -> Path:
     def point(data):
         return SweepPoint.from_dict(data) if data else None
 
-    recommended = sweep["recommended"]
+    recommended = sweep.get("recommended") or {**sweep["target_not_reached"], "point": None}
     return plot_front([point(p) for p in sweep["points"]], path, reference=point(sweep["reference"]),
                       aligned=point(sweep["aligned"]), recommended=point(recommended["point"]),
                       limits=recommended["limits"], title=f"safety–utility front on validation ({title})")
