@@ -79,7 +79,7 @@ class DemoConfig:
 
     The LSSF settings (``eta``, ``alpha_1``, ``source``, the sweep ``grid``, the refusal target and the
     utility budget) were chosen on the validation split; see the README's demo section. ``alpha="auto"``
-    realigns with the setting :func:`lssf_lightning.sweep.recommend` picks from ``grid`` on validation; a
+    realigns with the setting :func:`lssf_lightning.selection.recommend` picks from ``grid`` on validation; a
     number fuses the
     paper's additive form with that ``α`` instead.
     """
