@@ -637,10 +637,10 @@ def _lora_stage(run: _Run) -> None:
 
     adapters = lora_adapters(run, peft_model, merged, planner, evaluate, check, scores)
     del merged
-    projector = SafeLoRA(str(run.aligned_dir), str(run.base_dir), config.lora_grid.safelora[0])
+    projector = SafeLoRA(str(run.aligned_dir), str(run.base_dir), config.lora_grid.points["safelora"][0][0])
     with temporarily_edited(peft_model, projector):
         scores["safelora"] = _evaluate(peft_model, tokenizer, run.test_sets, config, log,
-                                       f"SafeLoRA (τ={config.lora_grid.safelora[0]:g})")
+                                       f"SafeLoRA (τ={projector.threshold:g})")
         if config.save_models:
             peft_model.save_pretrained(run.output / "models" / "lora_safelora_adapter")
     if config.save_models:
