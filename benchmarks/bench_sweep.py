@@ -34,9 +34,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     from lssf_lightning.config import SubspaceConfig
+    from lssf_lightning.methods.registry import METHODS
     from lssf_lightning.sweep import SweepGrid, sweep_checkpoints
 
-    grid = SweepGrid(subspaces=(SubspaceConfig(eta=0.8), SubspaceConfig(eta=0.5)), alphas=(0.25, 0.5, 1.0))
+    points = {**{name: spec.grid for name, spec in METHODS.items()}, "lssf": ((0.25,), (0.5,), (1.0,))}
+    grid = SweepGrid(subspaces=(SubspaceConfig(eta=0.8), SubspaceConfig(eta=0.5)), points=points)
     started = time.perf_counter()
     report = sweep_checkpoints(
         str(models / "finetuned"), str(models / "aligned"), str(models / "base"), args.output,
@@ -53,7 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     per_point = cost["seconds_per_point"]
     print(f"{cost['points']} points in {wall / 60:.1f} min (target ≤ 10 min): {per_point:.1f} s per "
           f"point = {per_point / plain:.2f} × one plain scoring of the fine-tuned model ({plain:.1f} s)")
-    print(f"recommended: {report['recommended']['point']['label']}")
+    if "recommended" in report:
+        print(f"recommended: {report['recommended']['point']['label']}")
+    else:
+        print(f"target not reached: {report['target_not_reached']}")
     return 0
 
 

@@ -17,25 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lssf_lightning.config import (
-    DEFAULT_ALPHA,
-    DEFAULT_BETA,
-    DEFAULT_DROP_RATE,
-    DEFAULT_SEED,
-    DEFAULT_THRESHOLD,
-    MAX_SHARD_BYTES,
-    SubspaceConfig,
-    split_legacy,
-)
+from lssf_lightning.config import MAX_SHARD_BYTES, SubspaceConfig, split_legacy
 from lssf_lightning.io.export import copy_support_files, write_model_directory
 from lssf_lightning.io.guard import check_output
 from lssf_lightning.io.hub import is_hub_id, resolve_model
 from lssf_lightning.io.lora import LoraAdapter, MergedLoraStore, is_adapter_dir
 from lssf_lightning.io.shards import parse_shard_size
 from lssf_lightning.io.weights import WeightStore, open_weights
-from lssf_lightning.methods import METHODS, MethodInputs, make_planner
+from lssf_lightning.methods.registry import check_options, make_planner
+from lssf_lightning.methods.spec import MethodInputs
 from lssf_lightning.subspace import SafetySubspace
-from lssf_lightning.validation import check_choice
 
 __all__ = ["RealignReport", "open_finetuned", "realign_checkpoint"]
 
@@ -96,17 +87,11 @@ def realign_checkpoint(
     method: str = "lssf",
     subspace: SafetySubspace | str | os.PathLike | None = None,
     config: SubspaceConfig | Mapping[str, Any] | None = None,
-    alpha: float = DEFAULT_ALPHA,
-    beta: float = DEFAULT_BETA,
-    drop_rate: float = DEFAULT_DROP_RATE,
-    seed: int = DEFAULT_SEED,
-    threshold: float = DEFAULT_THRESHOLD,
-    method_options: Mapping[str, Any] | None = None,
     max_shard_bytes: int | str = MAX_SHARD_BYTES,
     overwrite: bool = False,
     allow_partial: bool = False,
     progress: bool = True,
-    **legacy: Any,
+    **options: Any,
 ) -> RealignReport:
     """Write a realigned copy of ``finetuned`` to ``output`` (a HF model directory).
 
@@ -116,40 +101,30 @@ def realign_checkpoint(
         output: the directory to write; must not exist unless ``overwrite``.
         aligned: the aligned model directory (needed unless ``subspace`` is given for ``lssf``).
         unaligned: the unaligned counterpart (same).
-        method: a registered method (:data:`lssf_lightning.methods.METHODS`): ``"lssf"`` (``W + α·P'δ``),
-            ``"resta"`` (``W + β·DARE(δ)``), ``"safelora"`` (LoRA adapters only), …
+        method: a registered method (:data:`~lssf_lightning.methods.registry.METHODS`): ``"lssf"``
+            (``W + α·P'δ``), ``"resta"`` (``W + β·DARE(δ)``), ``"safelora"`` (LoRA adapters only), …
         subspace: a precomputed :class:`SafetySubspace` or its file (``lssf``); otherwise the subspace is
             built from ``aligned``/``unaligned`` with ``config``, one matrix at a time as the weights stream
             past.
         config: the subspace settings (:class:`~lssf_lightning.config.SubspaceConfig` or a mapping); its
-            ``target_modules`` / ``exclude_modules`` also select RESTA's weights. The old keywords
-            (``eta=``…) still work for this release with a ``DeprecationWarning``.
-        alpha: LSSF fusion strength.
-        beta: RESTA scale; ``drop_rate`` and ``seed`` configure its DARE step.
-        threshold: SafeLoRA's ``τ``.
-        method_options: further settings of a registered method, by name.
+            ``target_modules`` / ``exclude_modules`` also select RESTA's weights.
         max_shard_bytes: size of the output shards: bytes, or ``"2GB"`` (decimal) / ``"2GiB"`` (binary).
         overwrite: replace an existing ``output`` (atomically).
         allow_partial: edit only the weights all inputs have in common (a warning gives the counts) instead
             of refusing inputs whose targeted weights do not correspond.
         progress: show progress bars.
+        options: the parameters ``method`` declares (``alpha=`` for the LSSF forms, ``beta=``, ``drop_rate=``,
+            ``seed=`` for RESTA, ``threshold=`` for SafeLoRA, …; see
+            :data:`lssf_lightning.methods.registry.METHODS`); one it does not take is an error.
     """
     started = time.perf_counter()
-    config = split_legacy(config, legacy, "realign_checkpoint")
-    check_choice("method", method, tuple(METHODS))
+    config = split_legacy(config, {}, "realign_checkpoint")
+    options = check_options(method, options)  # before any work: the method's own, in range
     max_shard_bytes = parse_shard_size(max_shard_bytes, "max_shard_bytes")
     output = Path(output).expanduser()
     input_paths = [finetuned, aligned, unaligned, subspace, config.calibration]  # non-paths are ignored
     check_output(output, input_paths, overwrite=overwrite)  # before any work: overlap, existence
     store, support_dirs = open_finetuned(finetuned, aligned)
-    options = {
-        "alpha": alpha,
-        "beta": beta,
-        "drop_rate": drop_rate,
-        "seed": seed,
-        "threshold": threshold,
-        **(method_options or {}),
-    }
     inputs = MethodInputs(store, aligned, unaligned, subspace, config, options, allow_partial, progress)
     planner = make_planner(method, inputs)
     if aligned is not None:

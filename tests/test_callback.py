@@ -271,9 +271,8 @@ def test_monitor_logs_rates_and_restores_raw_weights(llama_trio, data_files):
 
 
 def test_min_refusal_rate_realigns_the_live_model(llama_trio, data_files):
-    never = RefusalMonitor(judge=lambda rs: [False] * len(rs), min_refusal_rate=0.5, num_prompts=2,
-                           max_new_tokens=2)
-    callback = lssf(llama_trio, monitor=never)
+    never = RefusalMonitor(judge=lambda rs: [False] * len(rs), num_prompts=2, max_new_tokens=2)
+    callback = lssf(llama_trio, monitor=never, min_refusal_rate=0.5)
     after = Snapshots()
     before = Snapshots()
     fit(llama_trio, data_files, [before, callback, after], max_epochs=1, validate=True)
@@ -374,8 +373,10 @@ def test_invalid_arguments_are_named(kwargs, message):
 
 def test_monitor_settings_are_checked_once_at_construction():
     with pytest.raises(MisconfigurationException,
-                       match=r"RefusalMonitor: min_refusal_rate must be in \[0, 1\]"):
-        RefusalMonitor(min_refusal_rate=2.0)
+                       match=r"LSSFCallback: min_refusal_rate must be in \[0, 1\]"):
+        LSSFCallback(unaligned="base", min_refusal_rate=2.0)
+    with pytest.raises(MisconfigurationException, match="RefusalMonitor: num_prompts must be an integer"):
+        RefusalMonitor(num_prompts=0)
     with pytest.raises(MisconfigurationException, match="cannot import it"):
         RefusalMonitor(judge="lssf_lightning.metrics.no_such_judge")
     assert RefusalMonitor(judge="test_callback.every_other").judge is every_other  # a YAML dotted path
@@ -431,7 +432,7 @@ def test_deprecated_spellings_still_work_and_warn():
     assert callback.keep_raw_fixups is False
     monitor = callback.monitor
     assert (monitor.judge, monitor.num_prompts, monitor.max_new_tokens) == (every_other, 3, 2)
-    assert monitor.min_refusal_rate == 0.25 and monitor.harmful_prompts == "harmful"
+    assert callback.min_refusal_rate == 0.25 and monitor.harmful_prompts == "harmful"
     assert monitor.owner is callback
     assert callback.auto.config == AutoAlphaConfig(alphas=[1.0, 2.0], target=0.5, tolerance=0.1)
     assert callback.auto.monitor is monitor
@@ -440,7 +441,7 @@ def test_deprecated_spellings_still_work_and_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the new spellings warn about nothing
         LSSFCallback(unaligned="base", subspace=SubspaceConfig(eta=0.5), keep_raw_fixups=False, alpha="auto",
-                     auto_alpha=AutoAlphaConfig(alphas=[1.0]), monitor=RefusalMonitor(min_refusal_rate=0.25))
+                     auto_alpha=AutoAlphaConfig(alphas=[1.0]), min_refusal_rate=0.25)
 
 
 def test_refusal_monitor_alone_logs_refusal_rates(llama_trio, data_files):
@@ -454,8 +455,8 @@ def test_refusal_monitor_alone_logs_refusal_rates(llama_trio, data_files):
     for kind, name in (("harmful", "lssf/refusal_rate"), ("harmless", "lssf/harmless_refusal_rate")):
         answers = generate_responses(module.model, module.tokenizer, load_prompts(kind)[:5], max_new_tokens=4)
         assert float(metrics[name]) == pytest.approx(float(refusal_rate(answers, judge=every_other)))
-    with pytest.raises(MisconfigurationException, match="needs an LSSFCallback"):
-        fit(llama_trio, data_files, [RefusalMonitor(min_refusal_rate=0.5)], max_epochs=1)
+    with pytest.raises(TypeError, match="min_refusal_rate"):  # a fusion policy: LSSFCallback's setting
+        RefusalMonitor(min_refusal_rate=0.5)
 
 
 def _checkpoint_at_eta_09(trio, data_files, tmp_path, **kwargs):

@@ -10,9 +10,10 @@ import torch
 from conftest import run_cli, state, tree_hashes
 from safetensors.torch import load_file
 
-from lssf_lightning.cli import build_parser
+from lssf_lightning.commands import build_parser
 from lssf_lightning.config import MAX_SHARD_BYTES, SubspaceConfig
 from lssf_lightning.methods import LSSF, METHODS, MethodInputs, Resta, SafeLoRA, apply_edits, register_method
+from lssf_lightning.methods.registry import all_parameters
 from lssf_lightning.realign import realign_checkpoint
 from lssf_lightning.subspace import SafetySubspace, SubspaceBuilder
 from lssf_lightning.validation import SettingError
@@ -53,16 +54,11 @@ def test_old_keywords_warn_and_give_the_same_subspace_and_fingerprint(llama_trio
         SafetySubspace.from_weights(m["aligned"], m["base"], etta=0.8)
 
 
-def test_realign_old_keywords_warn_and_write_the_same_weights(llama_trio, tmp_path):
+def test_realign_refuses_a_keyword_that_is_no_parameter_of_the_method(llama_trio, tmp_path):
     kwargs = {"aligned": llama_trio.aligned, "unaligned": llama_trio.base, "progress": False}
-    realign_checkpoint(llama_trio.finetuned, tmp_path / "new", config=SubspaceConfig(eta=0.7), **kwargs)
-    with pytest.warns(DeprecationWarning, match=r"realign_checkpoint\(eta=\)"):
+    with pytest.raises(SettingError, match=r"method 'lssf' takes alpha; eta is no method's parameter"):
         realign_checkpoint(llama_trio.finetuned, tmp_path / "old", eta=0.7, **kwargs)
-    new, old = (
-        load_file(tmp_path / "new" / "model.safetensors"),
-        load_file(tmp_path / "old" / "model.safetensors"),
-    )
-    assert new.keys() == old.keys() and all(torch.equal(new[k], old[k]) for k in new)
+    assert list(tmp_path.iterdir()) == []
 
 
 # -- one edit protocol ---------------------------------------------------------------------------------------
@@ -163,10 +159,12 @@ def test_cli_method_choices_are_the_registry_and_scalar_defaults_are_written_onc
         "threshold": config.DEFAULT_THRESHOLD,
     }
     args = parser.parse_args(required)
-    planners = (realign_checkpoint, LSSF, Resta, SafeLoRA, LSSFReset, LSSFTwoSided)
+    declared = all_parameters()
+    planners = (LSSF, Resta, SafeLoRA, LSSFReset, LSSFTwoSided)
     signatures = [inspect.signature(f).parameters for f in planners]
     for name, value in defaults.items():
-        assert getattr(args, name) == value, name
+        assert getattr(args, name) is None, name  # not given: the method's declared default applies
+        assert declared[name].default == value, name
         assert all(p[name].default == value for p in signatures if name in p), name
 
 

@@ -185,7 +185,8 @@ def test_config_presets_differ_and_the_align_key_follows_the_recipe():
     assert full.align_key() == DemoConfig.full(finetune_steps=5).align_key()
     assert full.align_key() != DemoConfig.full(align_steps=61).align_key()
     assert full.grid.size() >= 10 and quick.grid.size() <= 4  # the quick demo stays a few minutes
-    assert json.loads(json.dumps(asdict(full)))["grid"]["alphas"] == list(full.grid.alphas)
+    points = json.loads(json.dumps(asdict(full)))["grid"]["points"]
+    assert points["lssf"] == [list(values) for values in full.grid.points["lssf"]]
 
 
 def test_validation_refusal_pools_in_and_out_of_distribution_prompts():

@@ -102,6 +102,7 @@ def golden_digests(root: Path) -> dict[str, object]:
     import peft
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
+    from lssf_lightning.config import SubspaceConfig
     from lssf_lightning.realign import realign_checkpoint
     from lssf_lightning.subspace import SafetySubspace
 
@@ -172,7 +173,7 @@ def golden_digests(root: Path) -> dict[str, object]:
             "finetuned": llama.finetuned,
             "aligned": llama.aligned,
             "unaligned": llama.base,
-            "eta": 0.8,
+            "config": SubspaceConfig(eta=0.8),
             "alpha": 1.5,
             "max_shard_bytes": 60_000,
         },

@@ -296,9 +296,9 @@ FORMS = {
     "lssf-two-sided": lambda subspace, trio: LSSFTwoSided(subspace, trio.aligned, alpha=1.0, input_share=0.5),
 }
 FORM_OPTIONS = {
-    "lssf-reset": {"alpha": 0.8, "method_options": {"add": 0.3}},
+    "lssf-reset": {"alpha": 0.8, "add": 0.3},
     "lssf-erosion": {"alpha": 1.0},
-    "lssf-two-sided": {"alpha": 1.0, "method_options": {"input_share": 0.5}},
+    "lssf-two-sided": {"alpha": 1.0, "input_share": 0.5},
 }
 
 
@@ -361,7 +361,7 @@ def test_two_sided_combined_adapter_for_lora(llama_trio, llama_subspace, task_ad
         subspace=llama_subspace,
         method="lssf-two-sided",
         alpha=1.0,
-        method_options={"input_share": 0.5},
+        input_share=0.5,
         progress=False,
     )
     expected = load(tmp_path / "realigned").state_dict()

@@ -7,16 +7,10 @@ import json
 import pytest
 import torch
 
-from lssf_lightning.sweep import (
-    Candidate,
-    SelectionRule,
-    SweepPoint,
-    plot_front,
-    recommend,
-    run_sweep,
-    sweep_report,
-    temporarily_edited,
-)
+from lssf_lightning.methods.base import temporarily_edited
+from lssf_lightning.plots import plot_front
+from lssf_lightning.selection import SelectionRule, SweepPoint, recommend
+from lssf_lightning.sweep import Candidate, run_sweep, sweep_report
 from lssf_lightning.validation import SettingError
 
 FINETUNED = SweepPoint("finetuned", {}, 0.20, 0.04, 20.0, 1.0)
@@ -59,10 +53,40 @@ def test_budget_none_switches_the_utility_guard_off():
     assert _choose(points, max_perplexity_increase=0.5).point is points[1]
 
 
-def test_target_not_reached_takes_the_acceptable_point_with_most_refusal():
-    points = [_p("a", 0.5, 0.60, ppl=20.2), _p("a", 1.0, 0.75, ppl=20.8), _p("a", 2.0, 0.99, ppl=40.0)]
+def test_target_not_reached_recommends_nothing_and_names_the_best_point_of_each_side():
+    # built to be unreachable: the only points reaching 0.85 are over the +5 % perplexity budget (21.0)
+    points = [_p("a", 0.5, 0.60, ppl=20.2), _p("a", 1.0, 0.75, ppl=20.8), _p("a", 2.0, 0.99, ppl=40.0),
+              _p("a", 3.0, 0.90, ppl=30.0)]
     chosen = _choose(points)
-    assert chosen.point is points[1] and not chosen.reached and chosen.acceptable
+    assert not chosen.recommended and chosen.acceptable and not chosen.reached
+    assert chosen.safest is points[1] and chosen.cheapest_reaching is points[3]
+    assert chosen.point is points[1]  # what a caller that must use something gets
+    text = str(chosen)
+    assert "recommended" not in text and text.startswith("target not reached")
+    assert "a(alpha=1)" in text and "a(alpha=3)" in text
+    report = sweep_report(points, chosen, reference=FINETUNED, aligned=ALIGNED)
+    assert "recommended" not in report and "recommended" not in json.dumps(report)
+    side = report["target_not_reached"]
+    assert side["safest_within_budget"]["label"] == "a(alpha=1)"
+    assert side["cheapest_reaching_target"]["label"] == "a(alpha=3)"
+    assert side["limits"]["target_refusal"] == pytest.approx(0.85)
+
+
+def test_tune_alpha_reports_target_not_reached_with_both_sides(llama_trio, tiny_tokenizer):
+    from lssf_lightning.selection import tune_alpha
+    from lssf_lightning.subspace import SafetySubspace
+
+    model = llama_trio.models["finetuned"]
+    subspace = SafetySubspace.from_weights(str(llama_trio.aligned), str(llama_trio.base), progress=False)
+    refusal = iter([0.2, 0.5, 0.9])  # α = 0.5, 1, 2; only α = 2 reaches 0.8, and it is over the budget
+    perplexity = iter([10.0, 10.2, 10.4, 30.0])  # raw, then one per α
+    choice = tune_alpha(model, tiny_tokenizer, subspace, [0.5, 1.0, 2.0], ["hi"], 0.8, max_new_tokens=1,
+                        rate=lambda answers: next(refusal), max_perplexity_increase=0.1,
+                        perplexity=lambda m: next(perplexity))
+    assert not choice.reached and choice.alpha == 1.0
+    assert (choice.safest, choice.cheapest_reaching) == (1.0, 2.0)
+    line = choice.describe(0.8)
+    assert line.startswith("target not reached") and "recommended" not in line
 
 
 def test_nothing_acceptable_takes_the_cheapest_point():
@@ -159,8 +183,8 @@ def test_sweep_on_tiny_models_writes_json_and_png(llama_trio, tiny_tokenizer, tm
 
 def test_tune_alpha_with_a_utility_budget_picks_the_expected_point(llama_trio, tiny_tokenizer):
     """``alpha="auto"``'s rule on a canned curve: refusal and perplexity are read off the live weights' α."""
+    from lssf_lightning.selection import tune_alpha
     from lssf_lightning.subspace import SafetySubspace
-    from lssf_lightning.sweep import tune_alpha
 
     model = llama_trio.models["finetuned"]
     subspace = SafetySubspace.from_weights(str(llama_trio.aligned), str(llama_trio.base), progress=False)
@@ -197,8 +221,9 @@ def test_sweep_command_on_tiny_checkpoints(llama_trio, tmp_path):
 
     output = tmp_path / "sweep"
     code = main(["sweep", "--finetuned", str(llama_trio.finetuned), "--aligned", str(llama_trio.aligned),
-                 "--unaligned", str(llama_trio.base), "--output", str(output), "--alphas", "0.5,1",
-                 "--reset", "1,1+0.5", "--erosion", "1", "--two-sided", "1+0.5", "--resta", "1,1@0.5",
+                 "--unaligned", str(llama_trio.base), "--output", str(output), "--lssf", "0.5,1",
+                 "--lssf-reset", "1,1+0.5", "--lssf-erosion", "1", "--lssf-two-sided", "1+0.5",
+                 "--resta", "1,1+0.5",
                  "--utility", "bundled",
                  "--max-new-tokens", "2", "--target-refusal", "0.5", "--max-perplexity-increase", "0.5"])
     assert code == 0
@@ -209,8 +234,10 @@ def test_sweep_command_on_tiny_checkpoints(llama_trio, tmp_path):
                       "lssf-two-sided(eta=0.8, alpha=1, input_share=0.5)", "resta(beta=1)",
                       "resta(beta=1, drop_rate=0.5)"]
     assert all(p["perplexity"] > 1 and 0 <= p["harmful_refusal"] <= 1 for p in report["points"])
-    assert report["recommended"]["point"]["label"] in labels
-    limits = report["recommended"]["limits"]
+    assert ("recommended" in report) != ("target_not_reached" in report)
+    outcome = report.get("recommended") or report["target_not_reached"]
+    assert report.get("recommended", {"point": {"label": labels[0]}})["point"]["label"] in labels
+    limits = outcome["limits"]
     assert limits["target_refusal"] == 0.5
     assert limits["max_perplexity"] == pytest.approx(report["reference"]["perplexity"] * 1.5)
     assert report["cost"]["points"] == 8 and "subspace(eta=0.8)" in report["cost"]["seconds_building"]
@@ -223,6 +250,6 @@ def test_sweep_command_refuses_bad_options(llama_trio, tmp_path, capsys):
     common = ["sweep", "--finetuned", str(llama_trio.finetuned), "--aligned", str(llama_trio.aligned),
               "--unaligned", str(llama_trio.base)]
     with pytest.raises(SystemExit):
-        main([*common, "--output", str(tmp_path / "o"), "--alphas", "1,nan"])
+        main([*common, "--output", str(tmp_path / "o"), "--lssf", "1,nan"])
     assert main([*common, "--output", str(llama_trio.finetuned / "inside")]) == 1  # an output inside an input
     assert "input" in capsys.readouterr().err.lower()

@@ -197,8 +197,9 @@ def test_cli_overwrite_never_deletes_a_users_file(models, tmp_path, foreign):
 # -- the sweep -----------------------------------------------------------------------------------------------
 def sweep_args(models, output, *extra):
     return ["sweep", "--finetuned", models.finetuned, "--aligned", models.aligned, "--unaligned", models.base,
-            "--output", output, "--alphas", "1", "--reset", "", "--erosion", "", "--two-sided", "",
-            "--resta", "", "--utility", "bundled", "--max-new-tokens", "1", *extra]
+            "--output", output, "--lssf", "1", "--lssf-reset", "none", "--lssf-erosion", "none",
+            "--lssf-two-sided", "none", "--resta", "none", "--utility", "bundled", "--max-new-tokens", "1",
+            *extra]
 
 
 def test_sweep_output_onto_its_prompt_files_folder_is_refused(models, tmp_path, capsys):
@@ -225,7 +226,7 @@ def test_sweep_needs_overwrite_to_replace_and_takes_the_lock(models, tmp_path, c
 
         sweep_checkpoints(str(models.finetuned), str(models.aligned), str(models.base), output,
                           overwrite=True)
-    assert main([str(a) for a in sweep_args(models, output, "--overwrite", "--alphas", "0.5")]) == 0
+    assert main([str(a) for a in sweep_args(models, output, "--overwrite", "--lssf", "0.5")]) == 0
     report = json.loads((output / "sweep.json").read_text())
     assert [p["label"] for p in report["points"]] == ["lssf(eta=0.8, alpha=0.5)"]
 

@@ -165,7 +165,7 @@ def test_reset_through_realign_matches_the_dense_formula(llama_trio, tmp_path):
 
     report = realign_checkpoint(str(llama_trio.finetuned), tmp_path / "out", aligned=str(llama_trio.aligned),
                                 unaligned=str(llama_trio.base), method="lssf-reset", alpha=1.0,
-                                method_options={"add": 0.25}, progress=False)
+                                add=0.25, progress=False)
     written = load_dir(tmp_path / "out")
     subspace = SafetySubspace.from_weights(str(llama_trio.aligned), str(llama_trio.base), progress=False)
     for key in subspace.entries:
@@ -218,7 +218,7 @@ def test_two_sided_planner_through_realign(llama_trio, tmp_path):
 
     realign_checkpoint(str(llama_trio.finetuned), tmp_path / "out", aligned=str(llama_trio.aligned),
                        unaligned=str(llama_trio.base), method="lssf-two-sided", alpha=1.0,
-                       method_options={"input_share": 0.5}, progress=False)
+                       input_share=0.5, progress=False)
     written = load_dir(tmp_path / "out")
     subspace = SafetySubspace.from_weights(str(llama_trio.aligned), str(llama_trio.base), progress=False)
     state = {name: model.state_dict() for name, model in llama_trio.models.items()}

@@ -1,6 +1,6 @@
 """The demo's PNG figures (matplotlib, Agg backend): scores per model.
 
-The safety–utility front is :func:`lssf_lightning.sweep.plot_front`.
+The safety–utility front is :func:`lssf_lightning.plots.plot_front`.
 
 The per-layer rank/entropy figure of the safety subspace is :func:`lssf_lightning.plots.plot_subspace`.
 """

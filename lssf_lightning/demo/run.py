@@ -42,7 +42,8 @@ from lssf_lightning.config import SubspaceConfig
 from lssf_lightning.demo.assets import SplitSizes, base_model_dir, cache_dir, load_demo_prompts
 from lssf_lightning.demo.evaluate import EvalSets, evaluate_model
 from lssf_lightning.demo.task import task_splits
-from lssf_lightning.sweep import SweepGrid, SweepPoint
+from lssf_lightning.selection import SweepPoint
+from lssf_lightning.sweep import SweepGrid
 
 __all__ = ["MODEL_NAMES", "SAVED_MODELS", "DemoConfig", "main", "run_demo"]
 
@@ -58,16 +59,18 @@ _LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 # they stay in the grid for the front.
 FULL_GRID = SweepGrid(
     subspaces=(SubspaceConfig(eta=0.8),),
-    alphas=(0.5, 1.0),
-    reset=((1.0, 0.0), (1.0, 0.15), (2.0, 0.0)),
-    erosion=(),
-    two_sided=((1.0, 0.5), (1.0, 1.0)),
-    resta=((0.5, 0.0), (1.0, 0.0), (1.0, 0.9)),
+    points={
+        "lssf": ((0.5,), (1.0,)),
+        "lssf-reset": ((1.0, 0.0), (1.0, 0.15), (2.0, 0.0)),
+        "lssf-two-sided": ((1.0, 0.5), (1.0, 1.0)),
+        "resta": ((0.5, 0.0), (1.0, 0.0), (1.0, 0.9)),
+    },
 )
-QUICK_GRID = SweepGrid(subspaces=(SubspaceConfig(eta=0.8),), alphas=(1.0,), reset=((2.0, 0.0),),
-                       erosion=(), two_sided=((1.0, 0.5),), resta=())
-LORA_GRID = SweepGrid(subspaces=(SubspaceConfig(eta=0.8),), alphas=(0.5, 1.0), reset=((2.0, 0.0),),
-                      erosion=(), two_sided=((1.0, 0.5),), resta=(), safelora=(0.5,))
+QUICK_GRID = SweepGrid(subspaces=(SubspaceConfig(eta=0.8),),
+                       points={"lssf": ((1.0,),), "lssf-reset": ((2.0,),), "lssf-two-sided": ((1.0, 0.5),)})
+LORA_GRID = SweepGrid(subspaces=(SubspaceConfig(eta=0.8),),
+                      points={"lssf": ((0.5,), (1.0,)), "lssf-reset": ((2.0,),),
+                              "lssf-two-sided": ((1.0, 0.5),), "safelora": ((0.5,),)})
 
 
 @dataclass
@@ -76,7 +79,7 @@ class DemoConfig:
 
     The LSSF settings (``eta``, ``alpha_1``, ``source``, the sweep ``grid``, the refusal target and the
     utility budget) were chosen on the validation split; see the README's demo section. ``alpha="auto"``
-    realigns with the setting :func:`lssf_lightning.sweep.recommend` picks from ``grid`` on validation; a
+    realigns with the setting :func:`lssf_lightning.selection.recommend` picks from ``grid`` on validation; a
     number fuses the
     paper's additive form with that ``α`` instead.
     """
@@ -421,7 +424,8 @@ def _sweep(name: str, model, tokenizer, subspace, run, grid: SweepGrid, lora: bo
     """Score ``grid`` on validation with :mod:`lssf_lightning.sweep`; returns ``(recommendation, planner
     factory of the recommended point, sweep report)``. A fixed ``config.alpha`` sweeps that one additive
     point."""
-    from lssf_lightning.sweep import SelectionRule, recommend, run_sweep, sweep_report
+    from lssf_lightning.selection import SelectionRule, recommend
+    from lssf_lightning.sweep import run_sweep, sweep_report
 
     config, log = run.config, run.log
     rule = SelectionRule(refusal_tolerance=config.alpha_target_margin,
@@ -432,9 +436,7 @@ def _sweep(name: str, model, tokenizer, subspace, run, grid: SweepGrid, lora: bo
     reference = SweepPoint.from_scores("finetuned", {}, score(model))
     aligned = SweepPoint.from_scores("aligned", {}, run.aligned_val)
     if config.alpha != "auto":
-        grid = replace(
-            grid, alphas=(float(config.alpha),), reset=(), erosion=(), two_sided=(), resta=(), safelora=()
-        )
+        grid = replace(grid, points={"lssf": ((float(config.alpha),),)})
     limits = rule.limits(reference, aligned)
     log.info(f"{name}: sweeping {grid.size(lora)} settings on validation — target harmful refusal "
              f"≥ {limits['target_refusal']:.2f}, perplexity ≤ {limits['max_perplexity']:.2f} "
@@ -447,8 +449,7 @@ def _sweep(name: str, model, tokenizer, subspace, run, grid: SweepGrid, lora: bo
     points = run_sweep(model, candidates, score, progress=False, log=lambda line: log.info("  " + line))
     chosen = recommend(points, rule, reference=reference, aligned=aligned)
     planner = candidates[points.index(chosen.point)].planner
-    outcome = "" if chosen.reached else " (target not reached: best acceptable point)"
-    log.info(f"{name}: recommended {chosen.point.label}{outcome}")
+    log.info(f"{name}: {chosen}" if chosen.recommended else f"{name}: {chosen}; using {chosen.point.label}")
     report = sweep_report(
         points, chosen, reference=reference, aligned=aligned, rule=rule, build_seconds=builds
     )
@@ -558,7 +559,7 @@ def _full_finetune_stage(run: _Run):
     """Full fine-tune; the sweep on validation; the recommended realignment, the paper's form and RESTA on
     test; writes the models. Returns the subspace."""
     from lssf_lightning.methods import LSSF, Resta
-    from lssf_lightning.sweep import temporarily_edited
+    from lssf_lightning.methods.base import temporarily_edited
 
     config, log = run.config, run.log
     log.stage("4/6 full fine-tune on the task, with LSSFCallback")
@@ -593,7 +594,7 @@ def _full_finetune_stage(run: _Run):
         log.info(f"models written to {models}")
     ranks = list(subspace.ranks.values())
     run.report.update(
-        lssf={"recommended": chosen.point.to_dict(), "reached": chosen.reached,
+        lssf={"recommended": chosen.point.to_dict(), "reached": chosen.recommended,
               "acceptable": chosen.acceptable, "limits": dict(chosen.limits), "eta": config.eta,
               "alpha_1": config.alpha_1, "source": config.source, "mean_rank": sum(ranks) / len(ranks),
               "min_rank": min(ranks), "max_rank": max(ranks), "matrices": len(ranks)},
@@ -608,7 +609,7 @@ def _lora_stage(run: _Run) -> None:
     """LoRA fine-tune; the sweep (LSSF forms on the merged weights, SafeLoRA on the adapters); scores go to
     ``report.json``."""
     from lssf_lightning.methods import SafeLoRA
-    from lssf_lightning.sweep import temporarily_edited
+    from lssf_lightning.methods.base import temporarily_edited
 
     config, log = run.config, run.log
     log.stage("4b/6 LoRA fine-tune on the task, with LSSFCallback")
@@ -618,7 +619,9 @@ def _lora_stage(run: _Run) -> None:
     # The reset and erosion forms read the effective weight W + s·B·A: sweep a merged copy (135M: cheap).
     merged = copy.deepcopy(peft_model).merge_and_unload()
     chosen, planner, sweep = _sweep("LSSF (LoRA)", merged, tokenizer, subspace, run,
-                                    replace(config.lora_grid, safelora=()))
+                                    replace(config.lora_grid, points={
+                                        k: v for k, v in (config.lora_grid.points or {}).items()
+                                        if k != "safelora"}))
     with temporarily_edited(merged, planner()):
         scores["realigned"] = _evaluate(merged, tokenizer, run.test_sets, config, log,
                                         f"LoRA realigned ({chosen.point.label})")
@@ -634,10 +637,10 @@ def _lora_stage(run: _Run) -> None:
 
     adapters = lora_adapters(run, peft_model, merged, planner, evaluate, check, scores)
     del merged
-    projector = SafeLoRA(str(run.aligned_dir), str(run.base_dir), config.lora_grid.safelora[0])
+    projector = SafeLoRA(str(run.aligned_dir), str(run.base_dir), config.lora_grid.points["safelora"][0][0])
     with temporarily_edited(peft_model, projector):
         scores["safelora"] = _evaluate(peft_model, tokenizer, run.test_sets, config, log,
-                                       f"SafeLoRA (τ={config.lora_grid.safelora[0]:g})")
+                                       f"SafeLoRA (τ={projector.threshold:g})")
         if config.save_models:
             peft_model.save_pretrained(run.output / "models" / "lora_safelora_adapter")
     if config.save_models:
@@ -645,7 +648,7 @@ def _lora_stage(run: _Run) -> None:
     for name, result in scores.items():
         _save_responses(run.output, f"lora_{name}", result)
     run.report["lora"] = {
-        "recommended": chosen.point.to_dict(), "reached": chosen.reached, "sweep": sweep,
+        "recommended": chosen.point.to_dict(), "reached": chosen.recommended, "sweep": sweep,
         "safelora_projected_layers": sum(bool(v) for v in projector.projected.values()),
         "safelora_layers": len(projector.projected),
         "scores": {name: _scores(result) for name, result in scores.items()},
@@ -779,8 +782,9 @@ def _report_stage(run: _Run, subspace) -> dict:
     (output / "results.md").write_text(table + "\n", encoding="utf-8")
     print("\n" + table, flush=True)
     lssf = report["lssf"]
-    print(f"\nrecommended on validation: {lssf['recommended']['label']}"
-          + ("" if lssf["reached"] else " (refusal target not reached)")
+    outcome = "recommended on validation" if lssf["reached"] else (
+        "refusal target not reached on validation; used the safest setting within the budget")
+    print(f"\n{outcome}: {lssf['recommended']['label']}"
           + f"; subspace mean rank {lssf['mean_rank']:.1f}; sweep cost "
           f"{report['sweep']['cost']['seconds_per_point']:.0f} s per point", flush=True)
     print(f"done in {timings['total'] / 60:.1f} min; results in {output}", flush=True)
@@ -788,12 +792,12 @@ def _report_stage(run: _Run, subspace) -> dict:
 
 
 def _plot_sweep(sweep: dict, path: Path, title: str) -> Path:
-    from lssf_lightning.sweep import plot_front
+    from lssf_lightning.plots import plot_front
 
     def point(data):
         return SweepPoint.from_dict(data) if data else None
 
-    recommended = sweep["recommended"]
+    recommended = sweep.get("recommended") or {**sweep["target_not_reached"], "point": None}
     return plot_front([point(p) for p in sweep["points"]], path, reference=point(sweep["reference"]),
                       aligned=point(sweep["aligned"]), recommended=point(recommended["point"]),
                       limits=recommended["limits"], title=f"safety–utility front on validation ({title})")

@@ -27,16 +27,28 @@ from transformers import TrainerCallback
 
 from lssf_lightning import training
 from lssf_lightning.config import AutoAlphaConfig, SubspaceConfig, split_legacy
+from lssf_lightning.io.guard import write_json
+from lssf_lightning.io.hub import resolve_model
 from lssf_lightning.io.schema import FormatError, field, load_json
 from lssf_lightning.io.weights import ModuleStore
+from lssf_lightning.metrics.refusal import RefusalRate
+from lssf_lightning.monitoring import (
+    AlphaTuner,
+    SafetyProbe,
+    check_min_refusal_rate,
+    fused_call,
+    needs_realignment,
+)
 from lssf_lightning.validation import SettingError, check_finite, check_int
 
 __all__ = ["AUTO_STATE_FILE", "LSSFTrainerCallback"]
 
 AUTO_STATE_FILE = "lssf_state.json"
-"""``alpha="auto"``'s state (chosen α, target, curve) written into each ``checkpoint-N``, read on resume."""
+"""The callback's state (chosen α, the fusion the live weights carry, auto's target and curve) written into
+each ``checkpoint-N``, read on resume."""
 
-_MONITOR_OPTIONS = ("harmful_prompts", "harmless_prompts", "num_prompts", "max_new_tokens", "judge")
+_MONITOR_OPTIONS = ("harmful_prompts", "harmless_prompts", "num_prompts", "max_new_tokens", "judge",
+                    "utility_texts", "num_utility_texts")
 
 
 class LSSFTrainerCallback(TrainerCallback):
@@ -67,8 +79,14 @@ class LSSFTrainerCallback(TrainerCallback):
             removed first).
         checkpoint_subdir: the realigned model's folder inside each ``checkpoint-N``; ``None``: none written.
         monitor: ``True``/``False``, or the refusal monitor's settings (``harmful_prompts``,
-            ``harmless_prompts``, ``num_prompts``, ``max_new_tokens``, ``judge``, as in ``RefusalMonitor``).
-        auto_alpha: the ``alpha="auto"`` grid, target, tolerance and prompts.
+            ``harmless_prompts``, ``num_prompts``, ``max_new_tokens``, ``judge``, ``utility_texts``,
+            ``num_utility_texts``, as in ``RefusalMonitor``: :class:`lssf_lightning.monitoring.SafetyProbe`).
+            Each evaluation logs the refusal rates and the perplexity on the utility texts, raw and realigned.
+        auto_alpha: the ``alpha="auto"`` grid, target, tolerance, prompts and utility budget
+            (``max_perplexity_increase``).
+        min_refusal_rate: realign the live weights (the whole missing fusion) when the monitor's raw refusal
+            rate falls below this at an evaluation; checkpoints written after hold the realigned weights, and
+            the fusion they carry is recorded in ``lssf_state.json`` so a resume does not add it twice.
         tokenizer: a tokenizer path or ID; default: the Trainer's ``processing_class``, else ``unaligned``'s.
         verbose: print what happens.
         overwrite: replace an existing ``export_dir`` / ``export_adapter_dir`` (only if it holds files
@@ -93,6 +111,7 @@ class LSSFTrainerCallback(TrainerCallback):
         tokenizer: str | os.PathLike | None = None,
         verbose: bool = True,
         overwrite: bool = False,
+        min_refusal_rate: float | None = None,
     ) -> None:
         self.subspace_config = split_legacy(subspace, {}, "LSSFTrainerCallback")
         self.alpha = alpha if alpha == "auto" else check_finite("alpha", alpha)
@@ -107,13 +126,10 @@ class LSSFTrainerCallback(TrainerCallback):
         if unknown:
             raise SettingError(f"monitor settings {unknown} are not known; use {list(_MONITOR_OPTIONS)}")
         self.monitor = bool(monitor)
-        self.num_prompts = check_int("num_prompts", options.get("num_prompts", 16))
-        self.max_new_tokens = check_int("max_new_tokens", options.get("max_new_tokens", 8))
-        self.prompt_files = {
-            "harmful": options.get("harmful_prompts") or "harmful",
-            "harmless": options.get("harmless_prompts") or "harmless",
-        }
-        self.auto = (auto_alpha or AutoAlphaConfig()) if alpha == "auto" else None
+        self.probe = SafetyProbe(**options)
+        self.min_refusal_rate = check_min_refusal_rate(min_refusal_rate, self.monitor)
+        self.tuner = AlphaTuner(auto_alpha or AutoAlphaConfig(), self.probe) if alpha == "auto" else None
+        self.auto = self.tuner.config if self.tuner is not None else None
         self.unaligned, self.aligned = unaligned, aligned
         self.export_dir, self.export_adapter_dir, self.adapter_max_rank = (
             export_dir,
@@ -126,10 +142,7 @@ class LSSFTrainerCallback(TrainerCallback):
         self._inputs: list[Any] = [*self._models, subspace_cache]
         self.fusion = training.FusionState(target=1.0 if alpha == "auto" else self.alpha)  # applied stays 0
         self.subspace = None
-        self.auto_target: float | None = self.auto.target if self.auto else None
-        self.alpha_curve: list[dict[str, float]] = []
-        self._judge_name = options.get("judge")
-        self._metric = None
+        self._metric = RefusalRate(judge=self.probe.judge)
         self._tokenizer = None
         self._trainer: weakref.ref | None = None
         self._device = torch.device("cpu")
@@ -148,8 +161,8 @@ class LSSFTrainerCallback(TrainerCallback):
         """Build the subspace if ``on_init_end`` did not (``aligned`` given, or the callback added later)."""
         _check_supported(args)
         self.check_outputs(args, model)
-        if self.auto is not None and state.global_step > 0:
-            self._load_auto_state(Path(args.output_dir) / f"checkpoint-{state.global_step}" / AUTO_STATE_FILE)
+        if state.global_step > 0:
+            self._load_state(Path(args.output_dir) / f"checkpoint-{state.global_step}" / AUTO_STATE_FILE)
         if self.subspace is not None:
             return
         if self.aligned is None and state.global_step > 0:
@@ -171,8 +184,8 @@ class LSSFTrainerCallback(TrainerCallback):
                 f"LSSFTrainerCallback: no {checkpoint} to write the realigned model into", stacklevel=2
             )
             return
-        if self.auto is not None:
-            self._save_auto_state(checkpoint / AUTO_STATE_FILE)
+        if self.tuner is not None or self.fusion.applied:
+            self._save_state(checkpoint / AUTO_STATE_FILE)
         if self.checkpoint_subdir is not None:  # its own folder inside the checkpoint: replaced on a re-save
             self.export(model, checkpoint / self.checkpoint_subdir, processing_class=processing_class,
                         overwrite=True, inputs=[*self._models, self.subspace_cache])
@@ -183,11 +196,16 @@ class LSSFTrainerCallback(TrainerCallback):
             return
         tokenizer = self.resolve_tokenizer(processing_class)
         logs = {}
-        if self.auto is not None:
+        if self.tuner is not None:
             self.fusion.target = self.choose_alpha(model, tokenizer)
             logs["lssf/alpha"] = self.fusion.target
         if self.monitor:
-            logs.update({f"lssf/{k}": v for k, v in self.measure(model, tokenizer).items()})
+            values = self.measure(model, tokenizer)
+            logs.update({f"lssf/{k}": float(v) for k, v in values.items()})
+            if needs_realignment(values, self.min_refusal_rate, self.fusion):
+                self.realign_live(model)
+                self._info(f"LSSF: refusal rate {values['refusal_rate']:.2f} < {self.min_refusal_rate}: "
+                           "realigned the live weights")
         if not logs:
             return
         if metrics is not None:
@@ -203,9 +221,7 @@ class LSSFTrainerCallback(TrainerCallback):
         adapter)."""
         if self.subspace is None:
             return
-        if (
-            self.auto is not None and not self.alpha_curve
-        ):  # every process: the counts are summed (a collective)
+        if self.tuner is not None and not self.tuner.curve:  # every process: counts are summed (a collective)
             self.fusion.target = self.choose_alpha(model, self.resolve_tokenizer(processing_class))
         if not state.is_world_process_zero:
             return
@@ -265,54 +281,49 @@ class LSSFTrainerCallback(TrainerCallback):
         )
 
     def measure(self, model: nn.Module, tokenizer) -> dict[str, float]:
-        """Refusal rates on harmful prompts and (over-refusal) harmless ones, raw and realigned; each process
+        """Refusal rates on harmful prompts and (over-refusal) harmless ones, and the perplexity on the
+        utility texts, raw and realigned (:meth:`lssf_lightning.monitoring.SafetyProbe.measure`); each process
         answers its share of the prompts and the counts are summed (a collective under DDP)."""
-        from lssf_lightning.metrics import load_prompts
+        shares = {kind: _shard(prompts) for kind, prompts in self.probe.prompts().items()}
 
-        prompts = {
-            kind: _shard(load_prompts(path)[: self.num_prompts]) for kind, path in self.prompt_files.items()
-        }
-        raw = {kind: self._rate(self._answers(model, tokenizer, p)) for kind, p in prompts.items()}
-        with self.subspace.temporarily_fused(model, self.fusion.missing):
-            fused = {kind: self._rate(self._answers(model, tokenizer, p)) for kind, p in prompts.items()}
-        return {
-            "refusal_rate": raw["harmful"],
-            "refusal_rate_realigned": fused["harmful"],
-            "harmless_refusal_rate": raw["harmless"],
-            "harmless_refusal_rate_realigned": fused["harmless"],
-        }
+        def answers() -> dict[str, list[str]]:
+            return {kind: self.probe.generate(model, tokenizer, prompts) for kind, prompts in shares.items()}
+
+        swap = fused_call(self.fusion, lambda: self.subspace.temporarily_fused(model, self.fusion.missing))
+        perplexity = lambda: self.probe.perplexity(model, tokenizer)  # noqa: E731
+        values = self.probe.measure(answers, self._rate, perplexity, swap)
+        return {name: float(value) for name, value in values.items()}
 
     def choose_alpha(self, model: nn.Module, tokenizer) -> float:
-        """``alpha="auto"``'s rule (:func:`lssf_lightning.sweep.tune_alpha`) on the live model."""
-        from lssf_lightning.sweep import tune_alpha
-
-        target = self.auto_target if self.auto_target is not None else 1.0 - self.auto.tolerance
-        choice = tune_alpha(
-            model,
-            tokenizer,
-            self.subspace,
-            self.auto.alphas,
-            self._auto_prompts(),
-            target,
-            max_new_tokens=self.max_new_tokens,
-            rate=self._rate,
-        )
-        self.alpha_curve = [{"alpha": p.alpha, "refusal": p.harmful_refusal} for p in choice.curve]
+        """``alpha="auto"``'s choice (:class:`lssf_lightning.monitoring.AlphaTuner`, within the utility budget
+        ``auto_alpha.max_perplexity_increase``) on the live model."""
+        choice = self.tuner.choose(model, tokenizer, self.subspace, offset=self.fusion.applied,
+                                   prompts=self.tuner.prompts(_shard), rate=self._rate)
         if not choice.reached:
-            warnings.warn(
-                f"LSSFTrainerCallback: no alpha in {self.auto.alphas} reaches {target:.0%} refusal on the "
-                f"tuning prompts; using alpha={choice.alpha:g}",
-                stacklevel=2,
-            )
+            warnings.warn(f"LSSFTrainerCallback: no alpha in {self.auto.alphas} reaches the target: "
+                          f"{self.tuner.describe(choice)}", stacklevel=2)
         return choice.alpha
+
+    def realign_live(self, model: nn.Module) -> None:
+        """Bring the live weights to the current fusion strength, adding only what they miss."""
+        training.realign_in_place(training.named_tensors(model), self.subspace, self.fusion.missing)
+        self.fusion.applied = self.fusion.target
+
+    @property
+    def auto_target(self) -> float | None:
+        """``alpha="auto"``'s refusal target (``None`` until measured, or without auto)."""
+        return self.tuner.target if self.tuner is not None else None
+
+    @property
+    def alpha_curve(self) -> list[dict[str, float]]:
+        """``alpha="auto"``'s last measured curve."""
+        return self.tuner.curve if self.tuner is not None else []
 
     def resolve_tokenizer(self, processing_class=None, required: bool = True):
         """``tokenizer``, else the Trainer's ``processing_class`` (a processor's tokenizer), else
         ``unaligned``'s."""
         if self._tokenizer is None:
             from transformers import AutoTokenizer
-
-            from lssf_lightning.io.hub import resolve_model
 
             if self.tokenizer is not None:
                 self._tokenizer = AutoTokenizer.from_pretrained(
@@ -350,30 +361,25 @@ class LSSFTrainerCallback(TrainerCallback):
             progress=self.verbose and state.is_world_process_zero,
         )
         self._device = device
-        if (
-            self.auto is not None and self.auto_target is None and state.global_step == 0
-        ):  # the aligned weights
-            aligned_rate = self._rate(
-                self._answers(model, self.resolve_tokenizer(processing_class), self._auto_prompts())
-            )
-            self.auto_target = max(aligned_rate - self.auto.tolerance, 0.0)
+        if self.tuner is not None and self.tuner.target is None and state.global_step == 0:  # aligned model
+            prompts, tokenizer = self.tuner.prompts(_shard), self.resolve_tokenizer(processing_class)
+            self.tuner.set_target(self._rate(self.probe.generate(model, tokenizer, prompts)))
 
-    def _save_auto_state(self, path: Path) -> None:
-        from lssf_lightning.io.guard import write_json
-
+    def _save_state(self, path: Path) -> None:
         record = {
             "alpha": self.fusion.target,
-            "auto_target": self.auto_target,
-            "alpha_curve": self.alpha_curve,
+            "applied_alpha": self.fusion.applied,
+            **(self.tuner.state_dict() if self.tuner is not None else {}),
             "fingerprint": self.subspace.metadata.get("fingerprint"),
         }
         write_json(path, record, indent=1)
 
-    def _load_auto_state(self, path: Path) -> None:
+    def _load_state(self, path: Path) -> None:
         if not path.is_file():
             return
         record = load_json(path)
         alpha = field(path, record, "alpha", float)
+        applied = field(path, record, "applied_alpha", float, default=0.0)
         auto_target = field(path, record, "auto_target", (float, type(None)), default=None)
         curve = field(path, record, "alpha_curve", (list, type(None)), default=None) or []
         for i, point in enumerate(curve):
@@ -383,28 +389,11 @@ class LSSFTrainerCallback(TrainerCallback):
         if auto_target is not None and not 0.0 <= auto_target <= 1.0:
             raise FormatError(path, f"field 'auto_target' must be a rate in [0, 1], got {auto_target!r}")
         self.fusion.target = float(alpha)
-        self.auto_target = None if auto_target is None else float(auto_target)
-        self.alpha_curve = [dict(point) for point in curve]
-
-    def _auto_prompts(self) -> list[str]:
-        from lssf_lightning.metrics import load_prompts
-
-        return _shard(load_prompts(self.auto.prompts or "harmful_calibration"))
-
-    def _answers(self, model: nn.Module, tokenizer, prompts: list[str]) -> list[str]:
-        from lssf_lightning.metrics import generate_responses
-
-        return (
-            generate_responses(model, tokenizer, prompts, max_new_tokens=self.max_new_tokens)
-            if prompts
-            else []
-        )
+        self.fusion.applied = float(applied)
+        if self.tuner is not None:
+            self.tuner.load_state_dict({"auto_target": auto_target, "alpha_curve": curve})
 
     def _rate(self, answers: list[str]) -> float:
-        if self._metric is None:
-            from lssf_lightning.metrics.refusal import RefusalRate
-
-            self._metric = RefusalRate(judge=self._judge_name)
         self._metric = self._metric.to(self._device)  # counts are summed over processes on this device
         self._metric.reset()
         self._metric.update(answers)

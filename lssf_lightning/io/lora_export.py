@@ -341,12 +341,11 @@ def realign_as_adapter(
     subspace=None,
     config=None,
     method: str = "lssf",
-    alpha: float = 1.0,
-    method_options: Mapping[str, Any] | None = None,
     max_rank: int | None = None,
     overwrite: bool = False,
     allow_partial: bool = False,
     progress: bool = True,
+    **options: Any,
 ) -> AdapterReport:
     """``lssf-lightning realign --as-adapter``: the correction for ``finetuned`` as a LoRA adapter in
     ``output``.
@@ -354,9 +353,9 @@ def realign_as_adapter(
     A full fine-tune (a HF directory or hub ID) gets the correction alone, to load on it; a peft LoRA adapter
     directory gets ONE adapter with its task LoRA and the correction, to load on its base (``aligned``, else
     the adapter's ``base_model_name_or_path``). ``method`` is one of the LSSF fusion forms (``lssf``,
-    ``lssf-reset``, ``lssf-erosion``, ``lssf-two-sided``; their options, e.g. ``add`` or ``input_share``, in
-    ``method_options``) over ``subspace`` (an object or file) or a subspace built from ``aligned`` and
-    ``unaligned`` with ``config``.
+    ``lssf-reset``, ``lssf-erosion``, ``lssf-two-sided``; its parameters, e.g. ``alpha``, ``add`` or
+    ``input_share``, as keywords in ``options``) over ``subspace`` (an object or file) or a subspace built
+    from ``aligned`` and ``unaligned`` with ``config``.
     """
     from lssf_lightning.config import split_legacy
     from lssf_lightning.io.guard import check_output
@@ -375,7 +374,6 @@ def realign_as_adapter(
     # A LoRA run's base is its aligned model: --aligned, else the adapter's recorded base (as given: a hub ID
     # stays one in the written adapter_config.json).
     base = (aligned if aligned is not None else store.adapter.base_model_path) if lora else aligned
-    options = {"alpha": alpha, **(method_options or {})}
     inputs = MethodInputs(store, base, unaligned, subspace, config, options, allow_partial, progress)
     planner = make_planner(method, inputs)
     if not isinstance(planner, LowRankPlanner):

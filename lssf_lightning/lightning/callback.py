@@ -22,6 +22,7 @@ from lssf_lightning.lightning.auto_alpha import AutoAlpha
 from lssf_lightning.lightning.hf import find_tokenizer, hf_model, hf_model_attribute
 from lssf_lightning.lightning.legacy import split_arguments
 from lssf_lightning.lightning.monitor import RefusalMonitor
+from lssf_lightning.monitoring import check_min_refusal_rate, needs_realignment
 from lssf_lightning.subspace import SafetySubspace
 from lssf_lightning.training import CHECKPOINT_INFO_KEY, RAW_FIXUPS_KEY, FusionState
 from lssf_lightning.validation import SettingError, check_choice
@@ -72,6 +73,8 @@ class LSSFCallback(Callback):
             lssf_lightning writes). Both are checked in ``setup``, before training: an output that is,
             contains or lies inside an input (the module's source directory, ``aligned``, ``unaligned``, the
             cache, the Trainer's checkpoint and log folders) is refused.
+        min_refusal_rate: realign the live weights (the whole missing fusion) when the monitor's raw refusal
+            rate falls below this; needs a monitor.
         legacy: the 0.1 spellings (``eta=``, ``judge=`` …), accepted with a DeprecationWarning naming the new
             one.
     """
@@ -94,6 +97,7 @@ class LSSFCallback(Callback):
         verbose: bool = True,
         export_adapter_dir: str | None = None,
         overwrite: bool = False,
+        min_refusal_rate: float | None = None,
         **legacy: Any,
     ) -> None:
         super().__init__()
@@ -121,6 +125,10 @@ class LSSFCallback(Callback):
         for owned in (self.monitor, self.auto.monitor if self.auto else None):
             if owned is not None:
                 owned.owner = self
+        try:
+            self.min_refusal_rate = check_min_refusal_rate(min_refusal_rate, self.monitor is not None)
+        except SettingError as err:
+            raise MisconfigurationException(f"LSSFCallback: {err}") from None
         self.subspace: SafetySubspace | None = None
         self.fusion = FusionState(target=1.0 if self.alpha == "auto" else self.alpha)
         self.applied_epochs: set[int] = set()
@@ -154,7 +162,7 @@ class LSSFCallback(Callback):
         if stage != "fit":
             return
         self.check_outputs(trainer, pl_module)  # before any work
-        live = self.apply_on == "epochs" or getattr(self.monitor, "min_refusal_rate", None) is not None
+        live = self.apply_on == "epochs" or self.min_refusal_rate is not None
         strategy.check_strategy(trainer, self.apply_on, edits_live_weights=live)
         if self.monitor is not None and not strategy.monitor_supported(trainer):
             rank_zero_warn("LSSFCallback: the refusal monitor is off under FSDP (generation needs full "
@@ -266,6 +274,11 @@ class LSSFCallback(Callback):
             self._maybe_apply(trainer, pl_module)
         if self.monitor is not None and self.monitor not in trainer.callbacks:
             self.monitor.on_validation_epoch_end(trainer, pl_module)
+        last = self.monitor.last if self.monitor is not None else {}
+        if needs_realignment(last, self.min_refusal_rate, self.fusion):  # a fusion policy, on the monitor's
+            self.realign_live(pl_module)
+            rank_zero_info(f"LSSF: refusal rate {float(last['refusal_rate']):.2f} < {self.min_refusal_rate}: "
+                           "realigned the live weights")
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

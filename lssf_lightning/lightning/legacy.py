@@ -17,7 +17,7 @@ __all__ = ["legacy_auto", "legacy_monitor", "pop_renamed", "split_arguments", "t
 # old keyword -> the new argument of RefusalMonitor / AutoAlphaConfig
 _LEGACY_MONITOR = {"refusal_prompts": "harmful_prompts", "harmless_prompts": "harmless_prompts",
                    "num_monitor_prompts": "num_prompts", "monitor_max_new_tokens": "max_new_tokens",
-                   "judge": "judge", "min_refusal_rate": "min_refusal_rate"}
+                   "judge": "judge"}
 _LEGACY_AUTO = {"auto_alphas": "alphas", "auto_target": "target", "auto_tolerance": "tolerance",
                 "auto_prompts": "prompts"}
 
@@ -61,9 +61,6 @@ def legacy_monitor(
     given = _pop_group(legacy, _LEGACY_MONITOR, "monitor=RefusalMonitor", stacklevel=stacklevel + 1)
     if not given:
         return monitor, None
-    if given.get("min_refusal_rate") is not None and monitor is False:
-        raise SettingError(f"min_refusal_rate needs the refusal monitor, got {given['min_refusal_rate']!r} "
-                           "with monitor_refusal=False")
     try:
         built = RefusalMonitor(**given)
     except MisconfigurationException as err:

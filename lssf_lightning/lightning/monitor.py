@@ -10,37 +10,54 @@ an :class:`~lssf_lightning.LSSFCallback` it also reports the rates of the realig
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from contextlib import AbstractContextManager
+from typing import Any, Protocol, runtime_checkable
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor, nn
 from typing_extensions import override
 
 from lssf_lightning.distributed import is_dtensor, pad_shard, synced_generation
 from lssf_lightning.lightning.hf import find_tokenizer, hf_model
 from lssf_lightning.lightning.strategy import monitor_supported
-from lssf_lightning.metrics.judges import resolve_judge
 from lssf_lightning.metrics.refusal import RefusalRate
-from lssf_lightning.validation import SettingError, check_fraction, check_int
+from lssf_lightning.monitoring import SafetyProbe, fused_call
+from lssf_lightning.training import FusionState
+from lssf_lightning.validation import SettingError
 
-if TYPE_CHECKING:
-    from lssf_lightning.lightning.callback import LSSFCallback
+__all__ = ["Realigner", "RefusalMonitor"]
 
-__all__ = ["RefusalMonitor"]
+
+@runtime_checkable
+class Realigner(Protocol):
+    """What the monitor needs from the callback whose realigned model it also measures (``LSSFCallback``)."""
+
+    subspace: Any
+    fusion: FusionState
+    model_attribute: str | None
+
+    def realigned_weights(self, pl_module: LightningModule) -> AbstractContextManager:
+        """The fully realigned weights in ``pl_module`` for a ``with`` block."""
+        ...
+
+    def resolve_tokenizer(self, pl_module: LightningModule, required: bool = True) -> Any:
+        """The run's tokenizer."""
+        ...
 
 
 class RefusalMonitor(Callback):
     r"""Log the refusal rates of the model being fine-tuned at every validation epoch end.
 
-    Logs ``lssf/refusal_rate`` (answers to harmful prompts that refuse: higher is safer) and
-    ``lssf/harmless_refusal_rate`` (over-refusal: lower is better). When an
-    :class:`~lssf_lightning.LSSFCallback` is in ``trainer.callbacks`` (or owns this monitor), also
-    ``lssf/refusal_rate_realigned`` and ``lssf/harmless_refusal_rate_realigned``: the same prompts with the
-    fusion swapped in, then the exact raw weights swapped back. Under DDP the prompts are split over ranks
-    and the counts summed.
+    Logs ``lssf/refusal_rate`` (answers to harmful prompts that refuse: higher is safer),
+    ``lssf/harmless_refusal_rate`` (over-refusal: lower is better) and ``lssf/perplexity`` on utility texts.
+    When a :class:`Realigner` (an :class:`~lssf_lightning.LSSFCallback`) is in ``trainer.callbacks`` (or owns
+    this monitor), also each one's ``*_realigned`` twin: the same prompts with the fusion swapped in, then the
+    exact raw weights swapped back. Under DDP the prompts are split over ranks and the counts summed. What is
+    measured, and how, is :class:`lssf_lightning.monitoring.SafetyProbe` (shared with the transformers
+    callback); this class translates Lightning's hooks and logging.
 
     Example::
 
@@ -54,8 +71,6 @@ class RefusalMonitor(Callback):
             answers, cutting 16 tokens to 8 changed one verdict.
         judge: ``None``/``"phrases"`` (refusal-phrase matching), a local HF classifier directory, a callable
             ``list[str] -> list[bool]``, or (in YAML) its dotted import path. Resolved once, here.
-        min_refusal_rate: with an :class:`~lssf_lightning.LSSFCallback`: realign the live weights when the raw
-            refusal rate falls below this.
         model_attribute: the LightningModule attribute holding the HF model; default: found automatically.
         tokenizer: tokenizer path; default: the module's ``tokenizer`` attribute (or the LSSF callback's).
         utility_texts: general texts whose perplexity is logged as ``lssf/perplexity`` (and
@@ -71,7 +86,6 @@ class RefusalMonitor(Callback):
         num_prompts: int = 16,
         max_new_tokens: int = 8,
         judge: str | Callable[[list[str]], Any] | None = None,
-        min_refusal_rate: float | None = None,
         model_attribute: str | None = None,
         tokenizer: str | None = None,
         utility_texts: str | None = "bundled",
@@ -79,39 +93,33 @@ class RefusalMonitor(Callback):
     ) -> None:
         super().__init__()
         try:
-            self.num_prompts = check_int("num_prompts", num_prompts)
-            self.max_new_tokens = check_int("max_new_tokens", max_new_tokens)
-            self.min_refusal_rate = None if min_refusal_rate is None else check_fraction("min_refusal_rate",
-                                                                                         min_refusal_rate)
-            self.judge = resolve_judge(judge)
-            self.num_utility_texts = check_int("num_utility_texts", num_utility_texts)
+            self.probe = SafetyProbe(harmful_prompts, harmless_prompts, num_prompts, max_new_tokens, judge,
+                                     utility_texts, num_utility_texts)
         except (SettingError, ValueError) as err:
             raise MisconfigurationException(f"RefusalMonitor: {err}") from None
-        self.harmful_prompts = harmful_prompts
-        self.harmless_prompts = harmless_prompts
         self.model_attribute = model_attribute
         self.tokenizer = tokenizer
-        self.utility_texts = utility_texts
-        self._utility: list[str] | None = None
-        self.owner: LSSFCallback | None = None  # set by an LSSFCallback that runs this monitor itself
+        self.owner: Realigner | None = None  # set by an LSSFCallback that runs this monitor itself
         self.enabled = True
         self.last: dict[str, Tensor] = {}
-        self._metric = RefusalRate(judge=self.judge)
-        self._prompts: dict[str, list[str]] | None = None
+        self._metric = RefusalRate(judge=self.probe.judge)
         self._tokenizer = None
+
+    judge = property(lambda self: self.probe.judge, doc="The resolved judge.")
+    num_prompts = property(lambda self: self.probe.num_prompts, doc="Prompts answered per set.")
+    max_new_tokens = property(lambda self: self.probe.max_new_tokens, doc="Tokens per answer.")
+    harmful_prompts = property(lambda self: self.probe.harmful_prompts, doc="The harmful prompt set.")
+    harmless_prompts = property(lambda self: self.probe.harmless_prompts, doc="The harmless prompt set.")
+    utility_texts = property(lambda self: self.probe.utility_texts, doc="The utility texts.")
+    num_utility_texts = property(lambda self: self.probe.num_utility_texts, doc="Utility texts scored.")
 
     # -- hooks ------------------------------------------------------------------------------------------
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Check the strategy and that ``min_refusal_rate`` has an LSSF callback to act on."""
-        if stage != "fit":
-            return
-        if self.enabled and not monitor_supported(trainer):
+        """Switch off under FSDP (generation needs full weights)."""
+        if stage == "fit" and self.enabled and not monitor_supported(trainer):
             rank_zero_warn("RefusalMonitor is off under FSDP (generation needs full weights).")
             self.enabled = False
-        if self.min_refusal_rate is not None and self.lssf(trainer) is None:
-            raise MisconfigurationException("RefusalMonitor(min_refusal_rate=...) needs an LSSFCallback to "
-                                            "realign the weights with; add one to `Trainer(callbacks=...)`.")
 
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -122,19 +130,25 @@ class RefusalMonitor(Callback):
         for name, value in self.last.items():
             pl_module.log(f"lssf/{name}", value, on_epoch=True, prog_bar=name == "refusal_rate",
                           sync_dist=False)
-        lssf = self.lssf(trainer)
-        if self.min_refusal_rate is not None and lssf is not None:
-            rate = float(self.last["refusal_rate"])
-            if rate < self.min_refusal_rate and lssf.fusion.missing != 0:
-                lssf.realign_live(pl_module)
-                rank_zero_info(f"LSSF: refusal rate {rate:.2f} < {self.min_refusal_rate}: realigned the live "
-                               "weights")
 
     # -- measuring (public, overridable) ----------------------------------------------------------------
     def measure(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, Tensor]:
-        """The rates to log, by name (without the ``lssf/`` prefix); a collective under DDP (every rank calls
-        it)."""
+        """The numbers to log, by name (without the ``lssf/`` prefix); a collective under DDP (every rank
+        calls it)."""
         model, tokenizer = self.model(trainer, pl_module), self.tokenizer_for(trainer, pl_module)
+        lssf = self.lssf(trainer)
+        realigned = None
+        if lssf is not None and lssf.subspace is not None:
+            realigned = fused_call(lssf.fusion, lambda: lssf.realigned_weights(pl_module))
+        return self.probe.measure(
+            self._answers(trainer, model, tokenizer),
+            lambda answers: self.rate(pl_module, answers),
+            lambda: self.probe.perplexity(model, tokenizer),
+            realigned,
+        )
+
+    def _answers(self, trainer: Trainer, model: nn.Module, tokenizer) -> Callable[[], dict[str, list[str]]]:
+        """This rank's answers to its share of each prompt set."""
         rank, world = trainer.global_rank, trainer.world_size
         shards = {kind: prompts[rank::world] for kind, prompts in self.prompts().items()}
         real = {kind: len(prompts) for kind, prompts in shards.items()}
@@ -149,49 +163,11 @@ class RefusalMonitor(Callback):
             return {kind: self.generate(model, tokenizer, prompts)[: real[kind]]
                     for kind, prompts in shards.items()}
 
-        raw = answers()
-        lssf = self.lssf(trainer)
-        realigned = _realigned(lssf, pl_module, answers, raw)
-        values = {"refusal_rate": self.rate(pl_module, raw["harmful"])}
-        if realigned is not None:
-            values["refusal_rate_realigned"] = self.rate(pl_module, realigned["harmful"])
-        values["harmless_refusal_rate"] = self.rate(pl_module, raw["harmless"])
-        if realigned is not None:
-            values["harmless_refusal_rate_realigned"] = self.rate(pl_module, realigned["harmless"])
-        values.update(self.measure_utility(trainer, pl_module, lssf))
-        return values
-
-    def measure_utility(
-        self, trainer: Trainer, pl_module: LightningModule, lssf: LSSFCallback | None
-    ) -> dict[str, Tensor]:
-        """Utility numbers logged next to the rates: ``perplexity`` (raw weights) and ``perplexity_realigned``
-        (inside ``lssf.realigned_weights``) on the utility texts. Every rank scores all of them (equal forward
-        passes, as FSDP2 needs); the metric's sums are reduced across ranks."""
-        import torch
-
-        from lssf_lightning.metrics.perplexity import CausalLMPerplexity, load_utility_texts, model_perplexity
-
-        if self.utility_texts is None:
-            return {}
-        if self._utility is None:
-            self._utility = load_utility_texts(self.utility_texts, limit=self.num_utility_texts)
-        model, tokenizer = self.model(trainer, pl_module), self.tokenizer_for(trainer, pl_module)
-
-        def measure() -> Tensor:
-            metric = CausalLMPerplexity()
-            return torch.tensor(model_perplexity(model, tokenizer, self._utility, metric=metric))
-
-        values = {"perplexity": measure()}
-        realigned = _realigned(lssf, pl_module, measure, values["perplexity"])
-        if realigned is not None:
-            values["perplexity_realigned"] = realigned
-        return values
+        return answers
 
     def generate(self, model: nn.Module, tokenizer, prompts: list[str]) -> list[str]:
         """Greedy answers to ``prompts`` (``max_new_tokens`` each)."""
-        from lssf_lightning.metrics import generate_responses
-
-        return generate_responses(model, tokenizer, prompts, max_new_tokens=self.max_new_tokens)
+        return self.probe.generate(model, tokenizer, prompts)
 
     def rate(self, pl_module: LightningModule, answers: list[str]) -> Tensor:
         """The refusal rate of ``answers`` with counts summed over ranks (a collective: every rank calls
@@ -211,23 +187,14 @@ class RefusalMonitor(Callback):
     # -- what it reads ----------------------------------------------------------------------------------
     def prompts(self) -> dict[str, list[str]]:
         """``{"harmful": [...], "harmless": [...]}``: the first ``num_prompts`` of each set (read once)."""
-        if self._prompts is None:
-            from lssf_lightning.metrics import load_prompts
+        return self.probe.prompts()
 
-            self._prompts = {
-                "harmful": load_prompts(self.harmful_prompts or "harmful")[: self.num_prompts],
-                "harmless": load_prompts(self.harmless_prompts or "harmless")[: self.num_prompts],
-            }
-        return self._prompts
-
-    def lssf(self, trainer: Trainer) -> LSSFCallback | None:
-        """The LSSF callback whose realigned model is measured too: the owner, else one in
-        ``trainer.callbacks``."""
-        from lssf_lightning.lightning.callback import LSSFCallback
-
+    def lssf(self, trainer: Trainer) -> Realigner | None:
+        """The realigner whose realigned model is measured too: the owner, else one in ``trainer.callbacks``
+        (found by what it offers, :class:`Realigner`)."""
         if self.owner is not None:
             return self.owner
-        return next((c for c in trainer.callbacks if isinstance(c, LSSFCallback)), None)
+        return next((c for c in trainer.callbacks if isinstance(c, Realigner)), None)
 
     def model(self, trainer: Trainer, pl_module: LightningModule) -> nn.Module:
         """The HF model being trained."""
@@ -244,16 +211,3 @@ class RefusalMonitor(Callback):
             else:
                 self._tokenizer = find_tokenizer(pl_module, self.tokenizer, owner=type(self).__name__)
         return self._tokenizer
-
-
-def _realigned(
-    lssf: LSSFCallback | None, pl_module: LightningModule, measure: Callable[[], Any], raw: Any
-) -> Any:
-    """``measure()`` with ``lssf``'s missing fusion swapped in for the call (the exact raw weights come back
-    after); ``raw`` when the live weights already carry it all; ``None`` without an LSSF subspace."""
-    if lssf is None or lssf.subspace is None:
-        return None
-    if lssf.fusion.missing == 0:
-        return raw
-    with lssf.realigned_weights(pl_module):
-        return measure()

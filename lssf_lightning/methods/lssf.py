@@ -18,6 +18,7 @@ from lssf_lightning.config import DEFAULT_ALPHA, SubspaceConfig
 from lssf_lightning.io.names import KeyMatcher
 from lssf_lightning.io.weights import WeightsLike, WeightStore
 from lssf_lightning.methods.base import Correction, Edit
+from lssf_lightning.methods.spec import MAX_STRENGTH, MethodInputs, MethodSpec, Param
 from lssf_lightning.subspace import (
     SafetySubspace,
     SubspaceBuilder,
@@ -27,7 +28,13 @@ from lssf_lightning.subspace import (
 )
 from lssf_lightning.validation import check_finite
 
-__all__ = ["LSSF"]
+__all__ = ["ALPHA", "LSSF", "SPEC"]
+
+ALPHA = Param(
+    "alpha", float, DEFAULT_ALPHA,
+    f"fusion strength (0 = no change; at most {MAX_STRENGTH:g}: beyond it the correction swamps the weights)",
+    low=0.0, high=MAX_STRENGTH,
+)
 
 
 class LSSF:
@@ -162,3 +169,24 @@ class LSSF:
         """``α`` and the mean rank of the entries used (a builder's fill in as they are built)."""
         ranks = self.subspace.ranks
         return {"alpha": self.alpha, "mean_rank": round(sum(ranks.values()) / max(len(ranks), 1), 1)}
+
+
+def _factory(inputs: MethodInputs) -> LSSF:
+    alpha = inputs.options["alpha"]
+    if inputs.subspace is not None:
+        return LSSF(inputs.subspace, alpha, allow_partial=inputs.allow_partial)
+    inputs.require_pair("lssf", " (or a precomputed --subspace)")
+    return LSSF.from_pair(
+        inputs.aligned,
+        inputs.unaligned,
+        inputs.config,
+        alpha,
+        allow_partial=inputs.allow_partial,
+        progress=inputs.progress,
+    )
+
+
+SPEC = MethodSpec(
+    "lssf", _factory, (ALPHA,), grid=((0.5,), (1.0,)), uses_subspace=True,
+    help="the paper's additive fusion W + alpha*P'delta",
+)

@@ -18,10 +18,16 @@ from lssf_lightning.core.checks import all_finite
 from lssf_lightning.io.names import KeyMatcher
 from lssf_lightning.io.weights import WeightsLike, WeightStore, open_weights
 from lssf_lightning.methods.base import Edit, apply_edits
+from lssf_lightning.methods.spec import MAX_STRENGTH, MethodInputs, MethodSpec, Param
 from lssf_lightning.subspace import check_correspondence, select_target_pairs, target_keys
 from lssf_lightning.validation import check_drop_rate, check_finite, check_seed
 
-__all__ = ["Resta", "resta"]
+__all__ = ["SPEC", "Resta", "resta"]
+
+BETA = Param("beta", float, DEFAULT_BETA, "RESTA's scale of the safety vector", low=0.0, high=MAX_STRENGTH)
+DROP_RATE = Param("drop_rate", float, DEFAULT_DROP_RATE, "RESTA's DARE drop probability (0 = no DARE)",
+                  low=0.0, high=1.0, high_open=True)
+SEED = Param("seed", int, DEFAULT_SEED, "DARE's seed", low=0)
 
 
 def _seed_for(seed: int, key: str) -> int:
@@ -120,3 +126,24 @@ def resta(
         allow_partial=allow_partial,
     )
     return apply_edits(target, planner, inplace)
+
+
+def _factory(inputs: MethodInputs) -> Resta:
+    options = inputs.options
+    inputs.require_pair("resta")
+    return Resta(
+        inputs.aligned,
+        inputs.unaligned,
+        options["beta"],
+        options["drop_rate"],
+        options["seed"],
+        inputs.config.target_modules,
+        inputs.config.exclude_modules,
+        allow_partial=inputs.allow_partial,
+    )
+
+
+SPEC = MethodSpec(
+    "resta", _factory, (BETA, DROP_RATE, SEED), grid=((0.5, 0.0), (1.0, 0.0), (1.0, 0.9)),
+    help="RESTA: W + beta*DARE(delta)",
+)

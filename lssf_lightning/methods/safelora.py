@@ -16,9 +16,14 @@ from lssf_lightning.io.lora import MergedLoraStore
 from lssf_lightning.io.names import KeyMatcher, canonical_key
 from lssf_lightning.io.weights import ModuleStore, WeightsLike, WeightStore, open_weights
 from lssf_lightning.methods.base import Edit, apply_edits
-from lssf_lightning.validation import check_cosine
+from lssf_lightning.methods.spec import MethodInputs, MethodSpec, Param
+from lssf_lightning.validation import SettingError, check_cosine
 
-__all__ = ["SafeLoRA", "safelora"]
+__all__ = ["SPEC", "SafeLoRA", "safelora"]
+
+THRESHOLD = Param(
+    "threshold", float, DEFAULT_THRESHOLD, "SafeLoRA's cosine threshold tau", low=-1.0, high=1.0
+)
 
 
 class SafeLoRA:
@@ -119,3 +124,18 @@ def safelora(target, aligned, unaligned, *, threshold=DEFAULT_THRESHOLD, inplace
     """SafeLoRA on a peft LoRA model; returns ``(model, {layer: projected})`` (see :class:`SafeLoRA`)."""
     planner = SafeLoRA(aligned, unaligned, threshold)
     return apply_edits(target, planner, inplace), dict(planner.projected)
+
+
+def _factory(inputs: MethodInputs) -> SafeLoRA:
+    inputs.require_pair("safelora")
+    if inputs.finetuned is not None and not isinstance(inputs.finetuned, MergedLoraStore):
+        raise SettingError(
+            f"safelora needs a LoRA run: {inputs.finetuned.location} is not a peft adapter directory"
+        )
+    return SafeLoRA(inputs.aligned, inputs.unaligned, inputs.options["threshold"])
+
+
+SPEC = MethodSpec(
+    "safelora", _factory, (THRESHOLD,), grid=((0.5,),), lora_only=True,
+    help="SafeLoRA: project the LoRA updates that point away from safety (LoRA runs only)",
+)

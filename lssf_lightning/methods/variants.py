@@ -8,9 +8,8 @@ need the unaligned weights besides (for ``U'ᵀW_aligned = U'ᵀW_unaligned + U'
 * :class:`LSSFTwoSided` — the reset on both sides: also the part of the task update that reads the subspace's
   inputs (needs the aligned weights instead).
 
-Registered for ``realign_checkpoint(method=...)`` / ``lssf-lightning realign --method`` as ``"lssf-reset"``
-and ``"lssf-erosion"`` (options ``alpha`` and ``add``) and ``"lssf-two-sided"`` (``alpha``, ``input_share``,
-``add``).
+Declared for the registry as ``"lssf-reset"`` and ``"lssf-erosion"`` (parameters ``alpha`` and ``add``) and
+``"lssf-two-sided"`` (``alpha``, ``input_share``, ``add``): :data:`RESET`, :data:`EROSION`, :data:`TWO_SIDED`.
 """
 
 from __future__ import annotations
@@ -26,13 +25,17 @@ from lssf_lightning.core.basis import add_correction
 from lssf_lightning.core.variants import two_sided_reset_factors, variant_factors
 from lssf_lightning.io.names import KeyMatcher
 from lssf_lightning.io.weights import WeightsLike, WeightStore, open_weights
-from lssf_lightning.methods import register_method
 from lssf_lightning.methods.base import Correction, Edit
-from lssf_lightning.methods.lssf import LSSF
+from lssf_lightning.methods.lssf import ALPHA, LSSF
+from lssf_lightning.methods.spec import MAX_STRENGTH, MethodInputs, MethodSpec, Param
 from lssf_lightning.subspace import SafetySubspace, SubspaceBuilder, SubspaceEntry, check_input_weight
 from lssf_lightning.validation import SettingError, check_finite
 
-__all__ = ["LSSFErosion", "LSSFReset", "LSSFTwoSided"]
+__all__ = ["EROSION", "RESET", "TWO_SIDED", "LSSFErosion", "LSSFReset", "LSSFTwoSided"]
+
+ADD = Param("add", float, DEFAULT_ADD, "strength of the additive term on top", low=0.0, high=MAX_STRENGTH)
+INPUT_SHARE = Param("input_share", float, DEFAULT_INPUT_SHARE, "share rho of the input-side reset",
+                    low=0.0, high=1.0)
 
 
 class _ReferenceFusion(LSSF):
@@ -43,8 +46,8 @@ class _ReferenceFusion(LSSF):
     method = "lssf"
     reference = "unaligned"
     reads_weights = True
-    # The factory's option names, in the order the constructor takes them after the reference weights.
-    options: tuple[str, ...] = ("alpha", "add")
+    # The declared parameters, in the order the constructor takes them after the reference weights.
+    parameters: tuple[Param, ...] = (ALPHA, ADD)
 
     def _open_reference(self, weights: WeightsLike | None, title: str) -> WeightStore:
         """``weights`` (default: the builder's of the pair); ``title`` names the form in the error."""
@@ -190,7 +193,7 @@ class LSSFTwoSided(_ReferenceFusion):
     form = "two_sided"
     method = "lssf-two-sided"
     reference = "aligned"
-    options = ("alpha", "input_share", "add")
+    parameters = (ALPHA, INPUT_SHARE, ADD)
 
     def __init__(
         self,
@@ -236,15 +239,12 @@ class LSSFTwoSided(_ReferenceFusion):
         return {"form": self.form, **super().summary(), "input_share": self.input_share, "add": self.add}
 
 
-_OPTION_DEFAULTS = {"alpha": DEFAULT_ALPHA, "add": DEFAULT_ADD, "input_share": DEFAULT_INPUT_SHARE}
-
-
 def _factory(planner: type[_ReferenceFusion]):
     """The registry factory of ``planner``: from a precomputed subspace and its reference weights, or lazily
-    from the pair; the options (:attr:`~_ReferenceFusion.options`) from ``inputs.options``."""
+    from the pair; the values of :attr:`~_ReferenceFusion.parameters` from ``inputs.options``."""
 
-    def factory(inputs) -> _ReferenceFusion:
-        values = [inputs.options.get(name, _OPTION_DEFAULTS[name]) for name in planner.options]
+    def factory(inputs: MethodInputs) -> _ReferenceFusion:
+        values = [inputs.options[p.name] for p in planner.parameters]
         flag = f"--{planner.reference}"
         if inputs.subspace is not None:
             reference = getattr(inputs, planner.reference)
@@ -264,6 +264,12 @@ def _factory(planner: type[_ReferenceFusion]):
     return factory
 
 
-register_method(LSSFReset.method)(_factory(LSSFReset))
-register_method(LSSFErosion.method)(_factory(LSSFErosion))
-register_method(LSSFTwoSided.method)(_factory(LSSFTwoSided))
+def _spec(planner: type[_ReferenceFusion], grid: tuple[tuple[float, ...], ...], help: str) -> MethodSpec:
+    return MethodSpec(planner.method, _factory(planner), planner.parameters, grid, uses_subspace=True,
+                      help=help)
+
+
+RESET = _spec(LSSFReset, ((1.0, 0.0), (1.0, 0.15), (2.0, 0.0)),
+              "reset the safety subspace to the aligned state (+ add of the additive term)")
+EROSION = _spec(LSSFErosion, ((1.0, 0.0),), "undo the part of the task update that opposes safety")
+TWO_SIDED = _spec(LSSFTwoSided, ((1.0, 0.5), (1.0, 1.0)), "the reset on the output and the input side")

@@ -3,8 +3,8 @@ import torch
 from conftest import state
 
 from lssf_lightning.metrics import generate_responses, harmful_refusal_rate
+from lssf_lightning.selection import AlphaPoint, refusal_curve, smallest_alpha_reaching
 from lssf_lightning.subspace import SafetySubspace
-from lssf_lightning.tuning import AlphaPoint, refusal_curve, smallest_alpha_reaching
 
 
 def test_smallest_alpha_reaching_by_hand():

@@ -1,0 +1,229 @@
+"""The framework-neutral monitoring core of both training callbacks: refusal probes, perplexity, auto-α.
+
+:class:`SafetyProbe` holds what is measured — harmful and harmless prompts (refusal and over-refusal), the
+judge, the answer length, the utility texts whose perplexity is logged — and composes one measurement of the
+raw and the realigned model (:meth:`SafetyProbe.measure`). :class:`AlphaTuner` is ``alpha="auto"``: the
+target (the aligned model's own refusal rate minus a tolerance), the choice along the ``α`` curve with the
+utility budget (:func:`lssf_lightning.selection.tune_alpha`, the sweep's rule) and its state.
+
+Neither imports Lightning or transformers. A framework adapter (``LSSFCallback``, ``LSSFTrainerCallback``)
+only supplies the model, the tokenizer, how answers are gathered across processes (``answers``), how a rate
+is reduced across processes (``rate``), how the fusion is swapped in (:func:`fused_call`), and translates
+hooks and logging.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+from lssf_lightning.config import AutoAlphaConfig
+from lssf_lightning.metrics import generate_responses, load_prompts, resolve_judge
+from lssf_lightning.metrics.perplexity import CausalLMPerplexity, load_utility_texts, model_perplexity
+from lssf_lightning.selection import AlphaChoice, tune_alpha
+from lssf_lightning.training import FusionState
+from lssf_lightning.validation import SettingError, check_fraction, check_int
+
+__all__ = ["AlphaTuner", "SafetyProbe", "check_min_refusal_rate", "fused_call", "needs_realignment"]
+
+T = TypeVar("T")
+Realigned = Callable[[Callable[[], T], T], T]
+"""``(measure, raw) ↦ measure()`` run with the missing fusion swapped in (``raw`` when nothing is missing)."""
+
+
+def fused_call(fusion: FusionState, swap: Callable[[], AbstractContextManager]) -> Realigned:
+    """The :data:`Realigned` of a run: ``swap()`` is the context that holds the realigned weights."""
+
+    def realigned(measure: Callable[[], T], raw: T) -> T:
+        if fusion.missing == 0:
+            return raw
+        with swap():
+            return measure()
+
+    return realigned
+
+
+class SafetyProbe:
+    """What the refusal monitor measures, and the measurement itself.
+
+    Args:
+        harmful_prompts: harmful prompts (a .txt/.jsonl/.csv path); default: the bundled set.
+        harmless_prompts: harmless prompts for the over-refusal rate; default: the bundled set.
+        num_prompts: how many prompts of each set are answered.
+        max_new_tokens: tokens generated per answer.
+        judge: ``None``/``"phrases"``, a local HF classifier directory, a callable, or its dotted path.
+        utility_texts: general texts whose perplexity is measured (``"bundled"``, ``"stdlib"``, a file, or
+            ``None`` for none).
+        num_utility_texts: how many of them.
+    """
+
+    def __init__(
+        self,
+        harmful_prompts: str | None = None,
+        harmless_prompts: str | None = None,
+        num_prompts: int = 16,
+        max_new_tokens: int = 8,
+        judge: Any = None,
+        utility_texts: str | None = "bundled",
+        num_utility_texts: int = 8,
+    ) -> None:
+        self.num_prompts = check_int("num_prompts", num_prompts)
+        self.max_new_tokens = check_int("max_new_tokens", max_new_tokens)
+        self.num_utility_texts = check_int("num_utility_texts", num_utility_texts)
+        self.judge = resolve_judge(judge)
+        self.harmful_prompts, self.harmless_prompts = harmful_prompts, harmless_prompts
+        self.utility_texts = utility_texts
+        self._prompts: dict[str, list[str]] | None = None
+        self._utility: dict[str, list[str]] = {}
+
+    def prompts(self) -> dict[str, list[str]]:
+        """``{"harmful": [...], "harmless": [...]}``: the first ``num_prompts`` of each set (read once)."""
+        if self._prompts is None:
+            self._prompts = {
+                "harmful": load_prompts(self.harmful_prompts or "harmful")[: self.num_prompts],
+                "harmless": load_prompts(self.harmless_prompts or "harmless")[: self.num_prompts],
+            }
+        return self._prompts
+
+    def utility(self, fallback: str | None = None) -> list[str] | None:
+        """The utility texts (``fallback`` when none are set; ``None`` when neither is)."""
+        source = self.utility_texts or fallback
+        if source is None:
+            return None
+        if source not in self._utility:
+            self._utility[source] = load_utility_texts(source, limit=self.num_utility_texts)
+        return self._utility[source]
+
+    def generate(self, model: nn.Module, tokenizer, prompts: Sequence[str]) -> list[str]:
+        """Greedy answers to ``prompts`` (``max_new_tokens`` each)."""
+        if not prompts:
+            return []
+        return generate_responses(model, tokenizer, list(prompts), max_new_tokens=self.max_new_tokens)
+
+    def perplexity(self, model: nn.Module, tokenizer, fallback: str | None = None) -> torch.Tensor | None:
+        """Perplexity on the utility texts; every process scores all of them (equal forward passes, as FSDP2
+        needs) and the metric's sums are reduced across processes."""
+        texts = self.utility(fallback)
+        if texts is None:
+            return None
+        return torch.tensor(model_perplexity(model, tokenizer, texts, metric=CausalLMPerplexity()))
+
+    def measure(
+        self,
+        answers: Callable[[], Mapping[str, list[str]]],
+        rate: Callable[[list[str]], Any],
+        perplexity: Callable[[], Any] | None = None,
+        realigned: Realigned | None = None,
+    ) -> dict[str, Any]:
+        """The numbers to log, by name: ``refusal_rate``, ``harmless_refusal_rate``, ``perplexity`` and, with
+        ``realigned``, each one's ``*_realigned`` twin.
+
+        Args:
+            answers: ``() ↦ {"harmful": answers, "harmless": answers}`` for this process's share.
+            rate: answers ↦ refusal rate (reduced across processes: a collective, called in the same order on
+                every process).
+            perplexity: ``() ↦`` the perplexity on the utility texts, or ``None`` for none.
+            realigned: runs a measurement with the fusion swapped in (:func:`fused_call`); ``None`` without a
+                subspace.
+        """
+
+        def rates() -> dict[str, Any]:
+            given = answers()
+            return {"refusal_rate": rate(given["harmful"]), "harmless_refusal_rate": rate(given["harmless"])}
+
+        raw = rates()
+        fused = realigned(rates, raw) if realigned is not None else None
+        values = {"refusal_rate": raw["refusal_rate"]}
+        if fused is not None:
+            values["refusal_rate_realigned"] = fused["refusal_rate"]
+        values["harmless_refusal_rate"] = raw["harmless_refusal_rate"]
+        if fused is not None:
+            values["harmless_refusal_rate_realigned"] = fused["harmless_refusal_rate"]
+        if perplexity is not None and self.utility_texts is not None:
+            values["perplexity"] = perplexity()
+            if realigned is not None:
+                values["perplexity_realigned"] = realigned(perplexity, values["perplexity"])
+        return values
+
+
+def check_min_refusal_rate(value: float | None, monitored: bool) -> float | None:
+    """``min_refusal_rate`` (a fusion policy of the callbacks): a share, and only with a refusal monitor."""
+    if value is None:
+        return None
+    value = check_fraction("min_refusal_rate", value)
+    if not monitored:
+        raise SettingError(f"min_refusal_rate needs the refusal monitor, got {value!r} with monitor=False")
+    return value
+
+
+def needs_realignment(values: Mapping[str, Any], min_refusal_rate: float | None, fusion: FusionState) -> bool:
+    """Whether the live weights should be realigned now: the raw refusal rate fell below
+    ``min_refusal_rate`` and the live weights do not carry the whole fusion yet."""
+    if min_refusal_rate is None or "refusal_rate" not in values or fusion.missing == 0:
+        return False
+    return float(values["refusal_rate"]) < min_refusal_rate
+
+
+class AlphaTuner:
+    """``alpha="auto"``: the target, the choice along the ``α`` curve within the utility budget, its state.
+
+    Args:
+        config: the grid, target, tolerance, tuning prompts and utility budget.
+        probe: generates the answers and measures the perplexity (its texts; the bundled set when it has
+            none and a budget is set).
+    """
+
+    def __init__(self, config: AutoAlphaConfig | None, probe: SafetyProbe) -> None:
+        self.config = config or AutoAlphaConfig()
+        self.probe = probe
+        self.target: float | None = self.config.target
+        self.curve: list[dict[str, float]] = []
+        self._prompts: list[str] | None = None
+
+    def prompts(self, shard: Callable[[list[str]], list[str]] = lambda prompts: prompts) -> list[str]:
+        """This process's share (``shard``) of the tuning prompts (default: the bundled calibration set)."""
+        if self._prompts is None:
+            self._prompts = load_prompts(self.config.prompts or "harmful_calibration")
+        return shard(self._prompts)
+
+    def set_target(self, aligned_rate: float) -> float:
+        """The target from the aligned model's own refusal rate, unless one is set already."""
+        if self.target is None:
+            self.target = max(float(aligned_rate) - self.config.tolerance, 0.0)
+        return self.target
+
+    def choose(
+        self, model: nn.Module, tokenizer, subspace, *, offset: float, prompts: list[str],
+        rate: Callable[[list[str]], float],
+    ) -> AlphaChoice:
+        """Measure the curve on the live ``model`` (carrying ``offset`` already); choose the total ``α``."""
+        target = self.target if self.target is not None else 1.0 - self.config.tolerance
+        budget = self.config.max_perplexity_increase
+        choice = tune_alpha(
+            model, tokenizer, subspace, self.config.alphas, prompts, target, offset=offset,
+            max_new_tokens=self.probe.max_new_tokens, rate=rate, max_perplexity_increase=budget,
+            perplexity=(lambda m: float(self.probe.perplexity(m, tokenizer, "bundled"))) if budget is not None
+            else None,
+        )
+        self.curve = [{"alpha": p.alpha, "refusal": p.harmful_refusal,
+                       **({"perplexity": p.perplexity} if p.perplexity is not None else {})}
+                      for p in choice.curve]
+        return choice
+
+    def describe(self, choice: AlphaChoice) -> str:
+        """One line on the choice (``"target not reached ..."`` when it was not)."""
+        target = self.target if self.target is not None else 1.0 - self.config.tolerance
+        return f"alpha='auto' over {self.config.alphas}: {choice.describe(target)}"
+
+    def state_dict(self) -> dict[str, Any]:
+        """The measured target and the last curve."""
+        return {"auto_target": self.target, "alpha_curve": self.curve}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned."""
+        self.target = state.get("auto_target", self.target)
+        self.curve = list(state.get("alpha_curve") or [])
