@@ -14,11 +14,8 @@ calibration sizes. Prompt tokens are left out: like ActSVD, we look at the token
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +27,6 @@ from lssf_lightning.io.weights import ModuleStore
 __all__ = [
     "InputSketch",
     "calibration_factors",
-    "calibration_identity",
     "collect_input_sketches",
     "response_token_batches",
 ]
@@ -130,22 +126,6 @@ def collect_input_sketches(
             handle.remove()
         model.train(was_training)
     return sketches
-
-
-def calibration_identity(calibration) -> dict[str, str]:
-    """What the calibration set is, by content: a file's bytes, an inline list, or the bundled set."""
-    if calibration is None:
-        return {"source": "bundled:harmful_calibration"}
-    if isinstance(calibration, (str, os.PathLike)):
-        path = Path(calibration).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"calibration file not found: {path}")
-        return {"source": str(path), "hash": hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()}
-    items = [i if isinstance(i, str) else list(i) for i in calibration]
-    return {
-        "source": "inline",
-        "hash": hashlib.blake2b(json.dumps(items).encode(), digest_size=16).hexdigest(),
-    }
 
 
 def calibration_factors(aligned_store, aligned, pairs, calibration, tokenizer, max_tokens, progress):

@@ -11,10 +11,14 @@ CLI and the callbacks all take it. In a LightningCLI YAML it is a nested block::
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any, Literal
 
 from lssf_lightning.validation import (
@@ -38,6 +42,7 @@ __all__ = [
     "MAX_SHARD_BYTES",
     "AutoAlphaConfig",
     "SubspaceConfig",
+    "calibration_identity",
     "split_legacy",
 ]
 
@@ -160,8 +165,6 @@ class SubspaceConfig:
             settings["max_calibration_tokens"] = everything["max_calibration_tokens"]
         calibration = everything["calibration"]
         if self.source == "activations":
-            from lssf_lightning.calibration import calibration_identity
-
             settings["calibration"] = calibration_identity(calibration)
         return settings
 
@@ -229,3 +232,19 @@ def split_legacy(
         stacklevel=3,
     )
     return config.replace(**legacy)
+
+
+def calibration_identity(calibration) -> dict[str, str]:
+    """What the calibration set is, by content: a file's bytes, an inline list, or the bundled set."""
+    if calibration is None:
+        return {"source": "bundled:harmful_calibration"}
+    if isinstance(calibration, (str, os.PathLike)):
+        path = Path(calibration).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"calibration file not found: {path}")
+        return {"source": str(path), "hash": hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()}
+    items = [i if isinstance(i, str) else list(i) for i in calibration]
+    return {
+        "source": "inline",
+        "hash": hashlib.blake2b(json.dumps(items).encode(), digest_size=16).hexdigest(),
+    }
