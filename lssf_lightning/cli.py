@@ -28,11 +28,11 @@ from lssf_lightning.config import (
     DEFAULT_INPUT_SHARE,
     DEFAULT_SEED,
     DEFAULT_THRESHOLD,
-    MAX_SHARD_BYTES,
     SOURCES,
     SVD_METHODS,
     SubspaceConfig,
 )
+from lssf_lightning.io.layout import MAX_SHARD_BYTES
 from lssf_lightning.validation import (
     SettingError,
     check_cosine,

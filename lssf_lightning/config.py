@@ -39,15 +39,11 @@ __all__ = [
     "DEFAULT_INPUT_SHARE",
     "DEFAULT_SEED",
     "DEFAULT_THRESHOLD",
-    "MAX_SHARD_BYTES",
     "AutoAlphaConfig",
     "SubspaceConfig",
     "calibration_identity",
     "split_legacy",
 ]
-
-MAX_SHARD_BYTES = 2 * 2**30
-"""Default size of the shards written by ``realign`` and the exports (2 GiB), for the CLI and Python alike."""
 
 # The realignment methods' scalar settings: their defaults, written once for the planners
 # (lssf_lightning.methods), their registry factories, ``realign_checkpoint`` and ``lssf-lightning realign``.

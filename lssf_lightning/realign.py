@@ -23,13 +23,13 @@ from lssf_lightning.config import (
     DEFAULT_DROP_RATE,
     DEFAULT_SEED,
     DEFAULT_THRESHOLD,
-    MAX_SHARD_BYTES,
     SubspaceConfig,
     split_legacy,
 )
 from lssf_lightning.io.export import copy_support_files, write_model_directory
 from lssf_lightning.io.guard import check_output
 from lssf_lightning.io.hub import is_hub_id, resolve_model
+from lssf_lightning.io.layout import MAX_SHARD_BYTES
 from lssf_lightning.io.lora import LoraAdapter, MergedLoraStore, is_adapter_dir
 from lssf_lightning.io.shards import parse_shard_size
 from lssf_lightning.io.weights import WeightStore, open_weights

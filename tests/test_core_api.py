@@ -11,7 +11,8 @@ from conftest import run_cli, state, tree_hashes
 from safetensors.torch import load_file
 
 from lssf_lightning.cli import build_parser
-from lssf_lightning.config import MAX_SHARD_BYTES, SubspaceConfig
+from lssf_lightning.config import SubspaceConfig
+from lssf_lightning.io.layout import MAX_SHARD_BYTES
 from lssf_lightning.methods import LSSF, METHODS, MethodInputs, Resta, SafeLoRA, apply_edits, register_method
 from lssf_lightning.realign import realign_checkpoint
 from lssf_lightning.subspace import SafetySubspace, SubspaceBuilder
