@@ -308,8 +308,7 @@ def _run_subspace(args) -> None:
 
 
 def _run_realign(args) -> None:
-    from lssf_lightning.io.lora_export import realign_as_adapter
-    from lssf_lightning.realign import realign_checkpoint
+    from lssf_lightning.realign import realign_as_adapter, realign_checkpoint
 
     common = {
         "aligned": args.aligned,

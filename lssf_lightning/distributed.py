@@ -18,22 +18,20 @@ import contextlib
 import json
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lssf_lightning.core.basis import add_correction, low_rank_product
+from lssf_lightning.core.basis import add_correction
+from lssf_lightning.core.factors import LocalFactors, ShardRegion, SubspaceEntry, local_product, restrict
 from lssf_lightning.io.schema import FormatError
 
 if TYPE_CHECKING:
-    from lssf_lightning.subspace import SubspaceBuilder, SubspaceEntry
+    from lssf_lightning.subspace import SubspaceBuilder
 
 __all__ = [
-    "LocalFactors",
-    "ShardRegion",
     "apply_shard_fixup",
     "assign_by_cost",
     "build_across_ranks",
@@ -50,13 +48,11 @@ __all__ = [
     "global_rank",
     "is_dtensor",
     "is_sharded_fixups",
-    "local_product",
     "local_tensor",
     "localize",
     "pad_shard",
     "realign_shards_in_place",
     "restore_raw_shards",
-    "restrict",
     "shard_fixup",
     "shard_region",
     "synced_generation",
@@ -67,45 +63,6 @@ __all__ = [
 
 
 # -- where a rank's shard sits ------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ShardRegion:
-    """The block of a 2-D weight one rank holds.
-
-    That is ``W[offset[0]:offset[0]+shape[0], offset[1]:offset[1]+shape[1]]``, in the coordinates of the
-    weight as stored (the checkpoint's layout).
-    """
-
-    global_shape: tuple[int, int]
-    offset: tuple[int, int]
-    shape: tuple[int, int]
-
-    @classmethod
-    def full(cls, shape: Iterable[int]) -> ShardRegion:
-        shape = tuple(int(s) for s in shape)
-        return cls(shape, (0, 0), shape)
-
-    @property
-    def rows(self) -> slice:
-        return slice(self.offset[0], self.offset[0] + self.shape[0])
-
-    @property
-    def cols(self) -> slice:
-        return slice(self.offset[1], self.offset[1] + self.shape[1])
-
-    @property
-    def is_full(self) -> bool:
-        return self.shape == self.global_shape
-
-    def entry_slices(self, conv1d: bool) -> tuple[slice, slice]:
-        """``(rows of U', columns of R)`` covering this block (``Conv1D`` weights are stored transposed)."""
-        return (self.cols, self.rows) if conv1d else (self.rows, self.cols)
-
-    def as_json(self) -> dict[str, list[int]]:
-        return {
-            "global_shape": list(self.global_shape),
-            "offset": list(self.offset),
-            "shape": list(self.shape),
-        }
 
 
 def is_dtensor(tensor: Any) -> bool:
@@ -157,70 +114,6 @@ def shard_region(tensor: Tensor) -> ShardRegion:
 
 
 # -- the fusion term on one block ---------------------------------------------------------------------
-@dataclass
-class LocalFactors:
-    """The factors of one subspace entry restricted to a block: ``U'[rows]`` and ``R[:, cols]`` (entry
-    layout).
-
-    What a rank keeps of an entry under FSDP2: for ``Shard(0)`` of a ``(d_out, d_in)`` weight that is
-    ``d_out/world × r + r × d_in`` numbers instead of ``(d_out + d_in) × r``.
-    """
-
-    left: Tensor
-    right: Tensor
-    region: ShardRegion
-    conv1d: bool = False
-
-    @property
-    def rank(self) -> int:
-        return int(self.left.shape[1])
-
-    def product(self, like: Tensor) -> Tensor:
-        """``(U'U'ᵀδ)`` on the block, in the checkpoint's layout, in at least float32, on ``like``'s
-        device."""
-        product = low_rank_product(self.left, self.right, like)
-        return product.T if self.conv1d else product
-
-
-def restrict(entry: SubspaceEntry | LocalFactors, region: ShardRegion) -> LocalFactors:
-    """The factors of ``entry`` that the block ``region`` needs (copies: the full entry may be dropped after).
-
-    ``entry`` may itself be restricted (:class:`LocalFactors`), as long as it covers ``region``.
-    """
-    if isinstance(entry, LocalFactors):
-        held = entry.region
-        inside = all(
-            held.offset[d] <= region.offset[d]
-            and region.offset[d] + region.shape[d] <= held.offset[d] + held.shape[d]
-            for d in (0, 1)
-        )
-        if held.global_shape != region.global_shape or not inside:
-            raise ValueError(
-                f"the held factors cover {held.as_json()}, not the requested block {region.as_json()}"
-            )
-        local = ShardRegion(
-            held.shape, tuple(region.offset[d] - held.offset[d] for d in (0, 1)), region.shape
-        )
-        out_slice, in_slice = local.entry_slices(entry.conv1d)
-        return LocalFactors(
-            _copy(entry.left[out_slice]), _copy(entry.right[:, in_slice]), region, entry.conv1d
-        )
-    if tuple(entry.shape) != region.global_shape:
-        raise ValueError(f"the subspace entry has shape {entry.shape}, the weight {region.global_shape}")
-    out_slice, in_slice = region.entry_slices(entry.conv1d)
-    return LocalFactors(_copy(entry.left[out_slice]), _copy(entry.right[:, in_slice]), region, entry.conv1d)
-
-
-def _copy(tensor: Tensor) -> Tensor:
-    return tensor.clone(memory_format=torch.contiguous_format)
-
-
-def local_product(entry: SubspaceEntry | LocalFactors, region: ShardRegion, like: Tensor) -> Tensor:
-    """``(U'U'ᵀδ)[region]`` — the rank's block of the dense fusion term — from its rows of ``U'`` and
-    columns of ``R`` only, in at least float32 on ``like``'s device. Memory: the block."""
-    if isinstance(entry, LocalFactors) and entry.region == region:
-        return entry.product(like)
-    return restrict(entry, region).product(like)  # contiguous factor blocks, whichever way they were obtained
 
 
 def _with_local(tensor: Tensor, local: Tensor) -> Tensor:
@@ -406,7 +299,6 @@ def build_across_ranks(
     Returns:
         ``{name: entry}`` in ``builder.names`` order, for the kept names.
     """
-    from lssf_lightning.subspace import SubspaceEntry
 
     rank, world = _world(group)
     names = builder.names

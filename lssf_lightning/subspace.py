@@ -15,7 +15,6 @@ import os
 import warnings
 import zlib
 from collections.abc import Container, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from lssf_lightning.config import SubspaceConfig, split_legacy
-from lssf_lightning.core.basis import add_correction, fusion_factors, low_rank_product, weighted_basis
+from lssf_lightning.core.basis import fusion_factors, weighted_basis
 from lssf_lightning.core.checks import all_finite
+from lssf_lightning.core.factors import SubspaceEntry
 from lssf_lightning.core.svd import safety_spectrum
 from lssf_lightning.io.names import (
     KeyMatcher,
@@ -42,74 +42,10 @@ from lssf_lightning.validation import SettingError
 __all__ = [
     "SafetySubspace",
     "SubspaceBuilder",
-    "SubspaceEntry",
     "check_correspondence",
     "select_target_pairs",
     "target_keys",
 ]
-
-
-@dataclass
-class SubspaceEntry:
-    """The safety subspace of one weight matrix, in output-major layout ``(d_out, d_in)``.
-
-    Attributes:
-        left: ``U' = U_r·diag(α_i)``, shape ``(d_out, r)``.
-        right: ``U'ᵀδ``, shape ``(r, d_in)``.
-        singular_values: the kept singular values ``σ_1…σ_r`` of the safety signal.
-        entropy: ``H(n)`` of the whole spectrum.
-        total_energy: ``Σ σ_i²`` over the whole spectrum.
-        conv1d: the checkpoint stores this weight transposed (GPT-2 ``Conv1D``).
-    """
-
-    left: Tensor
-    right: Tensor
-    singular_values: Tensor
-    entropy: float
-    total_energy: float
-    conv1d: bool = False
-
-    @property
-    def rank(self) -> int:
-        return int(self.left.shape[1])
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """The weight's shape as stored in the checkpoint."""
-        d_out, d_in = self.left.shape[0], self.right.shape[1]
-        return (d_in, d_out) if self.conv1d else (d_out, d_in)
-
-    @property
-    def energy_kept(self) -> float:
-        """Share of the safety signal's energy in the kept directions (``Σ_{i≤r} σ_i² / Σ σ_i²``)."""
-        if self.total_energy <= 0:
-            return 0.0
-        return float(self.singular_values.double().square().sum()) / self.total_energy
-
-    def correction(self, alpha: float = 1.0) -> Tensor:
-        """The dense term ``α·U'U'ᵀδ`` in the checkpoint's layout, in float64 (for inspection and tests)."""
-        dense = alpha * (self.left.to(torch.float64) @ self.right.to(torch.float64))
-        return dense.T if self.conv1d else dense
-
-    def product(self, like: Tensor) -> Tensor:
-        """The dense ``U'U'ᵀδ`` in the checkpoint's layout, in at least float32 (and ``like``'s precision), on
-        ``like``'s device. Memory: one matrix."""
-        product = low_rank_product(self.left, self.right, like)
-        return product.T if self.conv1d else product
-
-    def fuse(self, weight: Tensor, alpha: float = 1.0, name: str = "weight") -> Tensor:
-        """The fusion step (Eq. 13): ``weight + α·U'U'ᵀδ`` as a new tensor in ``weight``'s dtype.
-
-        Every fusion of the package (``SafetySubspace.fuse``, realign, the callbacks) ends here, so they all
-        round alike; ``name`` is for the error message.
-        """
-        if tuple(weight.shape) != self.shape:
-            raise ValueError(
-                f"{name}: weight of shape {tuple(weight.shape)} does not match the subspace's {self.shape}"
-            )
-        if self.rank == 0 or alpha == 0:
-            return weight.detach().clone()
-        return add_correction(weight.detach(), self.product(weight), alpha)
 
 
 def target_keys(
@@ -534,9 +470,9 @@ class SafetySubspace:
     def to_lora_adapter(self, directory: str | os.PathLike, alpha: float = 1.0, **options: Any):
         """Write ``α·U'(U'ᵀδ)`` as a peft LoRA adapter directory: ``PeftModel.from_pretrained(finetuned,
         directory)`` is the realigned model. ``options``: ``base_model``, ``max_rank``, ``task_adapter``,
-        ``dtype``, ``overwrite`` of :func:`lssf_lightning.io.lora_export.write_lora_adapter`; returns its
+        ``dtype``, ``overwrite`` of :func:`lssf_lightning.adapters.write_lora_adapter`; returns its
         ``AdapterReport``."""
-        from lssf_lightning.io.lora_export import write_lora_adapter
+        from lssf_lightning.adapters import write_lora_adapter
 
         return write_lora_adapter(self, directory, alpha=alpha, **options)
 

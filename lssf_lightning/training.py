@@ -399,11 +399,11 @@ def export_adapter(
     inputs: Any = (),
 ):
     """Both callbacks' ``export_adapter_dir``: ``α·U'U'ᵀδ`` (``alpha``: the missing strength) for ``model``'s
-    live weights as a peft LoRA adapter (:func:`~lssf_lightning.io.lora_export.write_model_adapter`; a peft
+    live weights as a peft LoRA adapter (:func:`~lssf_lightning.adapters.write_model_adapter`; a peft
     LoRA ``model`` gets ONE adapter with its task LoRA, to load on the aligned model). Skipped with a warning
     for sharded (FSDP) weights, which it cannot read whole on one rank; returns the report (also passed to
     ``info`` as one line), or ``None``. ``overwrite`` and ``inputs``: as in :func:`export_realigned`."""
-    from lssf_lightning.io.lora_export import write_model_adapter
+    from lssf_lightning.adapters import write_model_adapter
 
     if any(distributed.is_dtensor(p) for p in model.parameters()) or _fsdp1_wrapped(model):
         warnings.warn(f"export_adapter_dir={os.fspath(directory)!r} skipped: the weights are sharded (FSDP); "

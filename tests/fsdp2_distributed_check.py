@@ -15,6 +15,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 from lssf_lightning.core.basis import add_correction
+from lssf_lightning.core.factors import SubspaceEntry
 from lssf_lightning.distributed import (
     apply_shard_fixup,
     build_across_ranks,
@@ -28,7 +29,7 @@ from lssf_lightning.distributed import (
     shard_fixup,
     shard_region,
 )
-from lssf_lightning.subspace import SafetySubspace, SubspaceBuilder, SubspaceEntry
+from lssf_lightning.subspace import SafetySubspace, SubspaceBuilder
 
 torch.set_num_threads(1)
 

@@ -4,7 +4,7 @@ subspace."""
 import pytest
 import torch
 
-from lssf_lightning.distributed import ShardRegion, local_product, restrict
+from lssf_lightning.core.factors import ShardRegion, local_product, restrict
 from lssf_lightning.io.lazy_factors import LazyFactors, entry_bytes
 from lssf_lightning.subspace import SafetySubspace
 

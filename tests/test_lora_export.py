@@ -10,9 +10,9 @@ from conftest import run_cli, state
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from lssf_lightning.adapters import write_lora_adapter, write_model_adapter
 from lssf_lightning.config import SubspaceConfig
 from lssf_lightning.core.entropy import safety_critical_rank
-from lssf_lightning.io.lora_export import write_lora_adapter, write_model_adapter
 from lssf_lightning.methods import LSSFErosion, LSSFReset, LSSFTwoSided
 from lssf_lightning.realign import realign_checkpoint
 from lssf_lightning.subspace import SafetySubspace

@@ -669,7 +669,7 @@ def lora_adapters(run: _Run, peft_model, merged, planner, evaluate, check, score
     """
     from peft import PeftModel
 
-    from lssf_lightning.io.lora_export import write_model_adapter
+    from lssf_lightning.adapters import write_model_adapter
     from lssf_lightning.methods.base import temporarily_edited
 
     config, log = run.config, run.log

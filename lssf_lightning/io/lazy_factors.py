@@ -17,16 +17,13 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from lssf_lightning.core.factors import LocalFactors, ShardRegion, SubspaceEntry
 from lssf_lightning.io.subspace_file import check_factor, read_subspace_header, subspace_path
 from lssf_lightning.validation import check_int
-
-if TYPE_CHECKING:
-    from lssf_lightning.distributed import LocalFactors, ShardRegion
-    from lssf_lightning.subspace import SubspaceEntry
 
 __all__ = ["DEFAULT_BUDGET_BYTES", "LazyFactors"]
 
@@ -118,7 +115,6 @@ class LazyFactors(Mapping):
         return entry
 
     def _read(self, key: str) -> SubspaceEntry:
-        from lssf_lightning.subspace import SubspaceEntry
 
         handle, info = self._open(), self._layout[key]
         left, right, sigma = (
@@ -160,7 +156,6 @@ class LazyFactors(Mapping):
         """The factors the block ``region`` of weight ``key`` needs, read from the file slice by slice
         (``U'[rows]`` and ``U'ᵀδ[:, cols]``, each checked finite); nothing else of the entry is read or
         kept."""
-        from lssf_lightning.distributed import LocalFactors
 
         if tuple(self.shape(key)) != region.global_shape:
             raise ValueError(

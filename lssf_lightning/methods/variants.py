@@ -23,13 +23,14 @@ from torch import Tensor
 
 from lssf_lightning.config import DEFAULT_ADD, DEFAULT_ALPHA, DEFAULT_INPUT_SHARE, SubspaceConfig
 from lssf_lightning.core.basis import add_correction
+from lssf_lightning.core.factors import SubspaceEntry
 from lssf_lightning.core.variants import two_sided_reset_factors, variant_factors
 from lssf_lightning.io.names import KeyMatcher
 from lssf_lightning.io.weights import WeightsLike, WeightStore, open_weights
 from lssf_lightning.methods import register_method
 from lssf_lightning.methods.base import Correction, Edit
 from lssf_lightning.methods.lssf import LSSF
-from lssf_lightning.subspace import SafetySubspace, SubspaceBuilder, SubspaceEntry
+from lssf_lightning.subspace import SafetySubspace, SubspaceBuilder
 from lssf_lightning.validation import SettingError, check_finite
 
 __all__ = ["LSSFErosion", "LSSFReset", "LSSFTwoSided"]
