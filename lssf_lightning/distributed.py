@@ -56,7 +56,6 @@ __all__ = [
     "shard_fixup",
     "shard_region",
     "synced_generation",
-    "temporarily_fused",
     "temporarily_fused_shards",
     "world_size",
 ]
@@ -684,18 +683,6 @@ def gathered_store(module, group=None) -> Iterator[_GatheringStore | None]:
 def global_rank(group=None) -> int:
     """This process's rank (0 outside ``torch.distributed``)."""
     return _world(group)[0]
-
-
-def temporarily_fused(module, subspace: Any, alpha: float):
-    """Context manager: ``module``'s matched weights fused with ``alpha`` for the block, the exact raw ones
-    back after — shard-local for DTensor weights (FSDP2), else :meth:`SafetySubspace.temporarily_fused`."""
-    from lssf_lightning.training import matched_keys
-
-    parameters = dict(module.state_dict(keep_vars=True))
-    matched = matched_keys(subspace, parameters.keys())
-    if any(is_dtensor(parameters[k]) for k in matched):
-        return temporarily_fused_shards(parameters, subspace, alpha, matched=matched)
-    return subspace.temporarily_fused(module, alpha)
 
 
 def pad_shard(prompts: list, rank: int, world: int) -> tuple[list, int]:

@@ -1,13 +1,13 @@
 """``SafetySubspace``: the per-matrix safety subspaces of an aligned model, as rank-``r`` factors.
 
 Built once from an aligned model and its unaligned counterpart, it holds, for every targeted weight matrix,
-``U'`` (``d_out × r``) and ``U'ᵀδ`` (``r × d_in``) — never ``δ`` itself or a second model — and fuses
-``W ← W + α·U'(U'ᵀδ)`` into any fine-tuned copy.
+``U'`` (``d_out × r``) and ``U'ᵀδ`` (``r × d_in``) — never ``δ`` itself or a second model. It is data:
+the fusion ``W ← W + α·U'(U'ᵀδ)`` into a fine-tuned copy is the :class:`~lssf_lightning.methods.LSSF`
+planner's (``apply_edits(model, LSSF(subspace))``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from lssf_lightning.config import SubspaceConfig, split_legacy
@@ -215,18 +215,18 @@ class _Fingerprint:
 
 
 class SafetySubspace:
-    """The low-rank safety subspace of every targeted weight matrix, and the fusion that uses it.
+    """The low-rank safety subspace of every targeted weight matrix.
 
-    Build it with :meth:`from_weights`, keep it with :meth:`save` / :meth:`load`, and apply it with
-    :meth:`fuse`. Keys are the weights' state-dict keys as the HF model names them
-    (``model.layers.0.self_attn.q_proj.weight``); fusion matches them through wrapper prefixes.
+    Build it with :meth:`from_weights`, keep it with :meth:`save` / :meth:`load`, and apply it with the
+    :class:`~lssf_lightning.methods.LSSF` planner. Keys are the weights' state-dict keys as the HF model names
+    them (``model.layers.0.self_attn.q_proj.weight``); fusion matches them through wrapper prefixes.
 
     Example::
 
         config = SubspaceConfig(eta=0.9)
         subspace = SafetySubspace.from_weights("Llama-3.1-8B-Instruct", "Llama-3.1-8B", config=config)
         subspace.save("safety.safetensors")
-        model = subspace.fuse(finetuned_model, alpha=1.0, inplace=True)
+        model = apply_edits(finetuned_model, LSSF(subspace, alpha=1.0), inplace=True)
     """
 
     def __init__(self, entries: Mapping[str, SubspaceEntry], metadata: dict[str, Any] | None = None) -> None:
@@ -386,58 +386,6 @@ class SafetySubspace:
         except (TypeError, ValueError):
             return None
 
-    def fuse(
-        self,
-        target: nn.Module | Mapping[str, Tensor],
-        alpha: float = 1.0,
-        inplace: bool = False,
-        *,
-        allow_partial: bool = False,
-    ):
-        """Add ``α·U'(U'ᵀδ)`` to every matching weight of ``target``; other weights are left untouched.
-
-        Args:
-            target: the fine-tuned model (an ``nn.Module``, e.g. a HF model, a LightningModule or a peft
-                model) or a ``{name: tensor}`` state dict. Keys are matched through wrapper prefixes/suffixes.
-                For a peft LoRA model the correction goes into each layer's frozen ``base_layer.weight``; the
-                adapters are left as they are, so the effective weight ``W + B·A`` gains exactly the
-                correction (save the whole model, or ``merge_and_unload()``, to keep it: an adapter-only
-                save does not contain the base weights).
-            alpha: fusion strength ``α`` (``0`` = no change).
-            inplace: write into ``target``'s own tensors. Otherwise a module is deep-copied and a mapping is
-                shallow-copied (untouched tensors are shared, fused ones are new).
-            allow_partial: fuse the weights ``target`` and the subspace have in common (a warning gives the
-                counts) instead of refusing a ``target`` whose targeted weights do not correspond.
-
-        Returns:
-            The fused module or mapping.
-
-        Raises:
-            ValueError: the targeted weights of ``target`` and the subspace do not correspond, or a matched
-                weight has another shape.
-        """
-        from lssf_lightning.methods.base import apply_edits
-        from lssf_lightning.methods.lssf import LSSF
-
-        return apply_edits(target, LSSF(self, alpha, allow_partial=allow_partial), inplace)
-
-    @contextlib.contextmanager
-    def temporarily_fused(
-        self, module: nn.Module, alpha: float = 1.0, *, allow_partial: bool = False
-    ) -> Iterator[nn.Module]:
-        """Fuse into ``module``'s own weights for the ``with`` block; the exact raw weights come back after.
-
-        The raw values of the matched weights wait on the CPU meanwhile (one copy of those weights).
-        """
-        from lssf_lightning.methods.base import temporarily_edited
-        from lssf_lightning.methods.lssf import LSSF
-
-        if alpha == 0:  # nothing to fuse, nothing to check
-            yield module
-            return
-        with temporarily_edited(module, LSSF(self, alpha, allow_partial=allow_partial)):
-            yield module
-
     def fuse_tensor(self, key: str, weight: Tensor, alpha: float = 1.0) -> Tensor:
         """``weight + α·U'U'ᵀδ`` for the subspace entry ``key`` (a new tensor, in ``weight``'s dtype)."""
         return self.entries[key].fuse(weight, alpha, key)
@@ -466,15 +414,6 @@ class SafetySubspace:
                 one.
         """
         return write_subspace_file(path, self.entries, self.metadata, overwrite=overwrite, inputs=inputs)
-
-    def to_lora_adapter(self, directory: str | os.PathLike, alpha: float = 1.0, **options: Any):
-        """Write ``α·U'(U'ᵀδ)`` as a peft LoRA adapter directory: ``PeftModel.from_pretrained(finetuned,
-        directory)`` is the realigned model. ``options``: ``base_model``, ``max_rank``, ``task_adapter``,
-        ``dtype``, ``overwrite`` of :func:`lssf_lightning.adapters.write_lora_adapter`; returns its
-        ``AdapterReport``."""
-        from lssf_lightning.adapters import write_lora_adapter
-
-        return write_lora_adapter(self, directory, alpha=alpha, **options)
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> SafetySubspace:

@@ -18,10 +18,11 @@ pass local shards (see :mod:`lssf_lightning.distributed`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,11 +31,15 @@ import torch
 from torch import Tensor
 
 from lssf_lightning import distributed
+from lssf_lightning.adapters import write_model_adapter
 from lssf_lightning.config import SubspaceConfig
 from lssf_lightning.core.basis import add_correction
 from lssf_lightning.core.checks import all_finite
 from lssf_lightning.io.export import write_model_directory
+from lssf_lightning.io.lazy_factors import LazyFactors
 from lssf_lightning.io.names import canonical_key, is_adapter_key
+from lssf_lightning.methods import LSSF
+from lssf_lightning.methods.base import temporarily_edited
 from lssf_lightning.subspace import SafetySubspace
 from lssf_lightning.validation import SettingError, check_finite, check_int, check_range
 
@@ -68,6 +73,7 @@ __all__ = [
     "recover_subspace",
     "resolve_epochs",
     "restore_raw",
+    "temporarily_fused",
 ]
 
 RAW_FIXUPS_KEY = "lssf_raw_fixups"
@@ -113,8 +119,6 @@ def disk_backed(subspace: SafetySubspace, cache: str | os.PathLike | None, world
     path = Path(cache).expanduser() if cache else None
     if world_size <= 1 or path is None or not path.is_file():
         return subspace
-    from lssf_lightning.io.lazy_factors import LazyFactors
-
     factors = LazyFactors(path)
     if factors.metadata.get("fingerprint") != subspace.metadata.get("fingerprint"):
         return subspace
@@ -379,8 +383,6 @@ def export_realigned(
     ``α·U'U'ᵀδ`` added to each matched tensor (``alpha``: the missing strength), atomically; refused when the
     directory overlaps ``inputs`` (model paths, Trainer folders, the cache), or exists and ``overwrite`` is
     false or it holds files lssf_lightning does not write."""
-    from lssf_lightning.methods import LSSF  # the edit protocol shared with realign and SafetySubspace.fuse
-
     edits = LSSF(subspace, alpha).plan(store)
     write_model_directory(store, directory, edits=edits, names=names, write_support_files=write_support_files,
                           overwrite=overwrite, inputs=inputs, progress=progress)
@@ -403,8 +405,6 @@ def export_adapter(
     LoRA ``model`` gets ONE adapter with its task LoRA, to load on the aligned model). Skipped with a warning
     for sharded (FSDP) weights, which it cannot read whole on one rank; returns the report (also passed to
     ``info`` as one line), or ``None``. ``overwrite`` and ``inputs``: as in :func:`export_realigned`."""
-    from lssf_lightning.adapters import write_model_adapter
-
     if any(distributed.is_dtensor(p) for p in model.parameters()) or _fsdp1_wrapped(model):
         warnings.warn(f"export_adapter_dir={os.fspath(directory)!r} skipped: the weights are sharded (FSDP); "
                       "run `lssf-lightning realign --as-adapter` on the exported model instead", stacklevel=2)
@@ -512,3 +512,22 @@ def hf_support_files(model: torch.nn.Module, tokenizer=None) -> Callable[[Path],
             tokenizer.save_pretrained(staging)
 
     return support
+
+
+@contextlib.contextmanager
+def temporarily_fused(
+    module: torch.nn.Module, subspace: SafetySubspace, alpha: float
+) -> Iterator[torch.nn.Module]:
+    """``module``'s matched weights fused with ``alpha`` for the ``with`` block, the exact raw ones back
+    after: shard-local for DTensor weights (FSDP2), else through the LSSF planner (the raw values of the
+    matched weights wait on the CPU meanwhile)."""
+    parameters = dict(module.state_dict(keep_vars=True))
+    matched = matched_keys(subspace, parameters.keys())
+    if any(distributed.is_dtensor(parameters[k]) for k in matched):
+        with distributed.temporarily_fused_shards(parameters, subspace, alpha, matched=matched):
+            yield module
+    elif alpha == 0:  # nothing to fuse, nothing to check
+        yield module
+    else:
+        with temporarily_edited(module, LSSF(subspace, alpha)):
+            yield module

@@ -16,6 +16,7 @@ from lssf_lightning.io.layout import MAX_SHARD_BYTES
 from lssf_lightning.methods import LSSF, METHODS, MethodInputs, Resta, SafeLoRA, apply_edits, register_method
 from lssf_lightning.realign import realign_checkpoint
 from lssf_lightning.subspace import SafetySubspace, SubspaceBuilder
+from lssf_lightning.training import temporarily_fused
 from lssf_lightning.validation import SettingError
 
 
@@ -70,7 +71,7 @@ def test_realign_old_keywords_warn_and_write_the_same_weights(llama_trio, tmp_pa
 def test_fuse_is_the_lssf_planner_through_apply_edits(llama_trio):
     subspace = SafetySubspace.from_weights(llama_trio.aligned, llama_trio.base, progress=False)
     ft = state(llama_trio.models["finetuned"])
-    fused = subspace.fuse(ft, alpha=0.7)
+    fused = apply_edits(ft, LSSF(subspace, 0.7))
     planned = apply_edits(ft, LSSF(subspace, 0.7))
     assert all(torch.equal(fused[k], planned[k]) for k in ft)
     key = "model.layers.1.mlp.down_proj.weight"
@@ -206,10 +207,10 @@ def test_python_entry_points_refuse_bad_numbers(llama_trio):
     subspace = SafetySubspace.from_weights(llama_trio.aligned, llama_trio.base, progress=False)
     ft = state(llama_trio.models["finetuned"])
     with pytest.raises(SettingError, match="alpha must be a finite number, got nan"):
-        subspace.fuse(ft, alpha=float("nan"))
+        apply_edits(ft, LSSF(subspace, float("nan")))
     with (
         pytest.raises(SettingError, match="alpha must be a finite number"),
-        subspace.temporarily_fused(llama_trio.models["finetuned"], float("inf")),
+        temporarily_fused(llama_trio.models["finetuned"], subspace, float("inf")),
     ):
         pass
     with pytest.raises(SettingError, match="dtype must be a floating-point torch.dtype"):

@@ -30,6 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _tiny import build_tiny_llama, build_tiny_tokenizer
 from conftest import make_trio
 
+from lssf_lightning.methods import LSSF, apply_edits
+
 
 def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
@@ -132,12 +134,17 @@ def golden_digests(root: Path) -> dict[str, object]:
         out[f"subspace_{name}"] = _subspace_digest(subspace)
         out[f"fingerprint_{name}_metadata"] = subspace.metadata["fingerprint"]
         out[f"ranks_{name}"] = sum(subspace.ranks.values())
-    out["fuse_llama_mapping"] = _tensor_digest(s_llama.fuse(_state(llama.models["finetuned"]), alpha=1.3))
-    out["fuse_llama_module"] = _tensor_digest(_state(s_llama.fuse(llama.models["finetuned"], alpha=1.3)))
-    out["fuse_gpt2_module"] = _tensor_digest(_state(s_gpt2.fuse(gpt2.models["finetuned"], alpha=0.6)))
+    out["fuse_llama_mapping"] = _tensor_digest(
+        apply_edits(_state(llama.models["finetuned"]), LSSF(s_llama, 1.3))
+    )
+    out["fuse_llama_module"] = _tensor_digest(
+        _state(apply_edits(llama.models["finetuned"], LSSF(s_llama, 1.3)))
+    )
+    out["fuse_gpt2_module"] = _tensor_digest(_state(apply_edits(gpt2.models["finetuned"], LSSF(s_gpt2, 0.6))))
     out["fuse_llama_bf16"] = _tensor_digest(
-        s_llama.fuse(
-            {k: v.to(torch.bfloat16) for k, v in _state(llama.models["finetuned"]).items()}, alpha=1.0
+        apply_edits(
+            {k: v.to(torch.bfloat16) for k, v in _state(llama.models["finetuned"]).items()},
+            LSSF(s_llama, 1.0),
         )
     )
     s_gpt2.save(root / "gpt2.safetensors")

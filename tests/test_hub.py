@@ -16,6 +16,7 @@ import torch
 from conftest import run_cli
 
 from lssf_lightning.io.hub import is_hub_id, parse_hub_id, resolve_model
+from lssf_lightning.methods import LSSF, apply_edits
 from lssf_lightning.subspace import SafetySubspace
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -255,8 +256,9 @@ def test_lightning_callback_and_module_with_hub_ids(hub, tmp_path, llama_trio):
     from transformers import AutoModelForCausalLM
 
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export").state_dict()
-    expected = SafetySubspace.from_weights(llama_trio.aligned, llama_trio.base, progress=False).fuse(
-        {k: v.detach() for k, v in module.model.state_dict().items()}, alpha=1.0
+    expected = apply_edits(
+        {k: v.detach() for k, v in module.model.state_dict().items()},
+        LSSF(SafetySubspace.from_weights(llama_trio.aligned, llama_trio.base, progress=False), 1.0),
     )
     q = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(expected[q], module.model.state_dict()[q])  # the correction is not empty

@@ -280,7 +280,7 @@ def test_cli_realign_as_adapter(llama_trio, llama_subspace, task_adapter, tmp_pa
 
 
 def test_to_lora_adapter_method(llama_trio, llama_subspace, tmp_path):
-    report = llama_subspace.to_lora_adapter(tmp_path / "a", alpha=0.7, base_model=llama_trio.finetuned)
+    report = write_lora_adapter(llama_subspace, tmp_path / "a", alpha=0.7, base_model=llama_trio.finetuned)
     write_lora_adapter(llama_subspace, tmp_path / "b", alpha=0.7, base_model=llama_trio.finetuned)
     assert sorted(report.ranks.values()) == sorted(llama_subspace.ranks.values())
     for name in ("adapter_model.safetensors", "adapter_config.json"):

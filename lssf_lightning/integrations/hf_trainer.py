@@ -271,7 +271,7 @@ class LSSFTrainerCallback(TrainerCallback):
             kind: _shard(load_prompts(path)[: self.num_prompts]) for kind, path in self.prompt_files.items()
         }
         raw = {kind: self._rate(self._answers(model, tokenizer, p)) for kind, p in prompts.items()}
-        with self.subspace.temporarily_fused(model, self.fusion.missing):
+        with training.temporarily_fused(model, self.subspace, self.fusion.missing):
             fused = {kind: self._rate(self._answers(model, tokenizer, p)) for kind, p in prompts.items()}
         return {
             "refusal_rate": raw["harmful"],

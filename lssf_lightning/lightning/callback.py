@@ -15,7 +15,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lssf_lightning import distributed, training
+from lssf_lightning import training
 from lssf_lightning.config import AutoAlphaConfig, SubspaceConfig, split_legacy
 from lssf_lightning.lightning import strategy
 from lssf_lightning.lightning.auto_alpha import AutoAlpha
@@ -294,7 +294,7 @@ class LSSFCallback(Callback):
     def realigned_weights(self, pl_module: LightningModule):
         """Context manager: the fully realigned weights (``current_alpha``) in ``pl_module`` for the block;
         the exact raw weights come back after."""
-        return distributed.temporarily_fused(self.hf_model(pl_module), self.subspace, self.fusion.missing)
+        return training.temporarily_fused(self.hf_model(pl_module), self.subspace, self.fusion.missing)
 
     # -- export -----------------------------------------------------------------------------------------
     @override

@@ -43,7 +43,7 @@ def check_strategy(trainer: Trainer, apply_on: str, edits_live_weights: bool) ->
     if isinstance(strategy, ModelParallelStrategy) and any(
         getattr(c, "alpha", None) == "auto" for c in trainer.callbacks
     ):
-        # its α grid goes through SafetySubspace.temporarily_fused and unpadded prompt shards: neither is
+        # its α grid goes through training.temporarily_fused and unpadded prompt shards: neither is
         # shard-aware
         raise MisconfigurationException(
             "LSSFCallback(alpha='auto') is not supported under ModelParallelStrategy (FSDP2) yet: pass a "
