@@ -24,9 +24,7 @@ if TYPE_CHECKING:
     from lssf_lightning.lightning.monitor import RefusalMonitor
     from lssf_lightning.methods import LSSF, Resta, SafeLoRA, apply_edits, resta, safelora
     from lssf_lightning.metrics.refusal import (
-        HarmfulRefusalRate,
         RefusalRate,
-        harmful_refusal_rate,
         refusal_rate,
     )
     from lssf_lightning.realign import realign_checkpoint
@@ -53,9 +51,7 @@ _EXPORTS = {
     "apply_edits": "lssf_lightning.methods",
     "resta": "lssf_lightning.methods",
     "safelora": "lssf_lightning.methods",
-    "HarmfulRefusalRate": "lssf_lightning.metrics.refusal",
     "RefusalRate": "lssf_lightning.metrics.refusal",
-    "harmful_refusal_rate": "lssf_lightning.metrics.refusal",
     "refusal_rate": "lssf_lightning.metrics.refusal",
     "realign_checkpoint": "lssf_lightning.realign",
     "SafetySubspace": "lssf_lightning.subspace",
@@ -66,7 +62,6 @@ __all__ = [
     "AutoAlphaConfig",
     "CausalLMModule",
     "ChatDataModule",
-    "HarmfulRefusalRate",
     "LSSFCallback",
     "LSSFTrainerCallback",
     "RefusalMonitor",
@@ -79,7 +74,6 @@ __all__ = [
     "basis_weights",
     "fuse_weight",
     "fusion_factors",
-    "harmful_refusal_rate",
     "realign_checkpoint",
     "refusal_rate",
     "resta",

@@ -15,7 +15,6 @@ import hashlib
 import json
 import os
 import re
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -42,7 +41,6 @@ __all__ = [
     "AutoAlphaConfig",
     "SubspaceConfig",
     "calibration_identity",
-    "split_legacy",
 ]
 
 # The realignment methods' scalar settings: their defaults, written once for the planners
@@ -165,6 +163,14 @@ class SubspaceConfig:
         return settings
 
     @classmethod
+    def coerce(cls, config: SubspaceConfig | Mapping[str, Any] | None) -> SubspaceConfig:
+        """``config`` as a :class:`SubspaceConfig`: itself, one built from a mapping of its fields (a YAML
+        block), or the defaults for ``None``. Unknown names raise ``TypeError`` like a normal call."""
+        if isinstance(config, Mapping):
+            return cls(**config)
+        return config if config is not None else cls()
+
+    @classmethod
     def from_metadata(cls, metadata: Mapping[str, Any]) -> SubspaceConfig:
         """The config recorded in a subspace file's metadata (calibration is only known by its hash there)."""
         names = {f.name for f in fields(cls)} - {"calibration"}
@@ -199,35 +205,6 @@ class AutoAlphaConfig:
         object.__setattr__(self, "tolerance", check_fraction("tolerance", self.tolerance))
         if self.max_perplexity_increase is not None:
             check_range("max_perplexity_increase", self.max_perplexity_increase, 0.0, float("inf"))
-
-
-def split_legacy(
-    config: SubspaceConfig | Mapping[str, Any] | None,
-    legacy: Mapping[str, Any],
-    owner: str,
-    replacement: str = "config=SubspaceConfig(...)",
-) -> SubspaceConfig:
-    """Merge old-style keyword settings (``eta=0.8``) into a :class:`SubspaceConfig`, warning once per name.
-
-    ``config`` may also be a plain mapping (a YAML block). Unknown names raise ``TypeError`` like a normal
-    call.
-    """
-    if isinstance(config, Mapping):
-        config = SubspaceConfig(**config)
-    config = config or SubspaceConfig()
-    if not legacy:
-        return config
-    names = {f.name for f in fields(SubspaceConfig)}
-    unknown = sorted(set(legacy) - names)
-    if unknown:
-        raise TypeError(f"{owner}() got unexpected keyword arguments {unknown}")
-    warnings.warn(
-        f"{owner}({', '.join(f'{k}=' for k in legacy)}) is deprecated and will be removed in the next "
-        f"release; pass {replacement} instead",
-        DeprecationWarning,
-        stacklevel=3,
-    )
-    return config.replace(**legacy)
 
 
 def calibration_identity(calibration) -> dict[str, str]:

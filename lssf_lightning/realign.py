@@ -25,7 +25,6 @@ from lssf_lightning.config import (
     DEFAULT_SEED,
     DEFAULT_THRESHOLD,
     SubspaceConfig,
-    split_legacy,
 )
 from lssf_lightning.io.export import copy_support_files, write_model_directory
 from lssf_lightning.io.guard import check_output
@@ -108,7 +107,6 @@ def realign_checkpoint(
     overwrite: bool = False,
     allow_partial: bool = False,
     progress: bool = True,
-    **legacy: Any,
 ) -> RealignReport:
     """Write a realigned copy of ``finetuned`` to ``output`` (a HF model directory).
 
@@ -124,8 +122,7 @@ def realign_checkpoint(
             built from ``aligned``/``unaligned`` with ``config``, one matrix at a time as the weights stream
             past.
         config: the subspace settings (:class:`~lssf_lightning.config.SubspaceConfig` or a mapping); its
-            ``target_modules`` / ``exclude_modules`` also select RESTA's weights. The old keywords
-            (``eta=``…) still work for this release with a ``DeprecationWarning``.
+            ``target_modules`` / ``exclude_modules`` also select RESTA's weights.
         alpha: LSSF fusion strength.
         beta: RESTA scale; ``drop_rate`` and ``seed`` configure its DARE step.
         threshold: SafeLoRA's ``τ``.
@@ -137,7 +134,7 @@ def realign_checkpoint(
         progress: show progress bars.
     """
     started = time.perf_counter()
-    config = split_legacy(config, legacy, "realign_checkpoint")
+    config = SubspaceConfig.coerce(config)
     check_choice("method", method, tuple(METHODS))
     max_shard_bytes = parse_shard_size(max_shard_bytes, "max_shard_bytes")
     output = Path(output).expanduser()
@@ -204,7 +201,7 @@ def realign_as_adapter(
     ``unaligned`` with ``config``.
     """
 
-    config = split_legacy(config, {}, "realign_as_adapter")
+    config = SubspaceConfig.coerce(config)
     check_output(output, [finetuned, aligned, unaligned, subspace, config.calibration], overwrite=overwrite)
     if subspace is None and (aligned is None or unaligned is None):
         raise SettingError("--as-adapter needs --aligned and --unaligned, or a precomputed --subspace")

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lssf_lightning.config import SubspaceConfig, split_legacy
+from lssf_lightning.config import SubspaceConfig
 from lssf_lightning.core.basis import fusion_factors, weighted_basis
 from lssf_lightning.core.checks import all_finite
 from lssf_lightning.core.factors import SubspaceEntry
@@ -254,7 +254,6 @@ class SafetySubspace:
         dtype: torch.dtype | None = None,
         allow_partial: bool = False,
         progress: bool = True,
-        **legacy: Any,
     ) -> SafetySubspace:
         """Compute the safety subspace of ``δ = aligned − unaligned`` for every targeted weight.
 
@@ -264,8 +263,7 @@ class SafetySubspace:
             unaligned: its unaligned counterpart (the pre-trained base, or a harmful fine-tune), same forms.
             config: the settings (η, α₁, source, calibration, target/exclude modules, max_rank, svd_method):
                 a :class:`~lssf_lightning.config.SubspaceConfig` or a mapping of its fields; default: its
-                defaults. The old keywords (``eta=0.8``…) still work for this release with a
-                ``DeprecationWarning``.
+                defaults.
             tokenizer: tokenizer (or its path) for ``source="activations"``; default: from ``aligned``'s
                 directory.
             device: where to run the SVDs (default: where each tensor is).
@@ -275,7 +273,7 @@ class SafetySubspace:
                 instead of refusing models whose targeted weights do not correspond.
             progress: show a progress bar.
         """
-        config = split_legacy(config, legacy, "SafetySubspace.from_weights")
+        config = SubspaceConfig.coerce(config)
         builder = SubspaceBuilder(
             aligned,
             unaligned,
@@ -299,13 +297,12 @@ class SafetySubspace:
         config: SubspaceConfig | Mapping[str, Any] | None = None,
         *,
         allow_partial: bool = False,
-        **legacy: Any,
     ) -> str:
         """The content hash :meth:`from_weights` would record for these inputs, without any SVD.
 
         Used to decide whether a cached subspace still fits (it reads every target tensor once).
         """
-        config = split_legacy(config, legacy, "SafetySubspace.fingerprint")
+        config = SubspaceConfig.coerce(config)
         aligned_store = open_weights(aligned, name="aligned")
         unaligned_store = open_weights(unaligned, name="unaligned")
         pairs = select_target_pairs(
@@ -400,16 +397,13 @@ class SafetySubspace:
         return KeyMatcher(self.entries).match_all(keys)
 
     # -- persistence ------------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike, *, overwrite: bool | None = None, inputs: Any = ()) -> Path:
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False, inputs: Any = ()) -> Path:
         """Write one safetensors file: three tensors per matrix and the metadata as JSON, through the output
         guard (atomic; refused when it would overlap ``inputs``; every factor checked finite first).
 
         Args:
             path: the file to write.
-            overwrite: ``True`` replaces an existing file, ``False`` refuses it. ``None`` (default) keeps
-                0.1's ``save(path)`` working: it replaces an existing *subspace file* with a
-                ``DeprecationWarning`` and refuses any other existing file (model weights are never replaced
-                by a subspace).
+            overwrite: ``True`` replaces an existing file, ``False`` (default) refuses it.
             inputs: paths the run read (the aligned/unaligned models...): ``path`` must not be one or lie in
                 one.
         """
@@ -462,9 +456,8 @@ class SubspaceBuilder:
         dtype: torch.dtype | None = None,
         allow_partial: bool = False,
         progress: bool = True,
-        **legacy: Any,
     ) -> None:
-        self.config = split_legacy(config, legacy, "SubspaceBuilder")
+        self.config = SubspaceConfig.coerce(config)
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise SettingError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
         self.settings = self.config.hashed_settings()

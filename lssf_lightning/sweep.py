@@ -766,11 +766,11 @@ def refusal_curve(
         perplexity: ``model ↦ perplexity`` measured at every point too (a utility budget needs it).
     """
     from lssf_lightning.methods.lssf import LSSF
-    from lssf_lightning.metrics import generate_responses, harmful_refusal_rate
+    from lssf_lightning.metrics import generate_responses, refusal_rate
 
     if rate is None:
         def rate(responses):
-            return float(harmful_refusal_rate(responses, judge=judge))
+            return float(refusal_rate(responses, judge=judge))
 
     def answers(prompts):
         return generate_responses(

@@ -1,4 +1,4 @@
-"""The core's public API: config objects, deprecated spellings, the planner registry, and the numeric
+"""The core's public API: config objects, the planner registry, and the numeric
 settings refused at every entry point."""
 
 from __future__ import annotations
@@ -26,45 +26,29 @@ def same_entries(a: SafetySubspace, b: SafetySubspace) -> bool:
     )
 
 
-# -- deprecated spellings ------------------------------------------------------------------------------------
-def test_old_keywords_warn_and_give_the_same_subspace_and_fingerprint(llama_trio):
+# -- settings come as a config object ---------------------------------------------------------------------
+def test_a_mapping_is_a_config_and_loose_keywords_are_refused(llama_trio, tmp_path):
     m = llama_trio.models
     config = SubspaceConfig(eta=0.8, alpha_1=1.5, max_rank=3)
-    new = SafetySubspace.from_weights(m["aligned"], m["base"], config, progress=False)
-    with pytest.warns(
-        DeprecationWarning, match=r"from_weights\(eta=, alpha_1=, max_rank=\) is deprecated.*config="
-    ):
-        old = SafetySubspace.from_weights(
-            m["aligned"], m["base"], eta=0.8, alpha_1=1.5, max_rank=3, progress=False
-        )
-    assert same_entries(old, new) and old.metadata == new.metadata
-    with pytest.warns(DeprecationWarning, match="fingerprint"):
-        assert (
-            SafetySubspace.fingerprint(m["aligned"], m["base"], eta=0.8, alpha_1=1.5, max_rank=3)
-            == new.metadata["fingerprint"]
-        )
-    with pytest.warns(DeprecationWarning, match="SubspaceBuilder"):
-        builder = SubspaceBuilder(m["aligned"], m["base"], eta=0.8, alpha_1=1.5, max_rank=3, progress=False)
-    assert builder.config == config
-    # a YAML-style mapping is a config too, and an unknown keyword is an ordinary TypeError
+    built = SafetySubspace.from_weights(m["aligned"], m["base"], config, progress=False)
+    # a YAML-style mapping is a config too
     assert (
         SafetySubspace.fingerprint(m["aligned"], m["base"], {"eta": 0.8, "alpha_1": 1.5, "max_rank": 3})
-        == new.metadata["fingerprint"]
+        == built.metadata["fingerprint"]
     )
+    mapping = {"eta": 0.8, "alpha_1": 1.5, "max_rank": 3}
+    assert SubspaceBuilder(m["aligned"], m["base"], mapping).config == config
     with pytest.raises(TypeError, match="etta"):
-        SafetySubspace.from_weights(m["aligned"], m["base"], etta=0.8)
-
-
-def test_realign_old_keywords_warn_and_write_the_same_weights(llama_trio, tmp_path):
-    kwargs = {"aligned": llama_trio.aligned, "unaligned": llama_trio.base, "progress": False}
-    realign_checkpoint(llama_trio.finetuned, tmp_path / "new", config=SubspaceConfig(eta=0.7), **kwargs)
-    with pytest.warns(DeprecationWarning, match=r"realign_checkpoint\(eta=\)"):
-        realign_checkpoint(llama_trio.finetuned, tmp_path / "old", eta=0.7, **kwargs)
-    new, old = (
-        load_file(tmp_path / "new" / "model.safetensors"),
-        load_file(tmp_path / "old" / "model.safetensors"),
-    )
-    assert new.keys() == old.keys() and all(torch.equal(new[k], old[k]) for k in new)
+        SafetySubspace.from_weights(m["aligned"], m["base"], {"etta": 0.8})
+    for call in (
+        lambda: SafetySubspace.from_weights(m["aligned"], m["base"], eta=0.8),
+        lambda: SafetySubspace.fingerprint(m["aligned"], m["base"], eta=0.8),
+        lambda: SubspaceBuilder(m["aligned"], m["base"], eta=0.8),
+        lambda: realign_checkpoint(llama_trio.finetuned, tmp_path / "out", subspace=built, eta=0.8),
+    ):
+        with pytest.raises(TypeError, match="eta"):
+            call()
+    assert not (tmp_path / "out").exists()
 
 
 # -- one edit protocol ---------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from lssf_lightning import training
-from lssf_lightning.config import AutoAlphaConfig, SubspaceConfig, split_legacy
+from lssf_lightning.config import AutoAlphaConfig, SubspaceConfig
 from lssf_lightning.io.weights import ModuleStore
 from lssf_lightning.validation import SettingError, check_finite, check_int
 
@@ -92,7 +92,7 @@ class LSSFTrainerCallback(TrainerCallback):
         verbose: bool = True,
         overwrite: bool = False,
     ) -> None:
-        self.subspace_config = split_legacy(subspace, {}, "LSSFTrainerCallback")
+        self.subspace_config = SubspaceConfig.coerce(subspace)
         self.alpha = alpha if alpha == "auto" else check_finite("alpha", alpha)
         if adapter_max_rank is not None:
             check_int("adapter_max_rank", adapter_max_rank)

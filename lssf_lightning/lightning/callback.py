@@ -16,11 +16,10 @@ from torch import nn
 from typing_extensions import override
 
 from lssf_lightning import training
-from lssf_lightning.config import AutoAlphaConfig, SubspaceConfig, split_legacy
+from lssf_lightning.config import AutoAlphaConfig, SubspaceConfig
 from lssf_lightning.lightning import strategy
 from lssf_lightning.lightning.auto_alpha import AutoAlpha
 from lssf_lightning.lightning.hf import find_tokenizer, hf_model, hf_model_attribute
-from lssf_lightning.lightning.legacy import split_arguments
 from lssf_lightning.lightning.monitor import RefusalMonitor
 from lssf_lightning.subspace import SafetySubspace
 from lssf_lightning.training import CHECKPOINT_INFO_KEY, RAW_FIXUPS_KEY, FusionState
@@ -70,8 +69,6 @@ class LSSFCallback(Callback):
             lssf_lightning writes). Both are checked in ``setup``, before training: an output that is,
             contains or lies inside an input (the module's source directory, ``aligned``, ``unaligned``, the
             cache, the Trainer's checkpoint and log folders) is refused.
-        legacy: the 0.1 spellings (``eta=``, ``judge=`` …), accepted with a DeprecationWarning naming the new
-            one.
     """
 
     def __init__(
@@ -92,14 +89,10 @@ class LSSFCallback(Callback):
         verbose: bool = True,
         export_adapter_dir: str | None = None,
         overwrite: bool = False,
-        **legacy: Any,
     ) -> None:
         super().__init__()
         try:
-            monitor, auto_monitor, auto_alpha, keep_raw_fixups = split_arguments(legacy, monitor, auto_alpha,
-                                                                                 keep_raw_fixups)
-            self.subspace_config = split_legacy(subspace, legacy, "LSSFCallback",
-                                                "subspace=SubspaceConfig(...)")
+            self.subspace_config = SubspaceConfig.coerce(subspace)
             self.alpha = training.check_alpha(alpha, allow_auto=True)
             self.apply_on = check_choice("apply_on", apply_on, training.APPLY_ON)
             training.check_apply_epochs(apply_on, apply_epochs)
@@ -115,7 +108,7 @@ class LSSFCallback(Callback):
         self.model_attribute, self.tokenizer, self.verbose = model_attribute, tokenizer, verbose
         self.monitor: RefusalMonitor | None = RefusalMonitor() if monitor is True else monitor or None
         self.auto: AutoAlpha | None = None if self.alpha != "auto" else auto_alpha if isinstance(
-            auto_alpha, AutoAlpha) else AutoAlpha(auto_alpha, self.monitor or auto_monitor)
+            auto_alpha, AutoAlpha) else AutoAlpha(auto_alpha, self.monitor)
         for owned in (self.monitor, self.auto.monitor if self.auto else None):
             if owned is not None:
                 owned.owner = self
