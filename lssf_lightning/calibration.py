@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from lssf_lightning.io.names import KeyMatcher
 from lssf_lightning.io.weights import ModuleStore
+from lssf_lightning.metrics import generate_responses, load_prompt_pairs, load_prompts
 
 __all__ = [
     "InputSketch",
@@ -177,8 +178,6 @@ def _calibration_model(aligned_store, aligned, tokenizer):
 
 
 def _calibration_pairs(calibration, model, tokenizer, progress) -> list[tuple[str, str]]:
-    from lssf_lightning.metrics import generate_responses, load_prompt_pairs, load_prompts
-
     if calibration is None:
         items: list = load_prompts("harmful_calibration")
     elif isinstance(calibration, (str, os.PathLike)):

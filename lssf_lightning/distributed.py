@@ -18,18 +18,18 @@ import contextlib
 import json
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from lssf_lightning.core.basis import add_correction
+from lssf_lightning.core.checks import all_finite
 from lssf_lightning.core.factors import LocalFactors, ShardRegion, SubspaceEntry, local_product, restrict
 from lssf_lightning.io.schema import FormatError
-
-if TYPE_CHECKING:
-    from lssf_lightning.subspace import SubspaceBuilder
+from lssf_lightning.io.weights import ModuleStore
+from lssf_lightning.subspace import SafetySubspace, SubspaceBuilder
 
 __all__ = [
     "apply_shard_fixup",
@@ -409,8 +409,6 @@ def fuse_state_shards(
     on the mesh's accelerator, where a resume recomputes the correction on the live shard: the same
     arithmetic, so the fix-ups stay exact, and the products run at accelerator speed.
     """
-    from lssf_lightning.core.checks import all_finite
-
     fixups, bad, damaged = {}, [], None
     for key, name in matched.items():
         tensor = state[key]
@@ -603,8 +601,6 @@ class _GatheringStore:
     :func:`gathered_store`); shapes and names need no communication."""
 
     def __init__(self, module, tensors: dict[str, Tensor], group) -> None:
-        from lssf_lightning.io.weights import ModuleStore
-
         self._inner = ModuleStore(module)
         self._tensors, self._index, self._group = tensors, {k: i for i, k in enumerate(tensors)}, group
         self.location = f"<{type(module).__name__}, gathered from {_world(group)[1]} ranks>"
@@ -713,8 +709,6 @@ def build_subspace_across_ranks(
 ):
     """:meth:`SafetySubspace.from_weights` with the SVDs shared by the ranks of ``group``
     (:func:`build_across_ranks`): the same entries and metadata, bit for bit. A collective."""
-    from lssf_lightning.subspace import SafetySubspace, SubspaceBuilder
-
     builder = SubspaceBuilder(aligned, unaligned, config, progress=False, **options)
     entries = build_across_ranks(builder, group)
     return SafetySubspace(entries, builder.metadata())

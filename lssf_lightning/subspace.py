@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from lssf_lightning.calibration import calibration_factors
 from lssf_lightning.config import SubspaceConfig
 from lssf_lightning.core.basis import fusion_factors, weighted_basis
 from lssf_lightning.core.checks import all_finite
@@ -490,8 +491,6 @@ class SubspaceBuilder:
         if self.config.source != "activations":
             return None
         if self._right_factors is None:
-            from lssf_lightning.calibration import calibration_factors
-
             self._right_factors, self._calibration_stats = calibration_factors(
                 self.aligned,
                 self._aligned_source,

@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import nn
 
+from lssf_lightning.distributed import gathered_store
 from lssf_lightning.io.weights import MappingStore, ModuleStore, WeightStore
 
 __all__ = ["check_checkpoint_callbacks", "check_strategy", "export_store", "full_parameters",
@@ -113,8 +114,6 @@ def export_store(
         state = trainer.strategy.lightning_module_state_dict()
         yield MappingStore(state, location="FSDP full state dict"), attribute + "."
     elif isinstance(trainer.strategy, ModelParallelStrategy):
-        from lssf_lightning.distributed import gathered_store
-
         with gathered_store(model) as store:
             yield store, ""
     else:
