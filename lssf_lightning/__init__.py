@@ -20,7 +20,8 @@ if TYPE_CHECKING:
     from lssf_lightning.core.svd import safety_spectrum
     from lssf_lightning.integrations.hf_trainer import LSSFTrainerCallback
     from lssf_lightning.lightning.callback import LSSFCallback
-    from lssf_lightning.lightning.finetune import CausalLMModule, ChatDataModule
+    from lssf_lightning.lightning.data import ChatDataModule
+    from lssf_lightning.lightning.module import CausalLMModule
     from lssf_lightning.lightning.monitor import RefusalMonitor
     from lssf_lightning.methods import LSSF, Resta, SafeLoRA, apply_edits, resta, safelora
     from lssf_lightning.metrics.refusal import (
@@ -42,8 +43,8 @@ _EXPORTS = {
     "safety_spectrum": "lssf_lightning.core.svd",
     "LSSFTrainerCallback": "lssf_lightning.integrations.hf_trainer",
     "LSSFCallback": "lssf_lightning.lightning.callback",
-    "CausalLMModule": "lssf_lightning.lightning.finetune",
-    "ChatDataModule": "lssf_lightning.lightning.finetune",
+    "CausalLMModule": "lssf_lightning.lightning.module",
+    "ChatDataModule": "lssf_lightning.lightning.data",
     "RefusalMonitor": "lssf_lightning.lightning.monitor",
     "LSSF": "lssf_lightning.methods",
     "Resta": "lssf_lightning.methods",

@@ -27,7 +27,8 @@ from torch.distributed.fsdp import fully_shard
 from lssf_lightning.config import SubspaceConfig
 from lssf_lightning.distributed import is_dtensor
 from lssf_lightning.lightning.callback import LSSFCallback
-from lssf_lightning.lightning.finetune import CausalLMModule, ChatDataModule
+from lssf_lightning.lightning.data import ChatDataModule
+from lssf_lightning.lightning.module import CausalLMModule
 from lssf_lightning.lightning.monitor import RefusalMonitor
 from lssf_lightning.methods import LSSF, apply_edits
 from lssf_lightning.training import ResumeError

@@ -16,7 +16,8 @@ from lssf_lightning.config import AutoAlphaConfig, SubspaceConfig
 from lssf_lightning.lightning import strategy
 from lssf_lightning.lightning.auto_alpha import AutoAlpha
 from lssf_lightning.lightning.callback import RAW_FIXUPS_KEY, LSSFCallback
-from lssf_lightning.lightning.finetune import CausalLMModule, ChatDataModule, write_chat_jsonl
+from lssf_lightning.lightning.data import ChatDataModule, write_chat_jsonl
+from lssf_lightning.lightning.module import CausalLMModule
 from lssf_lightning.lightning.monitor import RefusalMonitor
 from lssf_lightning.subspace import SafetySubspace
 

@@ -9,7 +9,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from lssf_lightning.lightning.finetune import write_chat_jsonl
+from lssf_lightning.lightning.data import write_chat_jsonl
 from lssf_lightning.training import RAW_FIXUPS_KEY
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

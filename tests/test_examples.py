@@ -9,7 +9,7 @@ from conftest import state
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from lssf_lightning.lightning.finetune import write_chat_jsonl
+from lssf_lightning.lightning.data import write_chat_jsonl
 from lssf_lightning.methods import LSSF, apply_edits
 from lssf_lightning.subspace import SafetySubspace
 

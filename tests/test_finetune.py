@@ -10,15 +10,15 @@ from _tiny import build_tiny_llama, build_tiny_tokenizer
 from lightning.pytorch import Trainer
 from transformers import AutoModelForCausalLM
 
-from lssf_lightning.lightning.finetune import (
+from lssf_lightning.lightning.data import (
     IGNORE_INDEX,
-    CausalLMModule,
     ChatDataModule,
     encode_chat,
     pad_batch,
     read_chat_rows,
     write_chat_jsonl,
 )
+from lssf_lightning.lightning.module import CausalLMModule
 
 USER = "how do i bake bread at home ?"
 ANSWER = "sure , here is a simple answer ."

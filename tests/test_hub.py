@@ -231,7 +231,8 @@ def test_lightning_callback_and_module_with_hub_ids(hub, tmp_path, llama_trio):
     from lightning.pytorch import Trainer
 
     from lssf_lightning.lightning.callback import LSSFCallback
-    from lssf_lightning.lightning.finetune import CausalLMModule, ChatDataModule, write_chat_jsonl
+    from lssf_lightning.lightning.data import ChatDataModule, write_chat_jsonl
+    from lssf_lightning.lightning.module import CausalLMModule
 
     rows = [{"prompt": "how do i bake bread at home ?", "response": "sure , here is a simple answer ."}] * 4
     data = ChatDataModule(str(write_chat_jsonl(tmp_path / "train.jsonl", rows)), batch_size=2, shuffle=False)

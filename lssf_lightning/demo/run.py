@@ -47,7 +47,8 @@ from lssf_lightning.demo.task import task_splits
 from lssf_lightning.io.export import atomic_directory
 from lssf_lightning.io.guard import write_json
 from lssf_lightning.lightning.callback import LSSFCallback
-from lssf_lightning.lightning.finetune import CausalLMModule, ChatDataModule, write_chat_jsonl
+from lssf_lightning.lightning.data import ChatDataModule, write_chat_jsonl
+from lssf_lightning.lightning.module import CausalLMModule
 from lssf_lightning.methods import LSSF, Resta, SafeLoRA
 from lssf_lightning.methods.base import temporarily_edited
 from lssf_lightning.metrics import generate_responses, load_prompts

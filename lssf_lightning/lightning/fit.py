@@ -21,7 +21,8 @@ from collections.abc import Sequence
 
 from lightning.pytorch.cli import LightningCLI
 
-from lssf_lightning.lightning.finetune import CausalLMModule, ChatDataModule
+from lssf_lightning.lightning.data import ChatDataModule
+from lssf_lightning.lightning.module import CausalLMModule
 
 __all__ = ["run_fit_cli"]
 
