@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from lssf_lightning.io.hub import is_hub_id, resolve_model
 from lssf_lightning.lightning.data import IGNORE_INDEX
-from lssf_lightning.validation import check_int
+from lssf_lightning.validation import check_int, check_positive, check_range
 
 __all__ = ["CausalLMModule"]
 
@@ -82,10 +82,8 @@ class CausalLMModule(LightningModule):
         super().__init__()
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-        if not (isinstance(learning_rate, (int, float)) and learning_rate > 0):
-            raise ValueError(f"learning_rate must be a positive number, got {learning_rate!r}")
-        if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
-            raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
+        learning_rate = check_positive("learning_rate", learning_rate)  # a bool is refused, not read as 1
+        weight_decay = check_range("weight_decay", weight_decay, 0.0, float("inf"))
         check_int("warmup_steps", warmup_steps, minimum=0)
         if lora is not None and not isinstance(lora, Mapping):
             raise ValueError(f"lora must be a mapping of peft.LoraConfig arguments or None, got {lora!r}")
