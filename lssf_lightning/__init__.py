@@ -9,9 +9,13 @@ checkers where each name lives.
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.2.0"
+try:
+    __version__ = version("lssf-lightning")  # the one place the version is written: pyproject.toml
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
 if TYPE_CHECKING:
     from lssf_lightning.config import AutoAlphaConfig, SubspaceConfig

@@ -20,6 +20,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import lssf_lightning
 from lssf_lightning.config import (
     DEFAULT_ADD,
     DEFAULT_ALPHA,
@@ -245,6 +246,7 @@ def _add_realign_options(real: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineParser(prog="lssf-lightning", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {lssf_lightning.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
 
     sub = commands.add_parser("subspace", help="compute a safety subspace and save it")
