@@ -19,7 +19,7 @@ except PackageNotFoundError:  # a source tree that was never installed
 
 if TYPE_CHECKING:
     from lssf_lightning.config import AutoAlphaConfig, SubspaceConfig
-    from lssf_lightning.core.basis import basis_weights, fuse_weight, fusion_factors, weighted_basis
+    from lssf_lightning.core.basis import basis_weights, fusion_factors, weighted_basis
     from lssf_lightning.core.entropy import safety_critical_rank, safety_singular_value_entropy
     from lssf_lightning.core.svd import safety_spectrum
     from lssf_lightning.integrations.hf_trainer import LSSFTrainerCallback
@@ -39,7 +39,6 @@ _EXPORTS = {
     "AutoAlphaConfig": "lssf_lightning.config",
     "SubspaceConfig": "lssf_lightning.config",
     "basis_weights": "lssf_lightning.core.basis",
-    "fuse_weight": "lssf_lightning.core.basis",
     "fusion_factors": "lssf_lightning.core.basis",
     "weighted_basis": "lssf_lightning.core.basis",
     "safety_critical_rank": "lssf_lightning.core.entropy",
@@ -77,7 +76,6 @@ __all__ = [
     "SubspaceConfig",
     "apply_edits",
     "basis_weights",
-    "fuse_weight",
     "fusion_factors",
     "realign_checkpoint",
     "refusal_rate",

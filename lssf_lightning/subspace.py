@@ -345,11 +345,6 @@ class SafetySubspace:
             f"alpha_1={self.metadata.get('alpha_1')}, source={self.metadata.get('source')!r})"
         )
 
-    def factor_bytes(self) -> int:
-        """Bytes held by the factors (compare with the dense weights they stand for; the FSDP2 bench uses
-        it)."""
-        return sum(e.left.nbytes + e.right.nbytes + e.singular_values.nbytes for e in self.entries.values())
-
     def summary(self, max_rows: int | None = None) -> str:
         """A per-matrix table: shape, rank, entropy ``H(n)``, energy kept; then totals."""
         header = f"{'matrix':<52} {'shape':>13} {'rank':>5} {'H(n)':>7} {'energy kept':>11}"

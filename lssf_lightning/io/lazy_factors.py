@@ -141,12 +141,6 @@ class LazyFactors(Mapping):
         d_in = int(self._tensors[f"{key}:right"].shape[1])
         return (d_in, d_out) if self._layout[key]["conv1d"] else (d_out, d_in)
 
-    def factor_bytes(self) -> int:
-        """Bytes of all factors in the file (what holding every entry would cost)."""
-        return sum(
-            self._tensors[f"{key}:{part}"].nbytes for key in self._layout for part in ("left", "right")
-        )
-
     @property
     def resident_bytes(self) -> int:
         """Bytes of entries the cache holds now."""
