@@ -11,9 +11,22 @@ from typing import Any
 from lssf_lightning.io.guard import guarded_output
 from lssf_lightning.subspace import SafetySubspace
 
-__all__ = ["plot_subspace"]
+__all__ = ["plot_subspace", "pyplot"]
 
 _LAYER = re.compile(r"\.(\d+)\.")
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only ``Agg`` backend: the package's one matplotlib setup (every
+    figure is written to a file, also on machines without a display)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("plotting needs matplotlib: pip install matplotlib") from err
+    return plt
 
 
 def plot_subspace(
@@ -25,13 +38,7 @@ def plot_subspace(
     The file is written through the output guard (:func:`lssf_lightning.io.guard.guarded_output`): an existing
     ``path`` is replaced only with ``overwrite``, never when it is (or lies inside) one of ``inputs``.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("plotting needs matplotlib: pip install matplotlib") from err
+    plt = pyplot()
     series: dict[str, list[tuple[int, int, float]]] = defaultdict(list)
     for key, entry in subspace.entries.items():
         found = _LAYER.search(key)

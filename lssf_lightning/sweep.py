@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from lssf_lightning.methods.base import temporarily_edited
+from lssf_lightning.plots import pyplot
 from lssf_lightning.validation import SettingError, check_choice, check_fraction, check_range
 
 __all__ = [
@@ -410,11 +411,7 @@ def plot_front(
     """A PNG: harmful refusal against perplexity (left) and over-refusal against perplexity (right), one
     colour per method, the fine-tuned and aligned models marked, the recommended point circled, the budget
     dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     measured = [p for p in points if p.perplexity is not None]
