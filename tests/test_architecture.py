@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import ast
 import functools
+import re
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
+
+import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "lssf_lightning"
 MAX_MODULE_LINES = 650
@@ -182,3 +187,17 @@ def test_the_package_imports_its_own_modules_at_the_top():
                     if _imported(node, "lssf_lightning.x", False, _modules()):
                         lazy.append(f"{_relative(path)}:{node.lineno} {ast.unparse(node)}")
     assert not lazy, f"function-level imports of the package's own modules: {lazy}"
+
+
+def test_the_code_runs_on_the_minimum_python_it_declares():
+    """``requires-python`` is checked, not hoped for: vermin reads every module for newer syntax and stdlib
+    names (``typing.Self`` is 3.11; ``typing_extensions.Self`` works on 3.10)."""
+    pytest.importorskip("vermin", reason="vermin is a dev dependency: pip install -e '.[dev]'")
+    pyproject = (PACKAGE.parent / "pyproject.toml").read_text(encoding="utf-8")
+    minimum = re.search(r'^requires-python = ">=([0-9.]+)"', pyproject, re.MULTILINE)[1]
+    # --exclude long: vermin reads ``torch.long`` as Python 2's ``long``
+    vermin = "import sys, vermin; sys.exit(vermin.main())"  # its console script, from this interpreter
+    options = [f"-t={minimum}-", "--no-tips", "--violations", "--eval-annotations", "--exclude", "long"]
+    command = [sys.executable, "-c", vermin, *options, str(PACKAGE)]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, f"needs a newer Python than {minimum}:\n{done.stdout}{done.stderr}"
