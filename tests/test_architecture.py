@@ -129,6 +129,41 @@ def test_the_import_graph_has_no_cycle():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
+# The floors, lowest first (the package's own ``__init__`` imports nothing at run time): a module imports
+# only its own floor and the floors below.
+FLOORS = [
+    ("lssf_lightning.validation", "lssf_lightning.config"),
+    ("lssf_lightning.core",),
+    ("lssf_lightning.io",),
+    ("lssf_lightning.metrics", "lssf_lightning.calibration"),
+    ("lssf_lightning.subspace",),
+    ("lssf_lightning.methods", "lssf_lightning.plots"),
+    ("lssf_lightning.adapters", "lssf_lightning.distributed"),
+    ("lssf_lightning.realign", "lssf_lightning.training", "lssf_lightning.sweep", "lssf_lightning.tuning"),
+    ("lssf_lightning.lightning", "lssf_lightning.integrations"),
+    ("lssf_lightning.demo",),
+    ("lssf_lightning.cli", "lssf_lightning.__init__"),
+]
+
+
+def floor(module: str) -> int:
+    module = "lssf_lightning.__init__" if module == "lssf_lightning" else module
+    for index, prefixes in enumerate(FLOORS):
+        if any(module == p or module.startswith(p + ".") for p in prefixes):
+            return index
+    raise AssertionError(f"{module} is on no floor: add it to FLOORS")
+
+
+def test_imports_point_down():
+    upward = [
+        f"{source} -> {target}"
+        for source, targets in import_graph().items()
+        for target in targets
+        if floor(target) > floor(source) and (source, target) not in KNOWN_UPWARD_EDGES
+    ]
+    assert not upward, f"imports that point up a floor: {upward}"
+
+
 def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": set()}) is None
