@@ -243,7 +243,7 @@ def restore_raw(
                       stacklevel=2)
     matched = matched if matched is not None else matched_keys(subspace, parameters.keys())
     if distributed.is_sharded_fixups(fixups) or any(distributed.is_dtensor(parameters[k]) for k in matched):
-        # FSDP2: each rank restores its own shards with the fix-ups saved for that block (see distributed.py)
+        # FSDP2: each rank restores its own shards with the fix-ups saved for that block
         saved_by = fixups.get("world_size", 1) if isinstance(fixups, Mapping) else None
         if distributed.is_sharded_fixups(fixups):
             fixups = distributed.fixups_of_rank(fixups, distributed.global_rank())

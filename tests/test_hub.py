@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import run_cli
 
+from lssf_lightning.config import SubspaceConfig
 from lssf_lightning.io.hub import is_hub_id, parse_hub_id, resolve_model
 from lssf_lightning.methods import LSSF, apply_edits
 from lssf_lightning.subspace import SafetySubspace
@@ -92,8 +93,12 @@ def test_existing_local_path_wins(hub, llama_trio):
 
 
 def test_from_weights_with_hub_ids_equals_local_paths(hub, llama_trio):
-    from_hub = SafetySubspace.from_weights("org/aligned", "org/base", eta=0.9, progress=False)
-    local = SafetySubspace.from_weights(llama_trio.aligned, llama_trio.base, eta=0.9, progress=False)
+    from_hub = SafetySubspace.from_weights(
+        "org/aligned", "org/base", progress=False, config=SubspaceConfig(eta=0.9)
+    )
+    local = SafetySubspace.from_weights(
+        llama_trio.aligned, llama_trio.base, progress=False, config=SubspaceConfig(eta=0.9)
+    )
     assert from_hub.keys() == local.keys() and len(local) > 0
     for key in local.entries:
         assert torch.equal(from_hub.entries[key].left, local.entries[key].left)

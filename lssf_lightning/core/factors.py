@@ -70,8 +70,8 @@ class SubspaceEntry:
     def fuse(self, weight: Tensor, alpha: float = 1.0, name: str = "weight") -> Tensor:
         """The fusion step (Eq. 13): ``weight + α·U'U'ᵀδ`` as a new tensor in ``weight``'s dtype.
 
-        Every fusion of the package (``SafetySubspace.fuse``, realign, the callbacks) ends here, so they all
-        round alike; ``name`` is for the error message.
+        Every fusion of the package (the LSSF planner: realign, ``apply_edits``, the callbacks) ends here, so
+        they all round alike; ``name`` is for the error message.
         """
         if tuple(weight.shape) != self.shape:
             raise ValueError(
