@@ -244,7 +244,7 @@ def every_other(responses):
 
 
 def test_monitor_logs_rates_and_restores_raw_weights(llama_trio, data_files):
-    from lssf_lightning.metrics import generate_responses, harmful_refusal_rate, load_prompts
+    from lssf_lightning.metrics import generate_responses, refusal_rate, load_prompts
 
     class Check(Callback):
         def on_validation_epoch_start(self, trainer, pl_module):
@@ -261,11 +261,11 @@ def test_monitor_logs_rates_and_restores_raw_weights(llama_trio, data_files):
     tokenizer = module.tokenizer
     harmful = load_prompts("harmful")[:6]
     raw = generate_responses(module.model, tokenizer, harmful, max_new_tokens=4)
-    expected = float(harmful_refusal_rate(raw, judge=every_other))
+    expected = float(refusal_rate(raw, judge=every_other))
     assert float(metrics["lssf/refusal_rate"]) == pytest.approx(expected)
     with callback.realigned_weights(module):
         fused = generate_responses(module.model, tokenizer, harmful, max_new_tokens=4)
-    expected = float(harmful_refusal_rate(fused, judge=every_other))
+    expected = float(refusal_rate(fused, judge=every_other))
     assert float(metrics["lssf/refusal_rate_realigned"]) == pytest.approx(expected)
     assert 0 <= float(metrics["lssf/harmless_refusal_rate"]) <= 1
     assert "lssf/harmless_refusal_rate_realigned" in metrics
