@@ -244,7 +244,7 @@ def every_other(responses):
 
 
 def test_monitor_logs_rates_and_restores_raw_weights(llama_trio, data_files):
-    from lssf_lightning.metrics import generate_responses, refusal_rate, load_prompts
+    from lssf_lightning.metrics import generate_responses, load_prompts, refusal_rate
 
     class Check(Callback):
         def on_validation_epoch_start(self, trainer, pl_module):
