@@ -11,7 +11,7 @@ from conftest import run_cli, state, tree_hashes
 from safetensors.torch import load_file
 
 from lssf_lightning.cli import build_parser
-from lssf_lightning.config import SubspaceConfig
+from lssf_lightning.config import AutoAlphaConfig, SubspaceConfig
 from lssf_lightning.io.layout import MAX_SHARD_BYTES
 from lssf_lightning.methods import LSSF, METHODS, MethodInputs, Resta, SafeLoRA, apply_edits, register_method
 from lssf_lightning.realign import realign_checkpoint
@@ -257,3 +257,15 @@ def test_resta_refuses_a_non_finite_safety_vector_and_writes_nothing(llama_trio,
             progress=False,
         )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["aligned"]
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"alphas": []}, "alphas must be a non-empty list"),
+        ({"target": 1.5}, r"target must be in \[0, 1\], got 1.5"),
+    ],
+)
+def test_auto_alpha_settings_are_checked_where_they_enter(settings, message):
+    with pytest.raises(SettingError, match=message):
+        AutoAlphaConfig(**settings)
