@@ -36,6 +36,7 @@ from lssf_lightning.config import SubspaceConfig
 from lssf_lightning.core.basis import add_correction
 from lssf_lightning.core.checks import all_finite
 from lssf_lightning.io.export import write_model_directory
+from lssf_lightning.io.guard import check_output, check_overlap
 from lssf_lightning.io.lazy_factors import LazyFactors
 from lssf_lightning.io.names import canonical_key, is_adapter_key
 from lssf_lightning.methods import LSSF
@@ -436,8 +437,6 @@ def check_outputs(
     replaced only with ``overwrite`` and only if it holds files lssf_lightning writes
     (:func:`~lssf_lightning.io.guard.check_output`); the ``cache`` file must not overlap ``cache_inputs``.
     Raises the guard's one-line errors."""
-    from lssf_lightning.io.guard import check_output, check_overlap
-
     given = [o for o in outputs if o]
     for index, output in enumerate(given):
         check_output(output, [inputs, given[:index], given[index + 1:]], overwrite=overwrite)

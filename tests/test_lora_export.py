@@ -279,7 +279,7 @@ def test_cli_realign_as_adapter(llama_trio, llama_subspace, task_adapter, tmp_pa
     assert not (tmp_path / "x").exists()
 
 
-def test_to_lora_adapter_method(llama_trio, llama_subspace, tmp_path):
+def test_write_lora_adapter_of_a_subspace(llama_trio, llama_subspace, tmp_path):
     report = write_lora_adapter(llama_subspace, tmp_path / "a", alpha=0.7, base_model=llama_trio.finetuned)
     write_lora_adapter(llama_subspace, tmp_path / "b", alpha=0.7, base_model=llama_trio.finetuned)
     assert sorted(report.ranks.values()) == sorted(llama_subspace.ranks.values())

@@ -13,14 +13,13 @@ import contextlib
 import os
 from pathlib import Path
 
-from lssf_lightning.io.guard import SUPPORT_FILES
-from lssf_lightning.io.layout import PICKLE_SUFFIXES
+from lssf_lightning.io.layout import PICKLE_SUFFIXES, SUPPORT_FILES
 
 __all__ = ["HUB_WEIGHT_PATTERNS", "cached_snapshot", "is_hub_id", "parse_hub_id", "resolve_model"]
 
 HUB_WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "adapter_config.json")
 """Weight files fetched for a model ID (with the config and tokenizer files of
-``io.guard.SUPPORT_FILES``)."""
+``io.layout.SUPPORT_FILES``)."""
 
 _TOP_LEVEL_ONLY = ("*/*",)  # snapshot_download's ``*`` crosses folders; repos keep variants in sub-folders
 
