@@ -20,7 +20,7 @@ from lightning.pytorch import Callback, Trainer
 
 from lssf_lightning import CausalLMModule, ChatDataModule, LSSFCallback
 from lssf_lightning.demo.task import task_splits
-from lssf_lightning.lightning.finetune import write_chat_jsonl
+from lssf_lightning.lightning.data import write_chat_jsonl
 from lssf_lightning.lightning.monitor import RefusalMonitor
 
 

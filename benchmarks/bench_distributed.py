@@ -46,6 +46,8 @@ sys.path.insert(0, str(HERE))
 
 from bench_subspace import DELTA_SCALE, LLAMA3_8B_LAYER, bench_cache, synthetic_delta  # noqa: E402 (path)
 
+from lssf_lightning.config import SubspaceConfig  # noqa: E402 (path)
+
 LLAMA32_1B = {
     "hidden_size": 2048,
     "intermediate_size": 8192,
@@ -103,7 +105,9 @@ def worker_build(args) -> dict:
     from lssf_lightning.distributed import build_across_ranks
     from lssf_lightning.subspace import SafetySubspace, SubspaceBuilder
 
-    builder = SubspaceBuilder(args.aligned, args.unaligned, eta=args.eta, progress=False)
+    builder = SubspaceBuilder(
+        args.aligned, args.unaligned, progress=False, config=SubspaceConfig(eta=args.eta)
+    )
     dist.barrier()
     start = time.perf_counter()
     built = []

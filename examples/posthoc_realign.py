@@ -11,6 +11,7 @@ import sys
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lssf_lightning import SafetySubspace, SubspaceConfig
+from lssf_lightning.methods import LSSF, apply_edits
 
 aligned, unaligned, finetuned, output = sys.argv[1:5]
 
@@ -20,6 +21,6 @@ print(subspace.summary(max_rows=5))
 subspace.save(f"{output}-subspace.safetensors")  # reusable for every fine-tune of the same aligned model
 
 model = AutoModelForCausalLM.from_pretrained(finetuned)
-subspace.fuse(model, alpha=1.0, inplace=True)  # W <- W + alpha * U'(U'^T delta), nothing else changes
+apply_edits(model, LSSF(subspace, 1.0), inplace=True)  # W <- W + alpha * U'(U'^T delta), nothing else changes
 model.save_pretrained(output)
 AutoTokenizer.from_pretrained(finetuned).save_pretrained(output)

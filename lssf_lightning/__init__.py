@@ -9,24 +9,27 @@ checkers where each name lives.
 from __future__ import annotations
 
 import importlib
+from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.2.0"
+try:
+    __version__ = version("lssf-lightning")  # the one place the version is written: pyproject.toml
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
 if TYPE_CHECKING:
     from lssf_lightning.config import AutoAlphaConfig, SubspaceConfig
-    from lssf_lightning.core.basis import basis_weights, fuse_weight, fusion_factors, weighted_basis
+    from lssf_lightning.core.basis import basis_weights, fusion_factors, weighted_basis
     from lssf_lightning.core.entropy import safety_critical_rank, safety_singular_value_entropy
     from lssf_lightning.core.svd import safety_spectrum
     from lssf_lightning.integrations.hf_trainer import LSSFTrainerCallback
     from lssf_lightning.lightning.callback import LSSFCallback
-    from lssf_lightning.lightning.finetune import CausalLMModule, ChatDataModule
+    from lssf_lightning.lightning.data import ChatDataModule
+    from lssf_lightning.lightning.module import CausalLMModule
     from lssf_lightning.lightning.monitor import RefusalMonitor
     from lssf_lightning.methods import LSSF, Resta, SafeLoRA, apply_edits, resta, safelora
     from lssf_lightning.metrics.refusal import (
-        HarmfulRefusalRate,
         RefusalRate,
-        harmful_refusal_rate,
         refusal_rate,
     )
     from lssf_lightning.realign import realign_checkpoint
@@ -36,7 +39,6 @@ _EXPORTS = {
     "AutoAlphaConfig": "lssf_lightning.config",
     "SubspaceConfig": "lssf_lightning.config",
     "basis_weights": "lssf_lightning.core.basis",
-    "fuse_weight": "lssf_lightning.core.basis",
     "fusion_factors": "lssf_lightning.core.basis",
     "weighted_basis": "lssf_lightning.core.basis",
     "safety_critical_rank": "lssf_lightning.core.entropy",
@@ -44,8 +46,8 @@ _EXPORTS = {
     "safety_spectrum": "lssf_lightning.core.svd",
     "LSSFTrainerCallback": "lssf_lightning.integrations.hf_trainer",
     "LSSFCallback": "lssf_lightning.lightning.callback",
-    "CausalLMModule": "lssf_lightning.lightning.finetune",
-    "ChatDataModule": "lssf_lightning.lightning.finetune",
+    "CausalLMModule": "lssf_lightning.lightning.module",
+    "ChatDataModule": "lssf_lightning.lightning.data",
     "RefusalMonitor": "lssf_lightning.lightning.monitor",
     "LSSF": "lssf_lightning.methods",
     "Resta": "lssf_lightning.methods",
@@ -53,9 +55,7 @@ _EXPORTS = {
     "apply_edits": "lssf_lightning.methods",
     "resta": "lssf_lightning.methods",
     "safelora": "lssf_lightning.methods",
-    "HarmfulRefusalRate": "lssf_lightning.metrics.refusal",
     "RefusalRate": "lssf_lightning.metrics.refusal",
-    "harmful_refusal_rate": "lssf_lightning.metrics.refusal",
     "refusal_rate": "lssf_lightning.metrics.refusal",
     "realign_checkpoint": "lssf_lightning.realign",
     "SafetySubspace": "lssf_lightning.subspace",
@@ -66,7 +66,6 @@ __all__ = [
     "AutoAlphaConfig",
     "CausalLMModule",
     "ChatDataModule",
-    "HarmfulRefusalRate",
     "LSSFCallback",
     "LSSFTrainerCallback",
     "RefusalMonitor",
@@ -77,9 +76,7 @@ __all__ = [
     "SubspaceConfig",
     "apply_edits",
     "basis_weights",
-    "fuse_weight",
     "fusion_factors",
-    "harmful_refusal_rate",
     "realign_checkpoint",
     "refusal_rate",
     "resta",

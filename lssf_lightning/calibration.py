@@ -14,11 +14,8 @@ calibration sizes. Prompt tokens are left out: like ActSVD, we look at the token
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -26,11 +23,11 @@ from tqdm.auto import tqdm
 
 from lssf_lightning.io.names import KeyMatcher
 from lssf_lightning.io.weights import ModuleStore
+from lssf_lightning.metrics import generate_responses, load_prompt_pairs, load_prompts
 
 __all__ = [
     "InputSketch",
     "calibration_factors",
-    "calibration_identity",
     "collect_input_sketches",
     "response_token_batches",
 ]
@@ -132,22 +129,6 @@ def collect_input_sketches(
     return sketches
 
 
-def calibration_identity(calibration) -> dict[str, str]:
-    """What the calibration set is, by content: a file's bytes, an inline list, or the bundled set."""
-    if calibration is None:
-        return {"source": "bundled:harmful_calibration"}
-    if isinstance(calibration, (str, os.PathLike)):
-        path = Path(calibration).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"calibration file not found: {path}")
-        return {"source": str(path), "hash": hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()}
-    items = [i if isinstance(i, str) else list(i) for i in calibration]
-    return {
-        "source": "inline",
-        "hash": hashlib.blake2b(json.dumps(items).encode(), digest_size=16).hexdigest(),
-    }
-
-
 def calibration_factors(aligned_store, aligned, pairs, calibration, tokenizer, max_tokens, progress):
     """``{subspace key: Rᵀ/√T}`` for every target pair, from the aligned model's inputs at response tokens,
     and counts of what was used (``{"pairs", "tokens"}``)."""
@@ -197,8 +178,6 @@ def _calibration_model(aligned_store, aligned, tokenizer):
 
 
 def _calibration_pairs(calibration, model, tokenizer, progress) -> list[tuple[str, str]]:
-    from lssf_lightning.metrics import generate_responses, load_prompt_pairs, load_prompts
-
     if calibration is None:
         items: list = load_prompts("harmful_calibration")
     elif isinstance(calibration, (str, os.PathLike)):

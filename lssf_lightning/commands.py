@@ -19,16 +19,17 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from lssf_lightning.config import MAX_SHARD_BYTES, SOURCES, SVD_METHODS, SubspaceConfig
+import lssf_lightning
+from lssf_lightning.config import SOURCES, SVD_METHODS, SubspaceConfig
 from lssf_lightning.io.guard import check_output
-from lssf_lightning.io.lora_export import realign_as_adapter
+from lssf_lightning.io.layout import MAX_SHARD_BYTES
 from lssf_lightning.io.shards import parse_shard_size
 from lssf_lightning.methods.registry import METHODS, all_parameters, check_options, takers
 from lssf_lightning.methods.spec import MethodSpec
 from lssf_lightning.metrics import load_prompts
 from lssf_lightning.metrics.perplexity import load_utility_texts
 from lssf_lightning.plots import plot_subspace
-from lssf_lightning.realign import realign_checkpoint
+from lssf_lightning.realign import realign_as_adapter, realign_checkpoint
 from lssf_lightning.selection import SelectionRule
 from lssf_lightning.subspace import SafetySubspace
 from lssf_lightning.sweep import SweepGrid, sweep_checkpoints
@@ -319,6 +320,7 @@ def _add_sweep_options(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     about = "Build, apply and inspect safety subspaces; sweep realignments; fine-tune with the callback."
     parser = _OneLineParser(prog="lssf-lightning", description=about)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {lssf_lightning.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
 
     sub = commands.add_parser("subspace", help="compute a safety subspace and save it")

@@ -11,10 +11,13 @@ CLI and the callbacks all take it. In a LightningCLI YAML it is a nested block::
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
-import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any, Literal
 
 from lssf_lightning.validation import (
@@ -35,14 +38,10 @@ __all__ = [
     "DEFAULT_INPUT_SHARE",
     "DEFAULT_SEED",
     "DEFAULT_THRESHOLD",
-    "MAX_SHARD_BYTES",
     "AutoAlphaConfig",
     "SubspaceConfig",
-    "split_legacy",
+    "calibration_identity",
 ]
-
-MAX_SHARD_BYTES = 2 * 2**30
-"""Default size of the shards written by ``realign`` and the exports (2 GiB), for the CLI and Python alike."""
 
 # The realignment methods' scalar settings: their defaults, written once for the planners
 # (lssf_lightning.methods), their registry factories, ``realign_checkpoint`` and ``lssf-lightning realign``.
@@ -160,10 +159,16 @@ class SubspaceConfig:
             settings["max_calibration_tokens"] = everything["max_calibration_tokens"]
         calibration = everything["calibration"]
         if self.source == "activations":
-            from lssf_lightning.calibration import calibration_identity
-
             settings["calibration"] = calibration_identity(calibration)
         return settings
+
+    @classmethod
+    def coerce(cls, config: SubspaceConfig | Mapping[str, Any] | None) -> SubspaceConfig:
+        """``config`` as a :class:`SubspaceConfig`: itself, one built from a mapping of its fields (a YAML
+        block), or the defaults for ``None``. Unknown names raise ``TypeError`` like a normal call."""
+        if isinstance(config, Mapping):
+            return cls(**config)
+        return config if config is not None else cls()
 
     @classmethod
     def from_metadata(cls, metadata: Mapping[str, Any]) -> SubspaceConfig:
@@ -202,30 +207,17 @@ class AutoAlphaConfig:
             check_range("max_perplexity_increase", self.max_perplexity_increase, 0.0, float("inf"))
 
 
-def split_legacy(
-    config: SubspaceConfig | Mapping[str, Any] | None,
-    legacy: Mapping[str, Any],
-    owner: str,
-    replacement: str = "config=SubspaceConfig(...)",
-) -> SubspaceConfig:
-    """Merge old-style keyword settings (``eta=0.8``) into a :class:`SubspaceConfig`, warning once per name.
-
-    ``config`` may also be a plain mapping (a YAML block). Unknown names raise ``TypeError`` like a normal
-    call.
-    """
-    if isinstance(config, Mapping):
-        config = SubspaceConfig(**config)
-    config = config or SubspaceConfig()
-    if not legacy:
-        return config
-    names = {f.name for f in fields(SubspaceConfig)}
-    unknown = sorted(set(legacy) - names)
-    if unknown:
-        raise TypeError(f"{owner}() got unexpected keyword arguments {unknown}")
-    warnings.warn(
-        f"{owner}({', '.join(f'{k}=' for k in legacy)}) is deprecated and will be removed in the next "
-        f"release; pass {replacement} instead",
-        DeprecationWarning,
-        stacklevel=3,
-    )
-    return config.replace(**legacy)
+def calibration_identity(calibration) -> dict[str, str]:
+    """What the calibration set is, by content: a file's bytes, an inline list, or the bundled set."""
+    if calibration is None:
+        return {"source": "bundled:harmful_calibration"}
+    if isinstance(calibration, (str, os.PathLike)):
+        path = Path(calibration).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"calibration file not found: {path}")
+        return {"source": str(path), "hash": hashlib.blake2b(path.read_bytes(), digest_size=16).hexdigest()}
+    items = [i if isinstance(i, str) else list(i) for i in calibration]
+    return {
+        "source": "inline",
+        "hash": hashlib.blake2b(json.dumps(items).encode(), digest_size=16).hexdigest(),
+    }

@@ -15,9 +15,22 @@ from lssf_lightning.subspace import SafetySubspace
 if TYPE_CHECKING:
     from lssf_lightning.selection import SweepPoint
 
-__all__ = ["plot_front", "plot_subspace"]
+__all__ = ["plot_front", "plot_subspace", "pyplot"]
 
 _LAYER = re.compile(r"\.(\d+)\.")
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only ``Agg`` backend: the package's one matplotlib setup (every
+    figure is written to a file, also on machines without a display)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("plotting needs matplotlib: pip install matplotlib") from err
+    return plt
 
 
 def plot_subspace(
@@ -29,13 +42,7 @@ def plot_subspace(
     The file is written through the output guard (:func:`lssf_lightning.io.guard.guarded_output`): an existing
     ``path`` is replaced only with ``overwrite``, never when it is (or lies inside) one of ``inputs``.
     """
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("plotting needs matplotlib: pip install matplotlib") from err
+    plt = pyplot()
     series: dict[str, list[tuple[int, int, float]]] = defaultdict(list)
     for key, entry in subspace.entries.items():
         found = _LAYER.search(key)
@@ -78,11 +85,7 @@ def plot_front(
     """A PNG: harmful refusal against perplexity (left) and over-refusal against perplexity (right), one
     colour per method, the fine-tuned and aligned models marked, the recommended point circled, the budget
     dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     measured = [p for p in points if p.perplexity is not None]

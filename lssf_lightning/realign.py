@@ -17,18 +17,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lssf_lightning.config import MAX_SHARD_BYTES, SubspaceConfig, split_legacy
+from lssf_lightning.adapters import AdapterReport, write_lora_adapter
+from lssf_lightning.config import SubspaceConfig
 from lssf_lightning.io.export import copy_support_files, write_model_directory
 from lssf_lightning.io.guard import check_output
 from lssf_lightning.io.hub import is_hub_id, resolve_model
+from lssf_lightning.io.layout import MAX_SHARD_BYTES
 from lssf_lightning.io.lora import LoraAdapter, MergedLoraStore, is_adapter_dir
 from lssf_lightning.io.shards import parse_shard_size
 from lssf_lightning.io.weights import WeightStore, open_weights
+from lssf_lightning.methods.base import LowRankPlanner
 from lssf_lightning.methods.registry import check_options, make_planner
 from lssf_lightning.methods.spec import MethodInputs
 from lssf_lightning.subspace import SafetySubspace
+from lssf_lightning.validation import SettingError
 
-__all__ = ["RealignReport", "open_finetuned", "realign_checkpoint"]
+__all__ = ["RealignReport", "open_finetuned", "realign_as_adapter", "realign_checkpoint"]
 
 
 @dataclass
@@ -118,7 +122,7 @@ def realign_checkpoint(
             :data:`lssf_lightning.methods.registry.METHODS`); one it does not take is an error.
     """
     started = time.perf_counter()
-    config = split_legacy(config, {}, "realign_checkpoint")
+    config = SubspaceConfig.coerce(config)
     options = check_options(method, options)  # before any work: the method's own, in range
     max_shard_bytes = parse_shard_size(max_shard_bytes, "max_shard_bytes")
     output = Path(output).expanduser()
@@ -148,3 +152,50 @@ def realign_checkpoint(
 def _copy_support_files(support_dirs, staging, output) -> None:
     if "config.json" not in copy_support_files(support_dirs, staging):
         warnings.warn(f"no config.json found next to the inputs; {output} holds weights only", stacklevel=4)
+
+
+def realign_as_adapter(
+    finetuned: str | os.PathLike,
+    output: str | os.PathLike,
+    *,
+    aligned: str | os.PathLike | None = None,
+    unaligned: str | os.PathLike | None = None,
+    subspace=None,
+    config=None,
+    method: str = "lssf",
+    max_rank: int | None = None,
+    overwrite: bool = False,
+    allow_partial: bool = False,
+    progress: bool = True,
+    **options: Any,
+) -> AdapterReport:
+    """``lssf-lightning realign --as-adapter``: the correction for ``finetuned`` as a LoRA adapter in
+    ``output``.
+
+    A full fine-tune (a HF directory or hub ID) gets the correction alone, to load on it; a peft LoRA adapter
+    directory gets ONE adapter with its task LoRA and the correction, to load on its base (``aligned``, else
+    the adapter's ``base_model_name_or_path``). ``method`` is one of the LSSF fusion forms (``lssf``,
+    ``lssf-reset``, ``lssf-erosion``, ``lssf-two-sided``; its parameters, e.g. ``alpha``, ``add`` or
+    ``input_share``, as keywords in ``options``) over ``subspace`` (an object or file) or a subspace built
+    from ``aligned`` and ``unaligned`` with ``config``.
+    """
+    config = SubspaceConfig.coerce(config)
+    check_output(output, [finetuned, aligned, unaligned, subspace, config.calibration], overwrite=overwrite)
+    if subspace is None and (aligned is None or unaligned is None):
+        raise SettingError("--as-adapter needs --aligned and --unaligned, or a precomputed --subspace")
+    store, _ = open_finetuned(finetuned, aligned)  # a LoRA adapter: its base + task LoRA, merged lazily
+    lora = isinstance(store, MergedLoraStore)
+    # A LoRA run's base is its aligned model: --aligned, else the adapter's recorded base (as given: a hub ID
+    # stays one in the written adapter_config.json).
+    base = (aligned if aligned is not None else store.adapter.base_model_path) if lora else aligned
+    inputs = MethodInputs(store, base, unaligned, subspace, config, options, allow_partial, progress)
+    planner = make_planner(method, inputs)
+    if not isinstance(planner, LowRankPlanner):
+        raise SettingError(
+            f"--as-adapter writes a low-rank LSSF correction; method {method!r} is not one (use lssf, "
+            "lssf-reset, lssf-erosion or lssf-two-sided)"
+        )
+    settings = {"max_rank": max_rank, "overwrite": overwrite}
+    if not lora:
+        return write_lora_adapter(planner, output, base_model=finetuned, **settings)
+    return write_lora_adapter(planner, output, base_model=base, task_adapter=store.adapter.path, **settings)

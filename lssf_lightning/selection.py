@@ -33,7 +33,7 @@ from torch import nn
 
 from lssf_lightning.methods.base import temporarily_edited
 from lssf_lightning.methods.lssf import LSSF
-from lssf_lightning.metrics import generate_responses, harmful_refusal_rate
+from lssf_lightning.metrics import generate_responses, refusal_rate
 from lssf_lightning.validation import check_choice, check_fraction, check_range
 
 __all__ = [
@@ -345,7 +345,7 @@ def refusal_curve(
     """
     if rate is None:
         def rate(responses):
-            return float(harmful_refusal_rate(responses, judge=judge))
+            return float(refusal_rate(responses, judge=judge))
 
     def answers(prompts):
         return generate_responses(

@@ -1,13 +1,13 @@
 """``SafetySubspace``: the per-matrix safety subspaces of an aligned model, as rank-``r`` factors.
 
 Built once from an aligned model and its unaligned counterpart, it holds, for every targeted weight matrix,
-``U'`` (``d_out × r``) and ``U'ᵀδ`` (``r × d_in``) — never ``δ`` itself or a second model — and fuses
-``W ← W + α·U'(U'ᵀδ)`` into any fine-tuned copy.
+``U'`` (``d_out × r``) and ``U'ᵀδ`` (``r × d_in``) — never ``δ`` itself or a second model. It is data:
+the fusion ``W ← W + α·U'(U'ᵀδ)`` into a fine-tuned copy is the :class:`~lssf_lightning.methods.LSSF`
+planner's (``apply_edits(model, LSSF(subspace))``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -15,17 +15,18 @@ import os
 import warnings
 import zlib
 from collections.abc import Container, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from tqdm.auto import tqdm
 
-from lssf_lightning.config import SubspaceConfig, split_legacy
-from lssf_lightning.core.basis import add_correction, fusion_factors, low_rank_product, weighted_basis
+from lssf_lightning.calibration import calibration_factors
+from lssf_lightning.config import SubspaceConfig
+from lssf_lightning.core.basis import fusion_factors, weighted_basis
 from lssf_lightning.core.checks import all_finite
+from lssf_lightning.core.factors import SubspaceEntry
 from lssf_lightning.core.svd import safety_spectrum
 from lssf_lightning.io.names import (
     KeyMatcher,
@@ -42,74 +43,10 @@ from lssf_lightning.validation import SettingError
 __all__ = [
     "SafetySubspace",
     "SubspaceBuilder",
-    "SubspaceEntry",
     "check_correspondence",
     "select_target_pairs",
     "target_keys",
 ]
-
-
-@dataclass
-class SubspaceEntry:
-    """The safety subspace of one weight matrix, in output-major layout ``(d_out, d_in)``.
-
-    Attributes:
-        left: ``U' = U_r·diag(α_i)``, shape ``(d_out, r)``.
-        right: ``U'ᵀδ``, shape ``(r, d_in)``.
-        singular_values: the kept singular values ``σ_1…σ_r`` of the safety signal.
-        entropy: ``H(n)`` of the whole spectrum.
-        total_energy: ``Σ σ_i²`` over the whole spectrum.
-        conv1d: the checkpoint stores this weight transposed (GPT-2 ``Conv1D``).
-    """
-
-    left: Tensor
-    right: Tensor
-    singular_values: Tensor
-    entropy: float
-    total_energy: float
-    conv1d: bool = False
-
-    @property
-    def rank(self) -> int:
-        return int(self.left.shape[1])
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """The weight's shape as stored in the checkpoint."""
-        d_out, d_in = self.left.shape[0], self.right.shape[1]
-        return (d_in, d_out) if self.conv1d else (d_out, d_in)
-
-    @property
-    def energy_kept(self) -> float:
-        """Share of the safety signal's energy in the kept directions (``Σ_{i≤r} σ_i² / Σ σ_i²``)."""
-        if self.total_energy <= 0:
-            return 0.0
-        return float(self.singular_values.double().square().sum()) / self.total_energy
-
-    def correction(self, alpha: float = 1.0) -> Tensor:
-        """The dense term ``α·U'U'ᵀδ`` in the checkpoint's layout, in float64 (for inspection and tests)."""
-        dense = alpha * (self.left.to(torch.float64) @ self.right.to(torch.float64))
-        return dense.T if self.conv1d else dense
-
-    def product(self, like: Tensor) -> Tensor:
-        """The dense ``U'U'ᵀδ`` in the checkpoint's layout, in at least float32 (and ``like``'s precision), on
-        ``like``'s device. Memory: one matrix."""
-        product = low_rank_product(self.left, self.right, like)
-        return product.T if self.conv1d else product
-
-    def fuse(self, weight: Tensor, alpha: float = 1.0, name: str = "weight") -> Tensor:
-        """The fusion step (Eq. 13): ``weight + α·U'U'ᵀδ`` as a new tensor in ``weight``'s dtype.
-
-        Every fusion of the package (``SafetySubspace.fuse``, realign, the callbacks) ends here, so they all
-        round alike; ``name`` is for the error message.
-        """
-        if tuple(weight.shape) != self.shape:
-            raise ValueError(
-                f"{name}: weight of shape {tuple(weight.shape)} does not match the subspace's {self.shape}"
-            )
-        if self.rank == 0 or alpha == 0:
-            return weight.detach().clone()
-        return add_correction(weight.detach(), self.product(weight), alpha)
 
 
 def target_keys(
@@ -326,18 +263,18 @@ def check_input_weight(subspace: SafetySubspace, side: str, name: str, tensor: T
 
 
 class SafetySubspace:
-    """The low-rank safety subspace of every targeted weight matrix, and the fusion that uses it.
+    """The low-rank safety subspace of every targeted weight matrix.
 
-    Build it with :meth:`from_weights`, keep it with :meth:`save` / :meth:`load`, and apply it with
-    :meth:`fuse`. Keys are the weights' state-dict keys as the HF model names them
-    (``model.layers.0.self_attn.q_proj.weight``); fusion matches them through wrapper prefixes.
+    Build it with :meth:`from_weights`, keep it with :meth:`save` / :meth:`load`, and apply it with the
+    :class:`~lssf_lightning.methods.LSSF` planner. Keys are the weights' state-dict keys as the HF model names
+    them (``model.layers.0.self_attn.q_proj.weight``); fusion matches them through wrapper prefixes.
 
     Example::
 
         config = SubspaceConfig(eta=0.9)
         subspace = SafetySubspace.from_weights("Llama-3.1-8B-Instruct", "Llama-3.1-8B", config=config)
         subspace.save("safety.safetensors")
-        model = subspace.fuse(finetuned_model, alpha=1.0, inplace=True)
+        model = apply_edits(finetuned_model, LSSF(subspace, alpha=1.0), inplace=True)
     """
 
     def __init__(self, entries: Mapping[str, SubspaceEntry], metadata: dict[str, Any] | None = None) -> None:
@@ -365,7 +302,6 @@ class SafetySubspace:
         dtype: torch.dtype | None = None,
         allow_partial: bool = False,
         progress: bool = True,
-        **legacy: Any,
     ) -> SafetySubspace:
         """Compute the safety subspace of ``δ = aligned − unaligned`` for every targeted weight.
 
@@ -375,8 +311,7 @@ class SafetySubspace:
             unaligned: its unaligned counterpart (the pre-trained base, or a harmful fine-tune), same forms.
             config: the settings (η, α₁, source, calibration, target/exclude modules, max_rank, svd_method):
                 a :class:`~lssf_lightning.config.SubspaceConfig` or a mapping of its fields; default: its
-                defaults. The old keywords (``eta=0.8``…) still work for this release with a
-                ``DeprecationWarning``.
+                defaults.
             tokenizer: tokenizer (or its path) for ``source="activations"``; default: from ``aligned``'s
                 directory.
             device: where to run the SVDs (default: where each tensor is).
@@ -386,7 +321,7 @@ class SafetySubspace:
                 instead of refusing models whose targeted weights do not correspond.
             progress: show a progress bar.
         """
-        config = split_legacy(config, legacy, "SafetySubspace.from_weights")
+        config = SubspaceConfig.coerce(config)
         builder = SubspaceBuilder(
             aligned,
             unaligned,
@@ -410,13 +345,12 @@ class SafetySubspace:
         config: SubspaceConfig | Mapping[str, Any] | None = None,
         *,
         allow_partial: bool = False,
-        **legacy: Any,
     ) -> str:
         """The content hash :meth:`from_weights` would record for these inputs, without any SVD.
 
         Used to decide whether a cached subspace still fits (it reads every target tensor once).
         """
-        config = split_legacy(config, legacy, "SafetySubspace.fingerprint")
+        config = SubspaceConfig.coerce(config)
         aligned_store = open_weights(aligned, name="aligned")
         unaligned_store = open_weights(unaligned, name="unaligned")
         pairs = select_target_pairs(
@@ -458,11 +392,6 @@ class SafetySubspace:
             f"alpha_1={self.metadata.get('alpha_1')}, source={self.metadata.get('source')!r})"
         )
 
-    def factor_bytes(self) -> int:
-        """Bytes held by the factors (compare with the dense weights they stand for; the FSDP2 bench uses
-        it)."""
-        return sum(e.left.nbytes + e.right.nbytes + e.singular_values.nbytes for e in self.entries.values())
-
     def summary(self, max_rows: int | None = None) -> str:
         """A per-matrix table: shape, rank, entropy ``H(n)``, energy kept; then totals."""
         header = f"{'matrix':<52} {'shape':>13} {'rank':>5} {'H(n)':>7} {'energy kept':>11}"
@@ -497,58 +426,6 @@ class SafetySubspace:
         except (TypeError, ValueError):
             return None
 
-    def fuse(
-        self,
-        target: nn.Module | Mapping[str, Tensor],
-        alpha: float = 1.0,
-        inplace: bool = False,
-        *,
-        allow_partial: bool = False,
-    ):
-        """Add ``α·U'(U'ᵀδ)`` to every matching weight of ``target``; other weights are left untouched.
-
-        Args:
-            target: the fine-tuned model (an ``nn.Module``, e.g. a HF model, a LightningModule or a peft
-                model) or a ``{name: tensor}`` state dict. Keys are matched through wrapper prefixes/suffixes.
-                For a peft LoRA model the correction goes into each layer's frozen ``base_layer.weight``; the
-                adapters are left as they are, so the effective weight ``W + B·A`` gains exactly the
-                correction (save the whole model, or ``merge_and_unload()``, to keep it: an adapter-only
-                save does not contain the base weights).
-            alpha: fusion strength ``α`` (``0`` = no change).
-            inplace: write into ``target``'s own tensors. Otherwise a module is deep-copied and a mapping is
-                shallow-copied (untouched tensors are shared, fused ones are new).
-            allow_partial: fuse the weights ``target`` and the subspace have in common (a warning gives the
-                counts) instead of refusing a ``target`` whose targeted weights do not correspond.
-
-        Returns:
-            The fused module or mapping.
-
-        Raises:
-            ValueError: the targeted weights of ``target`` and the subspace do not correspond, or a matched
-                weight has another shape.
-        """
-        from lssf_lightning.methods.base import apply_edits
-        from lssf_lightning.methods.lssf import LSSF
-
-        return apply_edits(target, LSSF(self, alpha, allow_partial=allow_partial), inplace)
-
-    @contextlib.contextmanager
-    def temporarily_fused(
-        self, module: nn.Module, alpha: float = 1.0, *, allow_partial: bool = False
-    ) -> Iterator[nn.Module]:
-        """Fuse into ``module``'s own weights for the ``with`` block; the exact raw weights come back after.
-
-        The raw values of the matched weights wait on the CPU meanwhile (one copy of those weights).
-        """
-        from lssf_lightning.methods.base import temporarily_edited
-        from lssf_lightning.methods.lssf import LSSF
-
-        if alpha == 0:  # nothing to fuse, nothing to check
-            yield module
-            return
-        with temporarily_edited(module, LSSF(self, alpha, allow_partial=allow_partial)):
-            yield module
-
     def fuse_tensor(self, key: str, weight: Tensor, alpha: float = 1.0) -> Tensor:
         """``weight + α·U'U'ᵀδ`` for the subspace entry ``key`` (a new tensor, in ``weight``'s dtype)."""
         return self.entries[key].fuse(weight, alpha, key)
@@ -563,29 +440,17 @@ class SafetySubspace:
         return KeyMatcher(self.entries).match_all(keys)
 
     # -- persistence ------------------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike, *, overwrite: bool | None = None, inputs: Any = ()) -> Path:
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False, inputs: Any = ()) -> Path:
         """Write one safetensors file: three tensors per matrix and the metadata as JSON, through the output
         guard (atomic; refused when it would overlap ``inputs``; every factor checked finite first).
 
         Args:
             path: the file to write.
-            overwrite: ``True`` replaces an existing file, ``False`` refuses it. ``None`` (default) keeps
-                0.1's ``save(path)`` working: it replaces an existing *subspace file* with a
-                ``DeprecationWarning`` and refuses any other existing file (model weights are never replaced
-                by a subspace).
+            overwrite: ``True`` replaces an existing file, ``False`` (default) refuses it.
             inputs: paths the run read (the aligned/unaligned models...): ``path`` must not be one or lie in
                 one.
         """
         return write_subspace_file(path, self.entries, self.metadata, overwrite=overwrite, inputs=inputs)
-
-    def to_lora_adapter(self, directory: str | os.PathLike, alpha: float = 1.0, **options: Any):
-        """Write ``α·U'(U'ᵀδ)`` as a peft LoRA adapter directory: ``PeftModel.from_pretrained(finetuned,
-        directory)`` is the realigned model. ``options``: ``base_model``, ``max_rank``, ``task_adapter``,
-        ``dtype``, ``overwrite`` of :func:`lssf_lightning.io.lora_export.write_lora_adapter`; returns its
-        ``AdapterReport``."""
-        from lssf_lightning.io.lora_export import write_lora_adapter
-
-        return write_lora_adapter(self, directory, alpha=alpha, **options)
 
     @classmethod
     def load(cls, path: str | os.PathLike, map_location: str | torch.device = "cpu") -> SafetySubspace:
@@ -634,9 +499,8 @@ class SubspaceBuilder:
         dtype: torch.dtype | None = None,
         allow_partial: bool = False,
         progress: bool = True,
-        **legacy: Any,
     ) -> None:
-        self.config = split_legacy(config, legacy, "SubspaceBuilder")
+        self.config = SubspaceConfig.coerce(config)
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise SettingError(f"dtype must be a floating-point torch.dtype or None, got {dtype!r}")
         self.settings = self.config.hashed_settings()
@@ -669,8 +533,6 @@ class SubspaceBuilder:
         if self.config.source != "activations":
             return None
         if self._right_factors is None:
-            from lssf_lightning.calibration import calibration_factors
-
             self._right_factors, self._calibration_stats = calibration_factors(
                 self.aligned,
                 self._aligned_source,

@@ -18,11 +18,12 @@ pass local shards (see :mod:`lssf_lightning.distributed`).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import math
 import os
 import warnings
-from collections.abc import Callable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,11 +32,17 @@ import torch
 from torch import Tensor
 
 from lssf_lightning import distributed
+from lssf_lightning.adapters import write_model_adapter
 from lssf_lightning.config import SubspaceConfig
 from lssf_lightning.core.basis import add_correction
 from lssf_lightning.core.checks import all_finite
 from lssf_lightning.io.export import write_model_directory
+from lssf_lightning.io.guard import check_output, check_overlap
+from lssf_lightning.io.lazy_factors import LazyFactors
 from lssf_lightning.io.names import canonical_key, is_adapter_key
+from lssf_lightning.io.subspace_file import read_subspace_header
+from lssf_lightning.methods import LSSF
+from lssf_lightning.methods.base import temporarily_edited
 from lssf_lightning.subspace import SafetySubspace
 from lssf_lightning.validation import SettingError, check_finite, check_int, check_range
 
@@ -73,6 +80,7 @@ __all__ = [
     "recover_subspace",
     "resolve_epochs",
     "restore_raw",
+    "temporarily_fused",
 ]
 
 RAW_FIXUPS_KEY = "lssf_raw_fixups"
@@ -130,8 +138,6 @@ def _cache_history(cache: str | os.PathLike) -> list[Path]:
 
 
 def _file_fingerprint(path: Path) -> str | None:
-    from lssf_lightning.io.subspace_file import read_subspace_header
-
     try:
         header, _ = read_subspace_header(path)
     except (OSError, ValueError):
@@ -185,8 +191,6 @@ def disk_backed(subspace: SafetySubspace, cache: str | os.PathLike | None, world
     path = cache_file(cache, subspace.metadata.get("fingerprint"))
     if path is None:
         return subspace
-    from lssf_lightning.io.lazy_factors import LazyFactors
-
     factors = LazyFactors(path)
     if factors.metadata.get("fingerprint") != subspace.metadata.get("fingerprint"):
         return subspace
@@ -324,7 +328,7 @@ def restore_raw(
                       stacklevel=2)
     matched = matched if matched is not None else matched_keys(subspace, parameters.keys())
     if distributed.is_sharded_fixups(fixups) or any(distributed.is_dtensor(parameters[k]) for k in matched):
-        # FSDP2: each rank restores its own shards with the fix-ups saved for that block (see distributed.py)
+        # FSDP2: each rank restores its own shards with the fix-ups saved for that block
         saved_by = fixups.get("world_size", 1) if isinstance(fixups, Mapping) else None
         if distributed.is_sharded_fixups(fixups):
             fixups = distributed.fixups_of_rank(fixups, distributed.global_rank())
@@ -464,8 +468,6 @@ def export_realigned(
     ``α·U'U'ᵀδ`` added to each matched tensor (``alpha``: the missing strength), atomically; refused when the
     directory overlaps ``inputs`` (model paths, Trainer folders, the cache), or exists and ``overwrite`` is
     false or it holds files lssf_lightning does not write."""
-    from lssf_lightning.methods import LSSF  # the edit protocol shared with realign and SafetySubspace.fuse
-
     edits = LSSF(subspace, alpha).plan(store)
     write_model_directory(store, directory, edits=edits, names=names, write_support_files=write_support_files,
                           overwrite=overwrite, inputs=inputs, progress=progress)
@@ -484,12 +486,10 @@ def export_adapter(
     inputs: Any = (),
 ):
     """Both callbacks' ``export_adapter_dir``: ``α·U'U'ᵀδ`` (``alpha``: the missing strength) for ``model``'s
-    live weights as a peft LoRA adapter (:func:`~lssf_lightning.io.lora_export.write_model_adapter`; a peft
+    live weights as a peft LoRA adapter (:func:`~lssf_lightning.adapters.write_model_adapter`; a peft
     LoRA ``model`` gets ONE adapter with its task LoRA, to load on the aligned model). Skipped with a warning
     for sharded (FSDP) weights, which it cannot read whole on one rank; returns the report (also passed to
     ``info`` as one line), or ``None``. ``overwrite`` and ``inputs``: as in :func:`export_realigned`."""
-    from lssf_lightning.io.lora_export import write_model_adapter
-
     if any(distributed.is_dtensor(p) for p in model.parameters()) or _fsdp1_wrapped(model):
         warnings.warn(f"export_adapter_dir={os.fspath(directory)!r} skipped: the weights are sharded (FSDP); "
                       "run `lssf-lightning realign --as-adapter` on the exported model instead", stacklevel=2)
@@ -521,8 +521,6 @@ def check_outputs(
     replaced only with ``overwrite`` and only if it holds files lssf_lightning writes
     (:func:`~lssf_lightning.io.guard.check_output`); the ``cache`` file must not overlap ``cache_inputs``.
     Raises the guard's one-line errors."""
-    from lssf_lightning.io.guard import check_output, check_overlap
-
     given = [o for o in outputs if o]
     for index, output in enumerate(given):
         check_output(output, [inputs, given[:index], given[index + 1:]], overwrite=overwrite)
@@ -597,3 +595,22 @@ def hf_support_files(model: torch.nn.Module, tokenizer=None) -> Callable[[Path],
             tokenizer.save_pretrained(staging)
 
     return support
+
+
+@contextlib.contextmanager
+def temporarily_fused(
+    module: torch.nn.Module, subspace: SafetySubspace, alpha: float
+) -> Iterator[torch.nn.Module]:
+    """``module``'s matched weights fused with ``alpha`` for the ``with`` block, the exact raw ones back
+    after: shard-local for DTensor weights (FSDP2), else through the LSSF planner (the raw values of the
+    matched weights wait on the CPU meanwhile)."""
+    parameters = dict(module.state_dict(keep_vars=True))
+    matched = matched_keys(subspace, parameters.keys())
+    if any(distributed.is_dtensor(parameters[k]) for k in matched):
+        with distributed.temporarily_fused_shards(parameters, subspace, alpha, matched=matched):
+            yield module
+    elif alpha == 0:  # nothing to fuse, nothing to check
+        yield module
+    else:
+        with temporarily_edited(module, LSSF(subspace, alpha)):
+            yield module

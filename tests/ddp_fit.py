@@ -13,7 +13,8 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lssf_lightning import LSSFCallback
-from lssf_lightning.lightning.finetune import CausalLMModule, ChatDataModule
+from lssf_lightning.lightning.data import ChatDataModule
+from lssf_lightning.lightning.module import CausalLMModule
 from lssf_lightning.lightning.monitor import RefusalMonitor
 
 

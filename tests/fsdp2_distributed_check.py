@@ -15,20 +15,19 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 from lssf_lightning.core.basis import add_correction
+from lssf_lightning.core.factors import SubspaceEntry, local_product, restrict
 from lssf_lightning.distributed import (
     apply_shard_fixup,
     build_across_ranks,
-    fuse_shard,
-    fuse_shard_,
+    fuse_state_shards,
     gather_to_rank0,
     is_dtensor,
-    local_product,
     local_tensor,
-    restrict,
+    realign_shards_in_place,
     shard_fixup,
     shard_region,
 )
-from lssf_lightning.subspace import SafetySubspace, SubspaceBuilder, SubspaceEntry
+from lssf_lightning.subspace import SafetySubspace, SubspaceBuilder
 
 torch.set_num_threads(1)
 
@@ -71,7 +70,10 @@ def check_fusion(mesh, rank):
         alpha = 0.7
         sharded = distribute_tensor(weight, mesh, placements)
         region = shard_region(sharded)
-        fused = fuse_shard(entry, sharded, alpha)
+        one = SafetySubspace({"w": entry})  # the real path: a state dict fused shard by shard
+        state = {"w": sharded}
+        fuse_state_shards(state, one, alpha, matched={"w": "w"}, keep_fixups=False)
+        fused = state["w"]
         gathered = fused.full_tensor()
         expected = dense(weight, entry, alpha)
         tolerance = 1e-5 if dtype == torch.float32 else 2e-2
@@ -84,7 +86,7 @@ def check_fusion(mesh, rank):
         )
         # in place on a parameter
         parameter = torch.nn.Parameter(distribute_tensor(weight.clone(), mesh, placements))
-        fuse_shard_(parameter, entry, alpha)
+        realign_shards_in_place({"w": parameter}, one, alpha, matched={"w": "w"})
         ok_inplace = torch.equal(local_tensor(parameter), local_tensor(fused))
         # exact resume: recover raw = fused − term, then the per-shard fix-ups
         raw_local = local_tensor(sharded)
@@ -177,8 +179,6 @@ def check_model(out, finetuned, aligned, unaligned, mesh, rank):
         fuse_state_shards,
         gather_fixups,
         gathered_store,
-        localize,
-        realign_shards_in_place,
         restore_raw_shards,
         temporarily_fused_shards,
     )
@@ -268,7 +268,10 @@ def check_model(out, finetuned, aligned, unaligned, mesh, rank):
         results["forward_changed"] = not torch.allclose(logits_raw, logits_fused)
         results["forward_back"] = torch.equal(model(tokens).logits, logits_raw)
     # what a rank keeps under FSDP2: its rows of U' and the whole U'ᵀδ, fusing exactly as the full entries do
-    kept = SafetySubspace(localize(subspace, parameters, matched), subspace.metadata)
+    kept = SafetySubspace(
+        {name: restrict(subspace[name], shard_region(parameters[key])) for key, name in matched.items()},
+        subspace.metadata,
+    )
     with temporarily_fused_shards(parameters, kept, alpha, matched=matched):
         from_kept = {k: local_tensor(parameters[k]).clone() for k in matched}
     with temporarily_fused_shards(parameters, subspace, alpha, matched=matched):

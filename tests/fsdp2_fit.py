@@ -27,8 +27,10 @@ from torch.distributed.fsdp import fully_shard
 from lssf_lightning.config import SubspaceConfig
 from lssf_lightning.distributed import is_dtensor
 from lssf_lightning.lightning.callback import LSSFCallback
-from lssf_lightning.lightning.finetune import CausalLMModule, ChatDataModule
+from lssf_lightning.lightning.data import ChatDataModule
+from lssf_lightning.lightning.module import CausalLMModule
 from lssf_lightning.lightning.monitor import RefusalMonitor
+from lssf_lightning.methods import LSSF, apply_edits
 from lssf_lightning.training import ResumeError
 
 torch.set_num_threads(1)
@@ -183,7 +185,7 @@ def single_process_rates(aligned, weights, callback, monitor, tokenizer, export_
     for kind, prompts in monitor.prompts().items():
         answers = generate_responses(model, tokenizer, prompts, max_new_tokens=monitor.max_new_tokens)
         rates[kind] = sum(odd_length(answers)) / len(answers)
-        fused = callback.subspace.fuse(model, alpha=callback.current_alpha)
+        fused = apply_edits(model, LSSF(callback.subspace, callback.current_alpha))
         answers = generate_responses(fused, tokenizer, prompts, max_new_tokens=monitor.max_new_tokens)
         rates[f"{kind}_realigned"] = sum(odd_length(answers)) / len(answers)
     from lssf_lightning.io.weights import ModuleStore

@@ -5,11 +5,11 @@ from lssf_lightning.core.basis import (
     basis_weights,
     best_low_rank,
     compact_low_rank,
-    fuse_weight,
     fusion_factors,
     weighted_basis,
 )
 from lssf_lightning.core.entropy import safety_critical_rank
+from lssf_lightning.core.factors import SubspaceEntry
 
 
 def test_weights_of_3_2_1_by_hand():
@@ -49,7 +49,7 @@ def test_fusion_matches_dense_formula_in_float64(shape, alpha_1):
     r = safety_critical_rank(s, 0.6)
     alpha = 1.7
     left, right = fusion_factors(weighted_basis(u[:, :r], s[:r], alpha_1), delta)
-    fused = fuse_weight(weight, left, right, alpha)
+    fused = SubspaceEntry(left, right, s[:r], 0.0, 0.0).fuse(weight, alpha)
     weights = 1 + (alpha_1 - 1) * (s[:r] - s[r - 1]) / (s[0] - s[r - 1])
     u_prime = u[:, :r] @ torch.diag(weights)
     dense = weight + alpha * u_prime @ u_prime.T @ delta
@@ -58,17 +58,18 @@ def test_fusion_matches_dense_formula_in_float64(shape, alpha_1):
     assert left.shape == (shape[0], r) and right.shape == (r, shape[1])
 
 
-def test_fuse_weight_returns_new_tensor_in_weight_dtype():
+def test_entry_fusion_returns_a_new_tensor_in_the_weight_dtype():
+    entry = SubspaceEntry(torch.ones(3, 1), torch.ones(1, 2), torch.ones(1), 0.0, 1.0)
     weight = torch.ones(3, 2, dtype=torch.bfloat16)
     before = weight.clone()
-    out = fuse_weight(weight, torch.ones(3, 1), torch.ones(1, 2), alpha=0.5)
+    out = entry.fuse(weight, alpha=0.5)
     assert out.dtype == torch.bfloat16 and torch.equal(weight, before)
     assert torch.equal(out, torch.full((3, 2), 1.5, dtype=torch.bfloat16))
     f32 = torch.zeros(3, 2)
-    out32 = fuse_weight(f32, torch.ones(3, 1), torch.ones(1, 2))
+    out32 = entry.fuse(f32)
     assert out32.data_ptr() != f32.data_ptr() and f32.abs().sum() == 0
     with pytest.raises(ValueError, match="does not match"):
-        fuse_weight(torch.zeros(2, 2), torch.ones(3, 1), torch.ones(1, 2))
+        entry.fuse(torch.zeros(2, 2))
 
 
 def test_all_finite_agrees_with_the_element_wise_mask_including_overflowing_sums():

@@ -16,7 +16,8 @@ from lssf_lightning.config import AutoAlphaConfig, SubspaceConfig
 from lssf_lightning.lightning import strategy
 from lssf_lightning.lightning.auto_alpha import AutoAlpha
 from lssf_lightning.lightning.callback import RAW_FIXUPS_KEY, LSSFCallback
-from lssf_lightning.lightning.finetune import CausalLMModule, ChatDataModule, write_chat_jsonl
+from lssf_lightning.lightning.data import ChatDataModule, write_chat_jsonl
+from lssf_lightning.lightning.module import CausalLMModule
 from lssf_lightning.lightning.monitor import RefusalMonitor
 from lssf_lightning.subspace import SafetySubspace
 
@@ -243,7 +244,7 @@ def every_other(responses):
 
 
 def test_monitor_logs_rates_and_restores_raw_weights(llama_trio, data_files):
-    from lssf_lightning.metrics import generate_responses, harmful_refusal_rate, load_prompts
+    from lssf_lightning.metrics import generate_responses, load_prompts, refusal_rate
 
     class Check(Callback):
         def on_validation_epoch_start(self, trainer, pl_module):
@@ -260,11 +261,11 @@ def test_monitor_logs_rates_and_restores_raw_weights(llama_trio, data_files):
     tokenizer = module.tokenizer
     harmful = load_prompts("harmful")[:6]
     raw = generate_responses(module.model, tokenizer, harmful, max_new_tokens=4)
-    expected = float(harmful_refusal_rate(raw, judge=every_other))
+    expected = float(refusal_rate(raw, judge=every_other))
     assert float(metrics["lssf/refusal_rate"]) == pytest.approx(expected)
     with callback.realigned_weights(module):
         fused = generate_responses(module.model, tokenizer, harmful, max_new_tokens=4)
-    expected = float(harmful_refusal_rate(fused, judge=every_other))
+    expected = float(refusal_rate(fused, judge=every_other))
     assert float(metrics["lssf/refusal_rate_realigned"]) == pytest.approx(expected)
     assert 0 <= float(metrics["lssf/harmless_refusal_rate"]) <= 1
     assert "lssf/harmless_refusal_rate_realigned" in metrics
@@ -295,19 +296,12 @@ class ScriptedJudge:
         return [verdict] * len(responses)
 
 
-@pytest.mark.parametrize("spelling", ["new", "deprecated"])
-def test_auto_alpha_picks_the_smallest_alpha_reaching_the_aligned_rate(llama_trio, data_files, tmp_path,
-                                                                       spelling):
+def test_auto_alpha_picks_the_smallest_alpha_reaching_the_aligned_rate(llama_trio, data_files, tmp_path):
     # call 0: the aligned model at fit start (refuses: target 0.95); call 1: alpha 0.5 (no); call 2: alpha 1.0
     # (yes)
     judge = ScriptedJudge(refusing={0, 2})
-    if spelling == "new":
-        auto = AutoAlpha(AutoAlphaConfig(alphas=[2.0, 0.5, 1.0]), RefusalMonitor(judge=judge))
-        callback = lssf(llama_trio, alpha="auto", auto_alpha=auto)
-    else:
-        with pytest.warns(DeprecationWarning, match=r"auto_alpha=AutoAlphaConfig\(alphas=\)"):
-            callback = LSSFCallback(unaligned=str(llama_trio.base), alpha="auto", auto_alphas=[2.0, 0.5, 1.0],
-                                    judge=judge, monitor_refusal=False, verbose=False)
+    auto = AutoAlpha(AutoAlphaConfig(alphas=[2.0, 0.5, 1.0]), RefusalMonitor(judge=judge))
+    callback = lssf(llama_trio, alpha="auto", auto_alpha=auto)
     trainer, module = fit(llama_trio, data_files, [callback, checkpoint_as_x(tmp_path)],
                           max_epochs=1, validate=True)
     assert judge.calls == 3 and callback.current_alpha == 1.0
@@ -350,20 +344,16 @@ def test_subspace_cache_is_reused_and_rebuilt_when_stale(llama_trio, data_files,
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"eta": 0}, r"eta must be in \(0, 1\], got 0"),  # a deprecated spelling goes through SubspaceConfig
+        ({"subspace": {"eta": 0}}, r"eta must be in \(0, 1\], got 0"),  # a YAML block: SubspaceConfig's rule
         ({"alpha": float("nan")}, "alpha must be a finite number or 'auto', got nan"),
         ({"alpha": "max"}, "alpha must be a finite number or 'auto', got 'max'"),
-        ({"auto_alphas": []}, "alphas must be a non-empty list"),
-        ({"auto_target": 1.5}, r"target must be in \[0, 1\], got 1.5"),
         ({"apply_on": "sometimes"}, "apply_on must be one of"),
         ({"apply_on": "epochs"}, "needs apply_epochs"),
         ({"apply_on": "epochs", "apply_epochs": [-1]}, "needs apply_epochs"),
         ({"apply_on": "epochs", "apply_epochs": 1.5}, r"\(as a float\) must be in \(0, 1\]"),
         ({"apply_epochs": [1]}, "only used with apply_on='epochs'"),
         ({"apply_on": "train_end"}, "needs `export_dir`"),
-        ({"min_refusal_rate": 0.5, "monitor_refusal": False}, "min_refusal_rate needs the refusal monitor"),
-        ({"num_monitor_prompts": 0}, "num_prompts must be an integer >= 1, got 0"),
-        ({"monitor": RefusalMonitor(), "etaa": 0.5}, "unexpected keyword arguments"),
+        ({"monitor": RefusalMonitor(), "etaa": 0.5}, "unexpected keyword argument 'etaa'"),
     ],
 )
 def test_invalid_arguments_are_named(kwargs, message):
@@ -415,33 +405,17 @@ def test_state_key_tells_instances_apart():
     assert isinstance(Path(a.unaligned), Path)
 
 
-def test_deprecated_spellings_still_work_and_warn():
-    with pytest.warns(DeprecationWarning) as caught:
-        callback = LSSFCallback(
-            unaligned="base", eta=0.5, alpha_1=2.0, max_rank=3, target_modules=["q_proj"],
-            keep_raw_weights=False, judge=every_other, num_monitor_prompts=3, monitor_max_new_tokens=2,
-            refusal_prompts="harmful",
-            min_refusal_rate=0.25, alpha="auto", auto_alphas=[2.0, 1.0], auto_target=0.5, auto_tolerance=0.1,
-        )
-    messages = " ".join(str(w.message) for w in caught)
-    for new in ("subspace=SubspaceConfig", "keep_raw_fixups=", "monitor=RefusalMonitor(", "num_prompts=",
-                "max_new_tokens=", "auto_alpha=AutoAlphaConfig(", "alphas="):
-        assert new in messages, new
-    assert callback.subspace_config == SubspaceConfig(eta=0.5, alpha_1=2.0, max_rank=3,
-                                                      target_modules=["q_proj"])
-    assert callback.keep_raw_fixups is False
-    monitor = callback.monitor
-    assert (monitor.judge, monitor.num_prompts, monitor.max_new_tokens) == (every_other, 3, 2)
-    assert callback.min_refusal_rate == 0.25 and monitor.harmful_prompts == "harmful"
-    assert monitor.owner is callback
-    assert callback.auto.config == AutoAlphaConfig(alphas=[1.0, 2.0], target=0.5, tolerance=0.1)
-    assert callback.auto.monitor is monitor
-    with pytest.warns(DeprecationWarning, match="use monitor="):
-        assert LSSFCallback(unaligned="base", monitor_refusal=False).monitor is None
+def test_loose_settings_are_refused_and_the_config_objects_warn_about_nothing():
+    for loose in ({"eta": 0.5}, {"judge": every_other}, {"auto_alphas": [1.0]}, {"keep_raw_weights": False}):
+        with pytest.raises(TypeError, match=next(iter(loose))):
+            LSSFCallback(unaligned="base", **loose)
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # the new spellings warn about nothing
-        LSSFCallback(unaligned="base", subspace=SubspaceConfig(eta=0.5), keep_raw_fixups=False, alpha="auto",
-                     auto_alpha=AutoAlphaConfig(alphas=[1.0]), min_refusal_rate=0.25)
+        warnings.simplefilter("error")
+        callback = LSSFCallback(unaligned="base", subspace={"eta": 0.5}, keep_raw_fixups=False, alpha="auto",
+                                auto_alpha=AutoAlphaConfig(alphas=[1.0]), monitor=RefusalMonitor(),
+                                min_refusal_rate=0.25)
+    assert callback.subspace_config == SubspaceConfig(eta=0.5) and callback.keep_raw_fixups is False
+    assert callback.auto.monitor is callback.monitor and callback.min_refusal_rate == 0.25
 
 
 def test_refusal_monitor_alone_logs_refusal_rates(llama_trio, data_files):

@@ -9,7 +9,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from lssf_lightning.lightning.finetune import write_chat_jsonl
+from lssf_lightning.lightning.data import write_chat_jsonl
 from lssf_lightning.training import RAW_FIXUPS_KEY
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -92,16 +92,7 @@ def test_fit_reports_a_bad_config_value_in_one_line(tmp_path):
     assert "missing" in stderr
 
 
-def test_an_old_style_config_still_parses_with_a_notice(llama_trio, tmp_path):
-    config = substitute("demo.yaml", {
-        "subspace:\n          eta: 0.9": "eta: 0.8\n        keep_raw_weights: false",
-        "monitor:\n          num_prompts: 8": "num_monitor_prompts: 3",
-    }, tmp_path)
-    code, stdout, stderr = fit_cli("--config", config, "--model.model", llama_trio.aligned, "--print_config")
-    assert code == 0, stderr[-3000:]
-    assert "deprecated LSSFCallback keys ['eta', 'keep_raw_weights', 'num_monitor_prompts']" in stderr
-    callbacks = yaml.safe_load(stdout)["trainer"]["callbacks"]
-    lssf = next(c for c in callbacks if c["class_path"].endswith("LSSFCallback"))
-    args = lssf["init_args"]
-    assert args["subspace"]["eta"] == 0.8 and args["keep_raw_fixups"] is False
-    assert args["monitor"]["init_args"]["num_prompts"] == 3
+def test_an_old_style_config_key_is_refused(llama_trio, tmp_path):
+    config = substitute("demo.yaml", {"subspace:\n          eta: 0.9": "eta: 0.8"}, tmp_path)
+    code, _, stderr = fit_cli("--config", config, "--model.model", llama_trio.aligned, "--print_config")
+    assert code != 0 and "eta" in stderr

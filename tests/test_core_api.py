@@ -1,4 +1,4 @@
-"""The core's public API: config objects, deprecated spellings, the planner registry, and the numeric
+"""The core's public API: config objects, the planner registry, and the numeric
 settings refused at every entry point."""
 
 from __future__ import annotations
@@ -11,11 +11,13 @@ from conftest import run_cli, state, tree_hashes
 from safetensors.torch import load_file
 
 from lssf_lightning.commands import build_parser
-from lssf_lightning.config import MAX_SHARD_BYTES, SubspaceConfig
+from lssf_lightning.config import AutoAlphaConfig, SubspaceConfig
+from lssf_lightning.io.layout import MAX_SHARD_BYTES
 from lssf_lightning.methods import LSSF, METHODS, MethodInputs, Resta, SafeLoRA, apply_edits, register_method
 from lssf_lightning.methods.registry import all_parameters
 from lssf_lightning.realign import realign_checkpoint
 from lssf_lightning.subspace import SafetySubspace, SubspaceBuilder
+from lssf_lightning.training import temporarily_fused
 from lssf_lightning.validation import SettingError
 
 
@@ -25,33 +27,27 @@ def same_entries(a: SafetySubspace, b: SafetySubspace) -> bool:
     )
 
 
-# -- deprecated spellings ------------------------------------------------------------------------------------
-def test_old_keywords_warn_and_give_the_same_subspace_and_fingerprint(llama_trio):
+# -- settings come as a config object ---------------------------------------------------------------------
+def test_a_mapping_is_a_config_and_loose_keywords_are_refused(llama_trio, tmp_path):
     m = llama_trio.models
     config = SubspaceConfig(eta=0.8, alpha_1=1.5, max_rank=3)
-    new = SafetySubspace.from_weights(m["aligned"], m["base"], config, progress=False)
-    with pytest.warns(
-        DeprecationWarning, match=r"from_weights\(eta=, alpha_1=, max_rank=\) is deprecated.*config="
-    ):
-        old = SafetySubspace.from_weights(
-            m["aligned"], m["base"], eta=0.8, alpha_1=1.5, max_rank=3, progress=False
-        )
-    assert same_entries(old, new) and old.metadata == new.metadata
-    with pytest.warns(DeprecationWarning, match="fingerprint"):
-        assert (
-            SafetySubspace.fingerprint(m["aligned"], m["base"], eta=0.8, alpha_1=1.5, max_rank=3)
-            == new.metadata["fingerprint"]
-        )
-    with pytest.warns(DeprecationWarning, match="SubspaceBuilder"):
-        builder = SubspaceBuilder(m["aligned"], m["base"], eta=0.8, alpha_1=1.5, max_rank=3, progress=False)
-    assert builder.config == config
-    # a YAML-style mapping is a config too, and an unknown keyword is an ordinary TypeError
+    built = SafetySubspace.from_weights(m["aligned"], m["base"], config, progress=False)
+    # a YAML-style mapping is a config too
     assert (
         SafetySubspace.fingerprint(m["aligned"], m["base"], {"eta": 0.8, "alpha_1": 1.5, "max_rank": 3})
-        == new.metadata["fingerprint"]
+        == built.metadata["fingerprint"]
     )
+    mapping = {"eta": 0.8, "alpha_1": 1.5, "max_rank": 3}
+    assert SubspaceBuilder(m["aligned"], m["base"], mapping).config == config
     with pytest.raises(TypeError, match="etta"):
-        SafetySubspace.from_weights(m["aligned"], m["base"], etta=0.8)
+        SafetySubspace.from_weights(m["aligned"], m["base"], {"etta": 0.8})
+    for call in (
+        lambda: SafetySubspace.from_weights(m["aligned"], m["base"], eta=0.8),
+        lambda: SafetySubspace.fingerprint(m["aligned"], m["base"], eta=0.8),
+        lambda: SubspaceBuilder(m["aligned"], m["base"], eta=0.8),
+    ):
+        with pytest.raises(TypeError, match="eta"):
+            call()
 
 
 def test_realign_refuses_a_keyword_that_is_no_parameter_of_the_method(llama_trio, tmp_path):
@@ -65,7 +61,7 @@ def test_realign_refuses_a_keyword_that_is_no_parameter_of_the_method(llama_trio
 def test_fuse_is_the_lssf_planner_through_apply_edits(llama_trio):
     subspace = SafetySubspace.from_weights(llama_trio.aligned, llama_trio.base, progress=False)
     ft = state(llama_trio.models["finetuned"])
-    fused = subspace.fuse(ft, alpha=0.7)
+    fused = apply_edits(ft, LSSF(subspace, 0.7))
     planned = apply_edits(ft, LSSF(subspace, 0.7))
     assert all(torch.equal(fused[k], planned[k]) for k in ft)
     key = "model.layers.1.mlp.down_proj.weight"
@@ -203,10 +199,10 @@ def test_python_entry_points_refuse_bad_numbers(llama_trio):
     subspace = SafetySubspace.from_weights(llama_trio.aligned, llama_trio.base, progress=False)
     ft = state(llama_trio.models["finetuned"])
     with pytest.raises(SettingError, match="alpha must be a finite number, got nan"):
-        subspace.fuse(ft, alpha=float("nan"))
+        apply_edits(ft, LSSF(subspace, float("nan")))
     with (
         pytest.raises(SettingError, match="alpha must be a finite number"),
-        subspace.temporarily_fused(llama_trio.models["finetuned"], float("inf")),
+        temporarily_fused(llama_trio.models["finetuned"], subspace, float("inf")),
     ):
         pass
     with pytest.raises(SettingError, match="dtype must be a floating-point torch.dtype"):
@@ -269,3 +265,15 @@ def test_resta_refuses_a_non_finite_safety_vector_and_writes_nothing(llama_trio,
             progress=False,
         )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["aligned"]
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"alphas": []}, "alphas must be a non-empty list"),
+        ({"target": 1.5}, r"target must be in \[0, 1\], got 1.5"),
+    ],
+)
+def test_auto_alpha_settings_are_checked_where_they_enter(settings, message):
+    with pytest.raises(SettingError, match=message):
+        AutoAlphaConfig(**settings)

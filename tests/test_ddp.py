@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lssf_lightning.lightning.finetune import write_chat_jsonl
+from lssf_lightning.lightning.data import write_chat_jsonl
 from lssf_lightning.training import RAW_FIXUPS_KEY
 
 SCRIPT = Path(__file__).with_name("ddp_fit.py")

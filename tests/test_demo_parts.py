@@ -19,8 +19,9 @@ from lssf_lightning.demo.assets import (
     load_demo_prompts,
     package_file,
 )
+from lssf_lightning.demo.config import DemoConfig
 from lssf_lightning.demo.figures import plot_scores
-from lssf_lightning.demo.run import DemoConfig, _markdown_table
+from lssf_lightning.demo.report import markdown_table
 from lssf_lightning.demo.task import (
     TOPICS,
     generate_examples,
@@ -172,7 +173,7 @@ def test_markdown_table_and_figures(tmp_path):
             "harmful_refusal": 0.9, "harmless_refusal": 0.05, "task_accuracy": 0.0, "harmful_refusal_ood": 0.7
         },
     }
-    table = _markdown_table(results, (("harmful_refusal", "refusal"), ("harmful_refusal_ood", "ood")))
+    table = markdown_table(results, (("harmful_refusal", "refusal"), ("harmful_refusal_ood", "ood")))
     assert table.splitlines() == ["| model | refusal | ood |", "|---|---|---|", "| base | 0.00 | — |",
                                   "| aligned | 0.90 | 0.70 |"]
     scores = plot_scores(results, tmp_path / "scores.png")
@@ -232,7 +233,8 @@ def test_lora_adapters_written_sized_served_and_capped(llama_trio, tmp_path):
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from lssf_lightning.demo.run import _Progress, _Run, lora_adapters
+    from lssf_lightning.demo.adapters import lora_adapters
+    from lssf_lightning.demo.state import Progress, Run
     from lssf_lightning.methods import LSSFTwoSided
     from lssf_lightning.methods.base import temporarily_edited
     from lssf_lightning.subspace import SafetySubspace
@@ -267,7 +269,7 @@ def test_lora_adapters_written_sized_served_and_capped(llama_trio, tmp_path):
     with temporarily_edited(merged, planner()):
         scores = {"realigned": evaluate(merged, "realigned")}
     config = DemoConfig.quick(adapter_rank_caps=(6,))
-    run = _Run(config=config, quick=True, output=tmp_path, cache=tmp_path, log=_Progress(),
+    run = Run(config=config, quick=True, output=tmp_path, cache=tmp_path, log=Progress(),
                aligned_dir=Path(llama_trio.aligned))
     before = {k: v.clone() for k, v in peft_model.state_dict().items()}
     report = lora_adapters(run, peft_model, merged, planner, evaluate, check, scores)

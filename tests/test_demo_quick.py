@@ -12,7 +12,8 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lssf_lightning.demo.run import MODEL_NAMES, SAVED_MODELS, run_demo
+from lssf_lightning.demo.config import MODEL_NAMES, SAVED_MODELS
+from lssf_lightning.demo.run import run_demo
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ from conftest import state
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from lssf_lightning.lightning.finetune import write_chat_jsonl
+from lssf_lightning.lightning.data import write_chat_jsonl
+from lssf_lightning.methods import LSSF, apply_edits
 from lssf_lightning.subspace import SafetySubspace
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -41,7 +42,7 @@ def test_posthoc_realign_example(llama_trio, tmp_path):
     assert "rank" in stdout
     subspace = SafetySubspace.load(tmp_path / "out-subspace.safetensors")
     fused = state(AutoModelForCausalLM.from_pretrained(tmp_path / "out"))
-    expected = subspace.fuse(state(llama_trio.models["finetuned"]))
+    expected = apply_edits(state(llama_trio.models["finetuned"]), LSSF(subspace))
     assert all(torch.allclose(fused[k], v) for k, v in expected.items() if k in fused)
     assert (tmp_path / "out" / "tokenizer.json").is_file()
 

@@ -10,15 +10,15 @@ from _tiny import build_tiny_llama, build_tiny_tokenizer
 from lightning.pytorch import Trainer
 from transformers import AutoModelForCausalLM
 
-from lssf_lightning.lightning.finetune import (
+from lssf_lightning.lightning.data import (
     IGNORE_INDEX,
-    CausalLMModule,
     ChatDataModule,
     encode_chat,
     pad_batch,
     read_chat_rows,
     write_chat_jsonl,
 )
+from lssf_lightning.lightning.module import CausalLMModule
 
 USER = "how do i bake bread at home ?"
 ANSWER = "sure , here is a simple answer ."
@@ -209,6 +209,9 @@ def test_warmup_scales_the_learning_rate_linearly(tokenizer):
     [
         ({"dtype": "float64"}, "dtype"),
         ({"learning_rate": 0}, "learning_rate"),
+        ({"learning_rate": True}, r"learning_rate must be a number, got True"),
+        ({"learning_rate": float("nan")}, "learning_rate"),
+        ({"weight_decay": False}, r"weight_decay must be a number, got False"),
         ({"warmup_steps": -1}, "warmup_steps"),
         ({"freeze": ["no_such_parameter"]}, "no_such_parameter"),
         ({"lora": "r=8"}, "lora"),

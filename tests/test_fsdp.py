@@ -13,7 +13,8 @@ from test_callback import ROWS, EpochEndWeights, StartSnapshot, correction
 from transformers import AutoModelForCausalLM
 
 from lssf_lightning.lightning.callback import LSSFCallback
-from lssf_lightning.lightning.finetune import CausalLMModule, ChatDataModule, write_chat_jsonl
+from lssf_lightning.lightning.data import ChatDataModule, write_chat_jsonl
+from lssf_lightning.lightning.module import CausalLMModule
 
 pytestmark = [
     pytest.mark.gpu,

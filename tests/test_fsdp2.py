@@ -116,7 +116,7 @@ def test_a_model_sharded_per_decoder_layer_checkpoint_resume_live_fusion_and_exp
 
 # -- Lightning's ModelParallelStrategy: real fits with LSSFCallback (fsdp2_fit.py) --------------------------
 def fit_run(scenario, trio, tmp_path_factory):
-    from lssf_lightning.lightning.finetune import write_chat_jsonl
+    from lssf_lightning.lightning.data import write_chat_jsonl
 
     out = tmp_path_factory.mktemp(f"fsdp2_{scenario}")
     # Rows with equal numbers of labelled tokens (as in test_ddp): each rank's half-batch mean averages to the

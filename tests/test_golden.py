@@ -1,10 +1,10 @@
 """Byte-identical results across the issue-8 restructuring (old vs new code on the same inputs).
 
 :func:`golden_digests` builds the fixed-seed tiny trios of ``conftest.py`` and hashes every tensor the core
-produces: subspace factors and a saved subspace file's bytes, fingerprints, ``SafetySubspace.fuse`` results
+produces: subspace factors and a saved subspace file's bytes, fingerprints, LSSF fusion results
 (module and state dict) and the realign output (tensors, shard file bytes, index) for LSSF (streamed and
-precomputed), RESTA with DARE and SafeLoRA. It only calls API that the pre-restructuring code also has, so it
-runs unchanged on both.
+precomputed), RESTA with DARE and SafeLoRA. The calls have since moved to the config objects and the LSSF
+planner (``apply_edits``); the computation, and so every digest, is the same.
 
 The values in :data:`EXPECTED` were recorded by running this file on the pre-session code
 (``PYTHONPATH=/tmp/lssf_orig python tests/test_golden.py`` from a scratch directory, one thread, torch 2.13
@@ -30,6 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _tiny import build_tiny_llama, build_tiny_tokenizer
 from conftest import make_trio
+
+from lssf_lightning.config import SubspaceConfig
+from lssf_lightning.methods import LSSF, apply_edits
 
 
 def _tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -102,7 +105,6 @@ def golden_digests(root: Path) -> dict[str, object]:
     import peft
     from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-    from lssf_lightning.config import SubspaceConfig
     from lssf_lightning.realign import realign_checkpoint
     from lssf_lightning.subspace import SafetySubspace
 
@@ -116,17 +118,16 @@ def golden_digests(root: Path) -> dict[str, object]:
     gpt2 = make_trio(root / "gpt2", GPT2LMHeadModel(config))
     out: dict[str, object] = {"platform": platform_canary()}
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the old keyword spellings warn in the new code
+        warnings.simplefilter("ignore")  # the partial-match and calibration warnings
         s_llama = SafetySubspace.from_weights(llama.aligned, llama.base, progress=False)
         s_gpt2 = SafetySubspace.from_weights(
-            gpt2.aligned, gpt2.base, eta=0.8, alpha_1=2.0, max_rank=3, progress=False
+            gpt2.aligned, gpt2.base, progress=False, config=SubspaceConfig(eta=0.8, alpha_1=2.0, max_rank=3)
         )
         s_qv = SafetySubspace.from_weights(
             llama.models["aligned"],
             llama.models["base"],
-            eta=0.7,
-            target_modules=["q_proj", "v_proj"],
             progress=False,
+            config=SubspaceConfig(eta=0.7, target_modules=["q_proj", "v_proj"]),
         )
         pairs = [
             ("how do i bake bread at home ?", "i cannot help with that request ."),
@@ -135,28 +136,31 @@ def golden_digests(root: Path) -> dict[str, object]:
         s_act = SafetySubspace.from_weights(
             llama.models["aligned"],
             llama.models["base"],
-            source="activations",
-            calibration=pairs,
             tokenizer=tokenizer,
-            eta=0.8,
             progress=False,
+            config=SubspaceConfig(source="activations", calibration=pairs, eta=0.8),
         )
         out["fingerprint_gpt2"] = SafetySubspace.fingerprint(
-            gpt2.aligned, gpt2.base, eta=0.8, alpha_1=2.0, max_rank=3
+            gpt2.aligned, gpt2.base, config=SubspaceConfig(eta=0.8, alpha_1=2.0, max_rank=3)
         )
         out["fingerprint_qv"] = SafetySubspace.fingerprint(
-            llama.aligned, llama.base, eta=0.7, target_modules=["q_proj", "v_proj"]
+            llama.aligned, llama.base, config=SubspaceConfig(eta=0.7, target_modules=["q_proj", "v_proj"])
         )
     for name, subspace in (("llama", s_llama), ("gpt2", s_gpt2), ("qv", s_qv), ("act", s_act)):
         out[f"subspace_{name}"] = _subspace_digest(subspace)
         out[f"fingerprint_{name}_metadata"] = subspace.metadata["fingerprint"]
         out[f"ranks_{name}"] = sum(subspace.ranks.values())
-    out["fuse_llama_mapping"] = _tensor_digest(s_llama.fuse(_state(llama.models["finetuned"]), alpha=1.3))
-    out["fuse_llama_module"] = _tensor_digest(_state(s_llama.fuse(llama.models["finetuned"], alpha=1.3)))
-    out["fuse_gpt2_module"] = _tensor_digest(_state(s_gpt2.fuse(gpt2.models["finetuned"], alpha=0.6)))
+    out["fuse_llama_mapping"] = _tensor_digest(
+        apply_edits(_state(llama.models["finetuned"]), LSSF(s_llama, 1.3))
+    )
+    out["fuse_llama_module"] = _tensor_digest(
+        _state(apply_edits(llama.models["finetuned"], LSSF(s_llama, 1.3)))
+    )
+    out["fuse_gpt2_module"] = _tensor_digest(_state(apply_edits(gpt2.models["finetuned"], LSSF(s_gpt2, 0.6))))
     out["fuse_llama_bf16"] = _tensor_digest(
-        s_llama.fuse(
-            {k: v.to(torch.bfloat16) for k, v in _state(llama.models["finetuned"]).items()}, alpha=1.0
+        apply_edits(
+            {k: v.to(torch.bfloat16) for k, v in _state(llama.models["finetuned"]).items()},
+            LSSF(s_llama, 1.0),
         )
     )
     s_gpt2.save(root / "gpt2.safetensors")

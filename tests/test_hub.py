@@ -15,7 +15,9 @@ import pytest
 import torch
 from conftest import run_cli
 
+from lssf_lightning.config import SubspaceConfig
 from lssf_lightning.io.hub import is_hub_id, parse_hub_id, resolve_model
+from lssf_lightning.methods import LSSF, apply_edits
 from lssf_lightning.subspace import SafetySubspace
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -91,8 +93,12 @@ def test_existing_local_path_wins(hub, llama_trio):
 
 
 def test_from_weights_with_hub_ids_equals_local_paths(hub, llama_trio):
-    from_hub = SafetySubspace.from_weights("org/aligned", "org/base", eta=0.9, progress=False)
-    local = SafetySubspace.from_weights(llama_trio.aligned, llama_trio.base, eta=0.9, progress=False)
+    from_hub = SafetySubspace.from_weights(
+        "org/aligned", "org/base", progress=False, config=SubspaceConfig(eta=0.9)
+    )
+    local = SafetySubspace.from_weights(
+        llama_trio.aligned, llama_trio.base, progress=False, config=SubspaceConfig(eta=0.9)
+    )
     assert from_hub.keys() == local.keys() and len(local) > 0
     for key in local.entries:
         assert torch.equal(from_hub.entries[key].left, local.entries[key].left)
@@ -230,7 +236,8 @@ def test_lightning_callback_and_module_with_hub_ids(hub, tmp_path, llama_trio):
     from lightning.pytorch import Trainer
 
     from lssf_lightning.lightning.callback import LSSFCallback
-    from lssf_lightning.lightning.finetune import CausalLMModule, ChatDataModule, write_chat_jsonl
+    from lssf_lightning.lightning.data import ChatDataModule, write_chat_jsonl
+    from lssf_lightning.lightning.module import CausalLMModule
 
     rows = [{"prompt": "how do i bake bread at home ?", "response": "sure , here is a simple answer ."}] * 4
     data = ChatDataModule(str(write_chat_jsonl(tmp_path / "train.jsonl", rows)), batch_size=2, shuffle=False)
@@ -255,8 +262,9 @@ def test_lightning_callback_and_module_with_hub_ids(hub, tmp_path, llama_trio):
     from transformers import AutoModelForCausalLM
 
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "export").state_dict()
-    expected = SafetySubspace.from_weights(llama_trio.aligned, llama_trio.base, progress=False).fuse(
-        {k: v.detach() for k, v in module.model.state_dict().items()}, alpha=1.0
+    expected = apply_edits(
+        {k: v.detach() for k, v in module.model.state_dict().items()},
+        LSSF(SafetySubspace.from_weights(llama_trio.aligned, llama_trio.base, progress=False), 1.0),
     )
     q = "model.layers.0.self_attn.q_proj.weight"
     assert not torch.equal(expected[q], module.model.state_dict()[q])  # the correction is not empty

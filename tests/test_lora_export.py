@@ -10,9 +10,9 @@ from conftest import run_cli, state
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from lssf_lightning.adapters import write_lora_adapter, write_model_adapter
 from lssf_lightning.config import SubspaceConfig
 from lssf_lightning.core.entropy import safety_critical_rank
-from lssf_lightning.io.lora_export import write_lora_adapter, write_model_adapter
 from lssf_lightning.methods import LSSFErosion, LSSFReset, LSSFTwoSided
 from lssf_lightning.realign import realign_checkpoint
 from lssf_lightning.subspace import SafetySubspace
@@ -279,8 +279,8 @@ def test_cli_realign_as_adapter(llama_trio, llama_subspace, task_adapter, tmp_pa
     assert not (tmp_path / "x").exists()
 
 
-def test_to_lora_adapter_method(llama_trio, llama_subspace, tmp_path):
-    report = llama_subspace.to_lora_adapter(tmp_path / "a", alpha=0.7, base_model=llama_trio.finetuned)
+def test_write_lora_adapter_of_a_subspace(llama_trio, llama_subspace, tmp_path):
+    report = write_lora_adapter(llama_subspace, tmp_path / "a", alpha=0.7, base_model=llama_trio.finetuned)
     write_lora_adapter(llama_subspace, tmp_path / "b", alpha=0.7, base_model=llama_trio.finetuned)
     assert sorted(report.ranks.values()) == sorted(llama_subspace.ranks.values())
     for name in ("adapter_model.safetensors", "adapter_config.json"):

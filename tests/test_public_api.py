@@ -19,3 +19,12 @@ def test_importing_the_package_does_not_import_torch():
     code = "import sys, lssf_lightning; print('torch' in sys.modules, 'lightning' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_one_version_from_the_package_metadata():
+    from importlib.metadata import version
+
+    assert lssf_lightning.__version__ == version("lssf-lightning")
+    done = subprocess.run([sys.executable, "-m", "lssf_lightning.cli", "--version"], capture_output=True,
+                          text=True, check=False)
+    assert (done.returncode, done.stdout.strip()) == (0, f"lssf-lightning {lssf_lightning.__version__}")

@@ -16,10 +16,8 @@ import lssf_lightning.metrics.refusal as refusal_module
 from lssf_lightning.metrics import (
     REFUSAL_PHRASES,
     ClassifierJudge,
-    HarmfulRefusalRate,
     RefusalPhraseJudge,
     RefusalRate,
-    harmful_refusal_rate,
     refusal_rate,
     resolve_judge,
 )
@@ -293,7 +291,7 @@ def test_a_judge_that_does_not_return_bools_is_an_error(verdicts, match):
     with pytest.raises(TypeError, match=match):
         refusal_module.check_verdicts(Probabilities(), verdicts, 2)
     with pytest.raises(TypeError, match="must return"):
-        HarmfulRefusalRate(judge=lambda rs: verdicts).update(["Sure.", "Here you go."])
+        RefusalRate(judge=lambda rs: verdicts).update(["Sure.", "Here you go."])
 
 
 def test_bool_verdicts_in_any_container_count():
@@ -302,7 +300,6 @@ def test_bool_verdicts_in_any_container_count():
     for verdicts in ([True, False, True], (True, False, True), torch.tensor([True, False, True]),
                      np.array([True, False, True])):
         assert refusal_rate(["a", "b", "c"], judge=lambda rs, v=verdicts: v).item() == pytest.approx(2 / 3)
-    assert RefusalRate is HarmfulRefusalRate and refusal_rate is harmful_refusal_rate
 
 
 # --------------------------------------------------------------------------- functional and metric
@@ -310,14 +307,14 @@ def test_bool_verdicts_in_any_container_count():
 
 def test_functional_rate():
     responses = REFUSALS[:3] + COMPLIANT[:5]
-    assert harmful_refusal_rate(responses).item() == pytest.approx(3 / 8)
-    assert harmful_refusal_rate(REFUSALS[0]).item() == 1.0
-    assert harmful_refusal_rate(COMPLIANT[0]).dtype == torch.float32
-    assert harmful_refusal_rate(
+    assert refusal_rate(responses).item() == pytest.approx(3 / 8)
+    assert refusal_rate(REFUSALS[0]).item() == 1.0
+    assert refusal_rate(COMPLIANT[0]).dtype == torch.float32
+    assert refusal_rate(
         responses, judge=lambda rs: [len(r) > 40 for r in rs]
     ).item() == pytest.approx(sum(len(r) > 40 for r in responses) / 8)
     with pytest.warns(UserWarning, match="no responses"):
-        assert math.isnan(harmful_refusal_rate([]).item())
+        assert math.isnan(refusal_rate([]).item())
 
 
 def test_update_and_compute_helpers():
@@ -332,13 +329,13 @@ def test_update_and_compute_helpers():
 
 def test_update_rejects_bad_input():
     with pytest.raises(TypeError, match=r"\['int'\]"):
-        harmful_refusal_rate(["fine", 3])
+        refusal_rate(["fine", 3])
     with pytest.raises(ValueError, match="returned 1 verdicts for 2 responses"):
-        harmful_refusal_rate(["a", "b"], judge=lambda rs: [True])
+        refusal_rate(["a", "b"], judge=lambda rs: [True])
 
 
 def test_metric_accumulates_forward_and_reset():
-    metric = HarmfulRefusalRate()
+    metric = RefusalRate()
     assert metric.higher_is_better and not metric.is_differentiable and not metric.full_state_update
     assert (metric.plot_lower_bound, metric.plot_upper_bound) == (0.0, 1.0)
     metric.update(REFUSALS[:2] + COMPLIANT[:1])
@@ -353,7 +350,7 @@ def test_metric_accumulates_forward_and_reset():
 
 
 def test_metric_with_classifier_judge_path(refusal_classifier):
-    metric = HarmfulRefusalRate(judge=refusal_classifier)
+    metric = RefusalRate(judge=refusal_classifier)
     metric.update(COMPLIANT[:3])
     assert metric.compute().item() == 1.0
 
@@ -362,7 +359,7 @@ def test_metric_plot_runs():
     import matplotlib  # a dev dependency
 
     matplotlib.use("Agg")
-    metric = HarmfulRefusalRate()
+    metric = RefusalRate()
     values = [metric(REFUSALS[:i] + COMPLIANT[:2]) for i in range(3)]
     fig, ax = metric.plot(values)
     assert list(ax.lines[0].get_ydata()) == pytest.approx([0.0, 1 / 3, 2 / 4])
@@ -390,7 +387,7 @@ def _ddp_worker(rank: int, init_file: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        metric = HarmfulRefusalRate()
+        metric = RefusalRate()
         metric.update(RANK_RESPONSES[rank])
         rate = metric.compute().item()
         counts = (metric.refused.item(), metric.total.item())  # unsynced again after compute

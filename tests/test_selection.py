@@ -2,7 +2,8 @@ import pytest
 import torch
 from conftest import state
 
-from lssf_lightning.metrics import generate_responses, harmful_refusal_rate
+from lssf_lightning.methods import LSSF, apply_edits
+from lssf_lightning.metrics import generate_responses, refusal_rate
 from lssf_lightning.selection import AlphaPoint, refusal_curve, smallest_alpha_reaching
 from lssf_lightning.subspace import SafetySubspace
 
@@ -35,11 +36,11 @@ def test_refusal_curve_equals_direct_evaluation_and_restores_weights(llama_trio,
     assert [p.alpha for p in curve] == [0.5, 1.0, 2.0]
     assert all(torch.equal(v, before[k]) for k, v in state(model).items())
     for point in curve:
-        fused = subspace.fuse(model, alpha=point.alpha)
+        fused = apply_edits(model, LSSF(subspace, point.alpha))
         answers = generate_responses(fused, tiny_tokenizer, prompts, max_new_tokens=8)
-        assert point.harmful_refusal == pytest.approx(float(harmful_refusal_rate(answers, judge=long_answer)))
+        assert point.harmful_refusal == pytest.approx(float(refusal_rate(answers, judge=long_answer)))
         harmless = generate_responses(fused, tiny_tokenizer, prompts[:1], max_new_tokens=8)
-        harmless_rate = float(harmful_refusal_rate(harmless, judge=long_answer))
+        harmless_rate = float(refusal_rate(harmless, judge=long_answer))
         assert point.harmless_refusal == pytest.approx(harmless_rate)
     stopped = refusal_curve(model, tiny_tokenizer, subspace, [0.5, 1.0, 2.0], prompts,
                             judge=lambda rs: [True] * len(rs), target=0.5)

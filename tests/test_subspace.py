@@ -9,7 +9,9 @@ from transformers import AutoModelForCausalLM
 
 from lssf_lightning.config import SubspaceConfig
 from lssf_lightning.core.entropy import safety_critical_rank
+from lssf_lightning.methods import LSSF, apply_edits
 from lssf_lightning.subspace import SafetySubspace
+from lssf_lightning.training import temporarily_fused
 
 Q0 = "model.layers.0.self_attn.q_proj.weight"
 
@@ -68,7 +70,7 @@ def test_fusion_equals_the_dense_formula(llama_trio):
     subspace = SafetySubspace.from_weights(
         m["aligned"], m["base"], SubspaceConfig(eta=eta, alpha_1=alpha_1), progress=False
     )
-    fused = subspace.fuse(state(m["finetuned"]), alpha=alpha)
+    fused = apply_edits(state(m["finetuned"]), LSSF(subspace, alpha))
     ft, al, ba = state(m["finetuned"]), state(m["aligned"]), state(m["base"])
     for key in subspace:
         expected, r = dense_lssf(ft[key], al[key], ba[key], eta, alpha, alpha_1)
@@ -84,7 +86,7 @@ def test_fusion_in_float64_is_exact_to_1e_5(llama_trio):
     ba = {k: v.double() for k, v in state(m["base"]).items()}
     ft = {k: v.double() for k, v in state(m["finetuned"]).items()}
     subspace = SafetySubspace.from_weights(al, ba, SubspaceConfig(eta=0.9), progress=False)
-    fused = subspace.fuse(ft, alpha=1.0)
+    fused = apply_edits(ft, LSSF(subspace, 1.0))
     for key in subspace:
         expected, _ = dense_lssf(ft[key], al[key], ba[key], 0.9, 1.0)
         assert fused[key].dtype == torch.float64
@@ -96,14 +98,14 @@ def test_fuse_does_not_modify_its_input_unless_inplace(llama_trio):
     subspace = SafetySubspace.from_weights(m["aligned"], m["base"], progress=False)
     model = AutoModelForCausalLM.from_pretrained(llama_trio.finetuned)
     before = state(model)
-    fused = subspace.fuse(model)
+    fused = apply_edits(model, LSSF(subspace))
     assert fused is not model and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not torch.equal(fused.state_dict()[Q0], before[Q0])
-    same = subspace.fuse(model, inplace=True)
+    same = apply_edits(model, LSSF(subspace), inplace=True)
     assert same is model and torch.equal(model.state_dict()[Q0], fused.state_dict()[Q0])
     mapping = state(m["finetuned"])
     original = mapping[Q0].clone()
-    out = subspace.fuse(mapping, inplace=True)
+    out = apply_edits(mapping, LSSF(subspace), inplace=True)
     assert out is mapping and not torch.equal(mapping[Q0], original)
 
 
@@ -118,9 +120,9 @@ class Wrapper(nn.Module):
 def test_wrapped_and_compiled_models_match_by_suffix(llama_trio):
     m = llama_trio.models
     subspace = SafetySubspace.from_weights(llama_trio.aligned, llama_trio.base, progress=False)
-    reference = subspace.fuse(state(m["finetuned"]))
-    wrapped = subspace.fuse(
-        Wrapper(torch.compile(AutoModelForCausalLM.from_pretrained(llama_trio.finetuned)))
+    reference = apply_edits(state(m["finetuned"]), LSSF(subspace))
+    wrapped = apply_edits(
+        Wrapper(torch.compile(AutoModelForCausalLM.from_pretrained(llama_trio.finetuned))), LSSF(subspace)
     )
     keys = list(wrapped.state_dict())
     assert any(k.startswith("net._orig_mod.model.layers.0") for k in keys)
@@ -137,13 +139,13 @@ def test_peft_lora_model_gets_the_correction_in_its_base_weights(llama_trio):
     )
     lora_before = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k}
     effective_before = state(_merged_copy(model))
-    fused = subspace.fuse(model, alpha=1.0)
+    fused = apply_edits(model, LSSF(subspace, 1.0))
     assert all(torch.equal(fused.state_dict()[k], v) for k, v in lora_before.items())
     effective_after = state(_merged_copy(fused))
     correction = subspace[Q0].correction(1.0)
     assert rel(effective_after[Q0] - effective_before[Q0], correction) < 1e-4
     down = "model.layers.1.mlp.down_proj.weight"
-    assert rel(effective_after[down], subspace.fuse(state(m["finetuned"]))[down]) < 1e-6
+    assert rel(effective_after[down], apply_edits(state(m["finetuned"]), LSSF(subspace))[down]) < 1e-6
 
 
 def _merged_copy(peft_model):
@@ -158,7 +160,7 @@ def test_gpt2_conv1d_weights_are_transposed(gpt2_trio):
         subspace = SafetySubspace.from_weights(aligned, base, SubspaceConfig(eta=0.9), progress=False)
         key = "transformer.h.0.mlp.c_fc.weight"
         assert subspace[key].conv1d and subspace[key].shape == (32, 128)
-        fused = subspace.fuse(state(m["finetuned"]))
+        fused = apply_edits(state(m["finetuned"]), LSSF(subspace))
         ft, al, ba = state(m["finetuned"]), state(m["aligned"]), state(m["base"])
         expected, r = dense_lssf(ft[key], al[key], ba[key], 0.9, 1.0, transposed=True)
         assert subspace.ranks[key] == r and rel(fused[key], expected) < 1e-5
@@ -229,7 +231,7 @@ def test_identical_models_give_rank_zero_and_fusion_is_identity(llama_trio):
     subspace = SafetySubspace.from_weights(m["base"], m["base"], progress=False)
     assert set(subspace.ranks.values()) == {0}
     ft = state(m["finetuned"])
-    assert all(torch.equal(subspace.fuse(ft)[k], ft[k]) for k in ft)
+    assert all(torch.equal(apply_edits(ft, LSSF(subspace))[k], ft[k]) for k in ft)
 
 
 def test_max_rank_caps_every_rank(llama_trio):
@@ -349,8 +351,8 @@ def test_temporarily_fused_equals_fuse_inside_and_restores_the_exact_weights(lla
     )
     model = copy.deepcopy(llama_trio.models["finetuned"]).to(dtype)
     raw = {k: v.clone() for k, v in state(model).items()}
-    expected = state(subspace.fuse(model, alpha=1.5))
-    with subspace.temporarily_fused(model, 1.5) as inside:
+    expected = state(apply_edits(model, LSSF(subspace, 1.5)))
+    with temporarily_fused(model, subspace, 1.5) as inside:
         assert inside is model
         fused = state(model)
         for key in raw:

@@ -23,14 +23,15 @@ from test_hub import add_to_cache
 from transformers import AutoModelForCausalLM, TrainerCallback, TrainingArguments
 from transformers import Trainer as HFTrainer
 
+from lssf_lightning.adapters import write_lora_adapter
 from lssf_lightning.cli import main
 from lssf_lightning.integrations.hf_trainer import LSSFTrainerCallback
 from lssf_lightning.io.export import write_model_directory
 from lssf_lightning.io.guard import OutputBusyError, OutputGuard, OutputOverlapError
-from lssf_lightning.io.lora_export import write_lora_adapter
 from lssf_lightning.io.weights import open_weights
 from lssf_lightning.lightning.callback import LSSFCallback
-from lssf_lightning.lightning.finetune import CausalLMModule, ChatDataModule, write_chat_jsonl
+from lssf_lightning.lightning.data import ChatDataModule, write_chat_jsonl
+from lssf_lightning.lightning.module import CausalLMModule
 from lssf_lightning.methods import LSSFReset
 from lssf_lightning.subspace import SafetySubspace
 
@@ -243,7 +244,7 @@ def test_adapter_writers_never_destroy_their_inputs(models, subspace_file):
     before = owned(models) | tree_hashes(subspace_file.parent)
     subspace = SafetySubspace.load(subspace_file)
     with pytest.raises(OutputOverlapError, match="s.safetensors"):
-        subspace.to_lora_adapter(subspace_file.parent, overwrite=True)
+        write_lora_adapter(subspace, subspace_file.parent, overwrite=True)
     with pytest.raises(OutputOverlapError, match=str(models.base)):
         write_lora_adapter(LSSFReset(subspace, str(models.base)), models.base, overwrite=True)
     with pytest.raises(OutputOverlapError, match=str(models.finetuned)):

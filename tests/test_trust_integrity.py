@@ -17,7 +17,7 @@ from test_hub import hub  # noqa: F401  (the offline hub cache fixture)
 from lssf_lightning import training
 from lssf_lightning.config import SubspaceConfig
 from lssf_lightning.io.schema import FormatError
-from lssf_lightning.lightning.finetune import write_chat_jsonl
+from lssf_lightning.lightning.data import write_chat_jsonl
 from lssf_lightning.subspace import SafetySubspace
 
 

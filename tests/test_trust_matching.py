@@ -16,6 +16,7 @@ from _tiny import build_tiny_llama
 from conftest import run_cli, state, tree_hashes
 from safetensors.torch import load_file
 
+from lssf_lightning.methods import LSSF, apply_edits
 from lssf_lightning.realign import realign_checkpoint
 from lssf_lightning.subspace import SafetySubspace
 
@@ -110,7 +111,7 @@ def test_finetuned_with_more_layers_than_the_subspace_is_refused(
         load_file(out / "model.safetensors"),
         load_file(deeper_models["finetuned"] / "model.safetensors"),
     )
-    expected = SafetySubspace.load(subspace_file).fuse(state(llama_trio.models["finetuned"]))
+    expected = apply_edits(state(llama_trio.models["finetuned"]), LSSF(SafetySubspace.load(subspace_file)))
     for key, tensor in got.items():
         assert torch.equal(tensor, ft[key] if ".layers.2." in key else expected[key]), key
     assert tree_hashes(*inputs) == before
@@ -154,18 +155,20 @@ def test_resta_and_fuse_check_both_directions(llama_trio, deeper_models, subspac
     with pytest.raises(
         ValueError, match=r"no counterpart in the safety subspace, e\.g\. \['model\.layers\.2\."
     ):
-        subspace.fuse(model)
+        apply_edits(model, LSSF(subspace))
     with pytest.warns(UserWarning, match="partial realignment"):
-        subspace.fuse(model, allow_partial=True)
+        apply_edits(model, LSSF(subspace, allow_partial=True))
     # the other way round: a fine-tune lacking layers of the subspace
     smaller = build_tiny_llama(load_tokenizer(llama_trio), num_hidden_layers=1)
     with pytest.raises(
         ValueError, match=r"7 of 14 target weights of the safety subspace have no counterpart"
     ):
-        subspace.fuse(smaller)
+        apply_edits(smaller, LSSF(subspace))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        subspace.fuse(llama_trio.models["finetuned"])  # matching architectures: no warning at all
+        apply_edits(
+            llama_trio.models["finetuned"], LSSF(subspace)
+        )  # matching architectures: no warning at all
 
 
 def load_tokenizer(trio):

@@ -233,14 +233,13 @@ def test_subspace_file_writer_guards_its_target(model_dir, tmp_path):
     path = tmp_path / "safety.safetensors"
     write_subspace_file(path, _entries(), {"eta": 0.9})
     assert read_subspace_file(path)[1] == {"eta": 0.9}
-    with pytest.warns(DeprecationWarning, match="overwrite=True"):  # old code's save(path): still replaces
-        write_subspace_file(path, _entries(2.0), {"eta": 0.5})
+    write_subspace_file(path, _entries(2.0), {"eta": 0.5}, overwrite=True)
     assert read_subspace_file(path)[1] == {"eta": 0.5}
     with pytest.raises(FileExistsError, match="already exists"):
         write_subspace_file(path, _entries(), {}, overwrite=False)
     weights = model_dir / "model.safetensors"
     before = tree_hashes(model_dir)
-    with pytest.raises(FileExistsError, match="not a safety subspace file"):
+    with pytest.raises(FileExistsError, match="already exists"):
         write_subspace_file(weights, _entries(), {})
     with pytest.raises(OutputOverlapError, match="is the input"):
         write_subspace_file(weights, _entries(), {}, overwrite=True, inputs=[weights])

@@ -18,7 +18,6 @@ __all__ = [
     "best_low_rank",
     "check_alpha_1",
     "compact_low_rank",
-    "fuse_weight",
     "fusion_factors",
     "low_rank_product",
     "weighted_basis",
@@ -104,17 +103,6 @@ def add_correction(weight: Tensor, product: Tensor, alpha: float = 1.0) -> Tenso
             f"weight of shape {tuple(weight.shape)} does not match the correction's {tuple(product.shape)}"
         )
     return torch.add(weight.to(product.dtype), product, alpha=float(alpha)).to(weight.dtype)
-
-
-def fuse_weight(weight: Tensor, left: Tensor, right: Tensor, alpha: float = 1.0) -> Tensor:
-    """``W + α · left @ right`` computed in float32 (or wider) and cast back to ``weight``'s dtype.
-
-    Returns a new tensor; ``weight`` is not modified.
-    """
-    expected = (left.shape[0], right.shape[1])
-    if tuple(weight.shape) != expected:
-        raise ValueError(f"weight of shape {tuple(weight.shape)} does not match the factors' {expected}")
-    return add_correction(weight, low_rank_product(left, right, weight), alpha)
 
 
 def best_low_rank(left: Tensor, right: Tensor, rank: int) -> tuple[Tensor, Tensor, float]:

@@ -11,6 +11,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from lssf_lightning.plots import pyplot
+
 __all__ = ["plot_scores"]
 
 _METRICS = (
@@ -21,20 +23,9 @@ _METRICS = (
 )
 
 
-def _pyplot():
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("the demo's figures need matplotlib: pip install matplotlib") from err
-    return plt
-
-
 def plot_scores(results: Mapping[str, Mapping[str, float]], path: str | os.PathLike, title: str = "") -> Path:
     """Grouped bars: one group per model, one bar per metric present in the results."""
-    plt = _pyplot()
+    plt = pyplot()
     names = list(results)
     metrics = [(key, label) for key, label in _METRICS if any(key in results[n] for n in names)]
     width = 0.8 / max(len(metrics), 1)

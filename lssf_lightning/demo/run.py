@@ -26,178 +26,40 @@ import copy
 import gc
 import hashlib
 import json
-import math
 import os
 import shutil
 import sys
-import tempfile
-import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 from lssf_lightning.config import SubspaceConfig
-from lssf_lightning.demo.assets import SplitSizes, base_model_dir, cache_dir, load_demo_prompts
+from lssf_lightning.demo.adapters import lora_adapters
+from lssf_lightning.demo.align import alignment_rows
+from lssf_lightning.demo.assets import base_model_dir, cache_dir, load_demo_prompts
+from lssf_lightning.demo.config import LORA_TARGETS, DemoConfig
 from lssf_lightning.demo.evaluate import EvalSets, evaluate_model
+from lssf_lightning.demo.report import report_stage
+from lssf_lightning.demo.state import Progress, Run, load_model, save_responses, score_summary
 from lssf_lightning.demo.task import task_splits
-from lssf_lightning.selection import SweepPoint
-from lssf_lightning.sweep import SweepGrid
+from lssf_lightning.io.export import atomic_directory
+from lssf_lightning.io.guard import write_json
+from lssf_lightning.lightning.callback import LSSFCallback
+from lssf_lightning.lightning.data import ChatDataModule, write_chat_jsonl
+from lssf_lightning.lightning.module import CausalLMModule
+from lssf_lightning.methods import LSSF, Resta, SafeLoRA
+from lssf_lightning.methods.base import temporarily_edited
+from lssf_lightning.metrics import generate_responses, load_prompts
+from lssf_lightning.metrics.perplexity import load_utility_texts
+from lssf_lightning.selection import SelectionRule, SweepPoint, recommend
+from lssf_lightning.sweep import SweepGrid, grid_candidates, run_sweep, sweep_report
 
-__all__ = ["MODEL_NAMES", "SAVED_MODELS", "DemoConfig", "main", "run_demo"]
-
-MODEL_NAMES = ("base", "aligned", "finetuned", "realigned", "lssf_paper", "resta")
-SAVED_MODELS = ("base", "aligned", "finetuned", "realigned", "resta")  # written under models/
-METRICS = ("harmful_refusal", "harmless_refusal", "task_accuracy", "perplexity")
-_ALIGN_VERSION = 2  # bump when the alignment recipe changes, to invalidate cached aligned models
-_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-# The sweeps (validation only). Every LSSF point uses the callback's subspace (η 0.8). On the full demo's
-# validation split the rule picks the reset form with α 2 (the aligned model's refusal, 0.83, at +2.7 %
-# perplexity); the paper's additive form (α 1) reaches it at +34 %, RESTA (β 1) too (README, demo section);
-# they stay in the grid for the front.
-FULL_GRID = SweepGrid(
-    subspaces=(SubspaceConfig(eta=0.8),),
-    points={
-        "lssf": ((0.5,), (1.0,)),
-        "lssf-reset": ((1.0, 0.0), (1.0, 0.15), (2.0, 0.0)),
-        "lssf-two-sided": ((1.0, 0.5), (1.0, 1.0)),
-        "resta": ((0.5, 0.0), (1.0, 0.0), (1.0, 0.9)),
-    },
-)
-QUICK_GRID = SweepGrid(subspaces=(SubspaceConfig(eta=0.8),),
-                       points={"lssf": ((1.0,),), "lssf-reset": ((2.0,),), "lssf-two-sided": ((1.0, 0.5),)})
-LORA_GRID = SweepGrid(subspaces=(SubspaceConfig(eta=0.8),),
-                      points={"lssf": ((0.5,), (1.0,)), "lssf-reset": ((2.0,),),
-                              "lssf-two-sided": ((1.0, 0.5),), "safelora": ((0.5,),)})
-
-
-@dataclass
-class DemoConfig:
-    """Every setting of the demo. :meth:`full` and :meth:`quick` are the two presets.
-
-    The LSSF settings (``eta``, ``alpha_1``, ``source``, the sweep ``grid``, the refusal target and the
-    utility budget) were chosen on the validation split; see the README's demo section. ``alpha="auto"``
-    realigns with the setting :func:`lssf_lightning.selection.recommend` picks from ``grid`` on validation; a
-    number fuses the
-    paper's additive form with that ``α`` instead.
-    """
-
-    sizes: SplitSizes = field(default_factory=lambda: SplitSizes(
-        val_harmful=32, val_harmless=32, val_ood_harmful=32,
-        test_harmful=64, test_harmless=64, test_ood_harmful=64,
-    ))
-    task_train: int = 384
-    task_val: int = 24
-    task_test: int = 48
-    # alignment (cached)
-    align_steps: int = 60
-    align_lr: float = 3e-5
-    align_batch_size: int = 8
-    answer_tokens: int = 48
-    # downstream fine-tune
-    finetune_steps: int = 48
-    finetune_lr: float = 3e-5
-    finetune_batch_size: int = 8
-    lora: bool = True
-    lora_steps: int = 48
-    lora_lr: float = 2e-4
-    lora_rank: int = 16
-    # the LoRA run's realignment as adapters: the combined adapter (task rank 16 + the correction's rank) is
-    # also evaluated at these rank caps (32: one of vLLM's max_lora_rank choices; 24: 8 left for the fix)
-    adapter_rank_caps: tuple[int, ...] = (32, 24)
-    precision: str = "bf16-mixed"
-    # LSSF
-    eta: float = 0.8
-    alpha_1: float = 1.0
-    source: str = "weights"
-    alpha: float | str = "auto"
-    grid: SweepGrid = field(default_factory=lambda: FULL_GRID)
-    lora_grid: SweepGrid = field(default_factory=lambda: LORA_GRID)
-    alpha_target_margin: float = 0.05
-    max_accuracy_drop: float = 0.02
-    max_over_refusal_margin: float = 0.05
-    max_perplexity_increase: float = 0.05
-    paper_alpha: float = 1.0
-    resta_beta: float = 1.0
-    # evaluation
-    eval_new_tokens: int = 16
-    eval_batch_size: int = 32
-    eval_dtype: str = "bfloat16"
-    utility_texts: str = "stdlib"
-    seed: int = 0
-    threads: int | None = None
-    save_models: bool = True
-
-    @classmethod
-    def full(cls, **overrides: Any) -> DemoConfig:
-        return replace(cls(), **overrides)
-
-    @classmethod
-    def quick(cls, **overrides: Any) -> DemoConfig:
-        quick = cls(
-            sizes=SplitSizes(align_harmful=48, align_harmless=80, val_harmful=24, val_harmless=24,
-                             test_harmful=32, test_harmless=32, test_ood_harmful=32, val_ood_harmful=0),
-            task_train=192, task_val=24, task_test=32,
-            align_steps=24, align_lr=5e-5, answer_tokens=40,
-            finetune_steps=24, finetune_lr=3e-5,
-            lora=False,
-            grid=QUICK_GRID,
-            eval_new_tokens=12,
-        )
-        return replace(quick, **overrides)
-
-    def align_key(self) -> str:
-        """Content key of the aligned model: everything that changes it."""
-        parts = {
-            "version": _ALIGN_VERSION, "steps": self.align_steps, "lr": self.align_lr,
-            "batch_size": self.align_batch_size, "answer_tokens": self.answer_tokens, "seed": self.seed,
-            "harmful": self.sizes.align_harmful, "harmless": self.sizes.align_harmless,
-            "precision": self.precision,
-        }
-        return hashlib.blake2b(json.dumps(parts, sort_keys=True).encode(), digest_size=6).hexdigest()
-
-
-class _Progress:
-    """Stage headers and timed messages on stdout."""
-
-    def __init__(self) -> None:
-        self.start = time.monotonic()
-        self.timings: dict[str, float] = {}
-        self._stage: tuple[str, float] | None = None
-
-    def _clock(self) -> str:
-        seconds = int(time.monotonic() - self.start)
-        return f"[{seconds // 60:02d}:{seconds % 60:02d}]"
-
-    def stage(self, name: str) -> None:
-        self._close()
-        self._stage = (name, time.monotonic())
-        print(f"\n{self._clock()} == {name} ==", flush=True)
-
-    def info(self, message: str) -> None:
-        print(f"{self._clock()}   {message}", flush=True)
-
-    def _close(self) -> None:
-        if self._stage is not None:
-            name, began = self._stage
-            self.timings[name] = round(time.monotonic() - began, 1)
-            self._stage = None
-
-    def finish(self) -> dict[str, float]:
-        self._close()
-        self.timings["total"] = round(time.monotonic() - self.start, 1)
-        return self.timings
+__all__ = ["main", "run_demo"]
 
 
 # -- small helpers -------------------------------------------------------------------------------------------
-
-
-def _write_json(path: Path, data: Any) -> None:
-    from lssf_lightning.io.guard import write_json
-
-    write_json(path, data)
 
 
 def _link_tree(source: Path, destination: Path, skip: Sequence[str] = ()) -> None:
@@ -211,17 +73,6 @@ def _link_tree(source: Path, destination: Path, skip: Sequence[str] = ()) -> Non
                 os.link(item, destination / item.name)
             except OSError:
                 shutil.copy2(item, destination / item.name)
-
-
-def _load(directory: Path, dtype: str = "float32"):
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(
-        directory, dtype=getattr(torch, dtype), local_files_only=True
-    )
-    model.eval()
-    return model, AutoTokenizer.from_pretrained(directory, local_files_only=True)
 
 
 def _trainer(steps: int, precision: str, callbacks: Sequence = ()):
@@ -242,27 +93,11 @@ def _quiet_warnings():
         yield
 
 
-def _scores(result: dict) -> dict:
-    """The rates of an evaluation (responses left out)."""
-    return {k: v for k, v in result.items() if k != "responses"}
-
-
-def _save_responses(output: Path, name: str, result: dict) -> None:
-    directory = output / "responses"
-    directory.mkdir(parents=True, exist_ok=True)
-    with (directory / f"{name}.jsonl").open("w", encoding="utf-8") as file:
-        for split, rows in result.get("responses", {}).items():
-            for row in rows:
-                file.write(json.dumps({"set": split, **row}, ensure_ascii=False) + "\n")
-
-
 # -- the stages ----------------------------------------------------------------------------------------------
 
 
-def _base_answers(base_dir: Path, prompts: list[str], config: DemoConfig, log: _Progress) -> list[str]:
-    from lssf_lightning.metrics import generate_responses
-
-    model, tokenizer = _load(base_dir, config.eval_dtype)
+def _base_answers(base_dir: Path, prompts: list[str], config: DemoConfig, log: Progress) -> list[str]:
+    model, tokenizer = load_model(base_dir, config.eval_dtype)
     log.info(f"base model answers {len(prompts)} harmless prompts (the aligned model keeps these answers)")
     answers = generate_responses(model, tokenizer, prompts, max_new_tokens=config.answer_tokens,
                                  batch_size=config.eval_batch_size, progress=True)
@@ -270,12 +105,8 @@ def _base_answers(base_dir: Path, prompts: list[str], config: DemoConfig, log: _
     return answers
 
 
-def aligned_model_dir(base_dir: Path, prompts, config: DemoConfig, log: _Progress, cache: Path) -> Path:
+def aligned_model_dir(base_dir: Path, prompts, config: DemoConfig, log: Progress, cache: Path) -> Path:
     """The cached aligned model for ``config``, trained (atomically written) when missing."""
-    from lssf_lightning.demo.align import alignment_rows
-    from lssf_lightning.io.export import atomic_directory
-    from lssf_lightning.lightning.finetune import CausalLMModule, ChatDataModule, write_chat_jsonl
-
     target = cache / f"aligned-{config.align_key()}"
     if (target / "align_meta.json").is_file():
         log.info(f"aligned model from the cache: {target}")
@@ -299,13 +130,13 @@ def aligned_model_dir(base_dir: Path, prompts, config: DemoConfig, log: _Progres
             k: v for k, v in asdict(config).items() if k.startswith(("align", "answer", "seed", "precision"))
         }
         meta = {"key": config.align_key(), "rows": len(rows), "config": recipe}
-        _write_json(staging / "align_meta.json", meta)
+        write_json(staging / "align_meta.json", meta)
     log.info(f"aligned model cached at {target}")
     return target
 
 
 def _cached_evaluation(
-    model_dir: Path, name: str, sets: EvalSets, config: DemoConfig, log: _Progress
+    model_dir: Path, name: str, sets: EvalSets, config: DemoConfig, log: Progress
 ) -> dict:
     """Evaluate a model directory that never changes (base, aligned), caching the result next to it."""
     key = hashlib.blake2b(json.dumps([_sets_identity(sets), config.eval_new_tokens, config.eval_dtype],
@@ -314,9 +145,9 @@ def _cached_evaluation(
     if cache_file.is_file():
         log.info(f"{name}: evaluation from the cache")
         return json.loads(cache_file.read_text(encoding="utf-8"))
-    model, tokenizer = _load(model_dir, config.eval_dtype)
+    model, tokenizer = load_model(model_dir, config.eval_dtype)
     result = _evaluate(model, tokenizer, sets, config, log, name)
-    _write_json(cache_file, result)
+    write_json(cache_file, result)
     del model
     return result
 
@@ -338,18 +169,16 @@ def _eval_copy(model, config: DemoConfig):
     return model if parameter.dtype == dtype else copy.deepcopy(model).to(dtype)
 
 
-def _evaluate(model, tokenizer, sets: EvalSets, config: DemoConfig, log: _Progress, name: str) -> dict:
+def _evaluate(model, tokenizer, sets: EvalSets, config: DemoConfig, log: Progress, name: str) -> dict:
     sizes = ", ".join(f"{k} {v}" for k, v in sets.sizes().items())
     log.info(f"{name}: generating answers ({sizes})")
     result = evaluate_model(_eval_copy(model, config), tokenizer, sets, max_new_tokens=config.eval_new_tokens,
                             batch_size=config.eval_batch_size, progress=True)
-    log.info(f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in _scores(result).items()))
+    log.info(f"{name}: " + ", ".join(f"{k} {v:.2f}" for k, v in score_summary(result).items()))
     return result
 
 
 def _task_rows_file(output: Path, name: str, examples) -> Path:
-    from lssf_lightning.lightning.finetune import write_chat_jsonl
-
     return write_chat_jsonl(output / "data" / f"task_{name}.jsonl", [e.to_row() for e in examples])
 
 
@@ -360,13 +189,10 @@ def _finetune(run, lora: bool):
     leaves the live weights raw, so ``α`` can be chosen on validation afterwards and the callback's
     :meth:`~lssf_lightning.LSSFCallback.export` writes the realigned model.
     """
-    from lssf_lightning.lightning.callback import LSSFCallback
-    from lssf_lightning.lightning.finetune import CausalLMModule, ChatDataModule
-
     config = run.config
     if lora:
         lora_args = {"r": config.lora_rank, "lora_alpha": 2 * config.lora_rank, "lora_dropout": 0.0,
-                     "target_modules": list(_LORA_TARGETS)}
+                     "target_modules": list(LORA_TARGETS)}
         module = CausalLMModule(str(run.aligned_dir), learning_rate=config.lora_lr, lora=lora_args)
         steps = config.lora_steps
     else:
@@ -400,7 +226,7 @@ def _pooled(result: dict, sets: EvalSets) -> dict:
     out-of-distribution ones), so the rule rewards refusals that generalise."""
     counts = {"harmful_refusal": len(sets.harmful)}
     counts.update({f"harmful_refusal_{k}": len(v) for k, v in sets.extra_harmful.items() if v})
-    scores = _scores(result)
+    scores = score_summary(result)
     if len(counts) > 1:
         scores["harmful_refusal_advbench"] = result["harmful_refusal"]
         scores["harmful_refusal"] = sum(result[k] * n for k, n in counts.items()) / sum(counts.values())
@@ -424,9 +250,6 @@ def _sweep(name: str, model, tokenizer, subspace, run, grid: SweepGrid, lora: bo
     """Score ``grid`` on validation with :mod:`lssf_lightning.sweep`; returns ``(recommendation, planner
     factory of the recommended point, sweep report)``. A fixed ``config.alpha`` sweeps that one additive
     point."""
-    from lssf_lightning.selection import SelectionRule, recommend
-    from lssf_lightning.sweep import run_sweep, sweep_report
-
     config, log = run.config, run.log
     rule = SelectionRule(refusal_tolerance=config.alpha_target_margin,
                          max_perplexity_increase=config.max_perplexity_increase,
@@ -457,71 +280,20 @@ def _sweep(name: str, model, tokenizer, subspace, run, grid: SweepGrid, lora: bo
 
 
 def _grid_candidates(grid: SweepGrid, run, lora: bool, prebuilt: dict, builds: dict):
-    from lssf_lightning.sweep import grid_candidates
-
     return grid_candidates(grid, str(run.aligned_dir), str(run.base_dir), lora=lora, prebuilt=prebuilt,
                            build_seconds=builds)
 
 
 def _save_model(model, tokenizer, directory: Path) -> None:
-    from lssf_lightning.io.export import atomic_directory
-
     with atomic_directory(directory, overwrite=True) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
 
 
-def _markdown_table(rows: dict[str, dict], columns: Sequence[tuple[str, str]]) -> str:
-    header = "| model | " + " | ".join(label for _, label in columns) + " |"
-    lines = [header, "|" + "---|" * (len(columns) + 1)]
-    for name, scores in rows.items():
-        cells = [
-            f"{scores[key]:.2f}" if isinstance(scores.get(key), float) and not math.isnan(scores[key])
-            else "—"
-            for key, _ in columns
-        ]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-_COLUMNS = (
-    ("harmful_refusal", "harmful refusal ↑ (AdvBench test)"),
-    ("harmful_refusal_ood", "harmful refusal ↑ (other benchmarks)"),
-    ("harmful_refusal_bundled", "harmful refusal ↑ (project set)"),
-    ("harmless_refusal", "over-refusal ↓"),
-    ("task_accuracy", "task accuracy ↑"),
-    ("perplexity", "perplexity ↓ (general text)"),
-)
-
-
 # -- the demo ------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Run:
-    """What the stages share."""
-
-    config: DemoConfig
-    quick: bool
-    output: Path
-    cache: Path
-    log: _Progress
-    base_dir: Path | None = None
-    aligned_dir: Path | None = None
-    prompts: Any = None
-    task_train: list = field(default_factory=list)
-    test_sets: EvalSets | None = None
-    val_sets: EvalSets | None = None
-    aligned_val: dict = field(default_factory=dict)
-    train_file: Path | None = None
-    evaluations: dict = field(default_factory=dict)
-    report: dict = field(default_factory=dict)
-
-
-def _assets_stage(run: _Run) -> None:
-    from lssf_lightning.metrics import load_prompts
-    from lssf_lightning.metrics.perplexity import load_utility_texts
-
+def _assets_stage(run: Run) -> None:
     config, log = run.config, run.log
     log.stage("1/6 assets: unaligned base model and prompt splits")
     run.base_dir = base_model_dir(run.cache, log=log.info)
@@ -544,7 +316,7 @@ def _assets_stage(run: _Run) -> None:
     log.info(f"splits: {splits}; task train/val/test {len(run.task_train)}/{len(task_val)}/{len(task_test)}")
 
 
-def _aligned_stage(run: _Run) -> None:
+def _aligned_stage(run: Run) -> None:
     run.log.stage("2/6 aligned model: supervised safety pass (cached)")
     run.aligned_dir = aligned_model_dir(run.base_dir, run.prompts, run.config, run.log, run.cache)
     run.log.stage("3/6 evaluate base and aligned (cached)")
@@ -555,12 +327,9 @@ def _aligned_stage(run: _Run) -> None:
     run.aligned_val = _pooled(validation, run.val_sets)
 
 
-def _full_finetune_stage(run: _Run):
+def _full_finetune_stage(run: Run):
     """Full fine-tune; the sweep on validation; the recommended realignment, the paper's form and RESTA on
     test; writes the models. Returns the subspace."""
-    from lssf_lightning.methods import LSSF, Resta
-    from lssf_lightning.methods.base import temporarily_edited
-
     config, log = run.config, run.log
     log.stage("4/6 full fine-tune on the task, with LSSFCallback")
     module, callback, trainer = _finetune(run, lora=False)
@@ -605,12 +374,9 @@ def _full_finetune_stage(run: _Run):
     return subspace
 
 
-def _lora_stage(run: _Run) -> None:
+def _lora_stage(run: Run) -> None:
     """LoRA fine-tune; the sweep (LSSF forms on the merged weights, SafeLoRA on the adapters); scores go to
     ``report.json``."""
-    from lssf_lightning.methods import SafeLoRA
-    from lssf_lightning.methods.base import temporarily_edited
-
     config, log = run.config, run.log
     log.stage("4b/6 LoRA fine-tune on the task, with LSSFCallback")
     module, callback, _ = _finetune(run, lora=True)
@@ -646,161 +412,14 @@ def _lora_stage(run: _Run) -> None:
     if config.save_models:
         peft_model.save_pretrained(run.output / "models" / "lora_finetuned_adapter")
     for name, result in scores.items():
-        _save_responses(run.output, f"lora_{name}", result)
+        save_responses(run.output, f"lora_{name}", result)
     run.report["lora"] = {
         "recommended": chosen.point.to_dict(), "reached": chosen.recommended, "sweep": sweep,
         "safelora_projected_layers": sum(bool(v) for v in projector.projected.values()),
         "safelora_layers": len(projector.projected),
-        "scores": {name: _scores(result) for name, result in scores.items()},
+        "scores": {name: score_summary(result) for name, result in scores.items()},
         "adapters": adapters,
     }
-
-
-def lora_adapters(run: _Run, peft_model, merged, planner, evaluate, check, scores: dict) -> dict:
-    """The LoRA run's realignment as peft LoRA adapters; returns their sizes and what serving them scores.
-
-    Writes the *safety adapter* (the correction alone: onto the merged fine-tune, or stacked with the task
-    adapter) and the *combined adapter* (task LoRA + correction: ONE adapter onto the aligned model, what a
-    single-adapter LoRA server loads). The combined adapter is scored loaded with peft onto the aligned model:
-    unmerged, as a LoRA server computes it (``scores["realigned_adapter"]``), and merged
-    (``scores["realigned_adapter_merged"]``, to set beside the realigned model's ``scores["realigned"]``, with
-    the largest weight difference); and merged at each of ``config.adapter_rank_caps``
-    (``scores["realigned_adapter_r<cap>"]``: what the cap costs). The exact comparison is ``check(model)``
-    (the refusal sets in float32) of the merged adapter against the realigned model: the same answers, the
-    same refusal rates.
-    ``planner`` makes the recommended fusion form; ``evaluate(model, name)`` scores a model on test.
-    """
-    from peft import PeftModel
-
-    from lssf_lightning.io.lora_export import write_model_adapter
-    from lssf_lightning.methods.base import temporarily_edited
-
-    config, log = run.config, run.log
-    with tempfile.TemporaryDirectory(prefix="lssf-demo-adapters-") as scratch:
-        directory = run.output / "models" if config.save_models else Path(scratch)
-        safety = write_model_adapter(merged, planner(), directory / "lora_safety_adapter", overwrite=True)
-        combined = write_model_adapter(
-            peft_model, planner(), directory / "lora_realigned_adapter", overwrite=True
-        )
-        log.info(f"safety adapter (onto the merged fine-tune): {safety}")
-        log.info(f"combined adapter (task LoRA + correction, onto the aligned model): {combined}")
-        served = PeftModel.from_pretrained(_load(run.aligned_dir)[0], combined.directory).eval()
-        scores["realigned_adapter"] = evaluate(served, "LoRA realigned, its combined adapter served unmerged")
-        loaded = served.merge_and_unload()
-        scores["realigned_adapter_merged"] = evaluate(loaded, "LoRA realigned, its combined adapter merged")
-        with temporarily_edited(merged, planner()):  # the realigned model, for this block
-            weight_error = _max_relative_difference(loaded, merged)
-            exact = {"realigned": check(merged)}
-        log.info(f"combined adapter merged by peft vs the realigned model: weights differ by at most "
-                 f"{weight_error:.1e} (relative, per matrix)")
-        exact["adapter"] = check(loaded)
-        del served, loaded
-        caps = {}
-        for cap in config.adapter_rank_caps:
-            capped = write_model_adapter(peft_model, planner(), Path(scratch) / f"r{cap}", max_rank=cap)
-            model = PeftModel.from_pretrained(_load(run.aligned_dir)[0], capped.directory).merge_and_unload()
-            label = f"LoRA realigned, combined adapter rank ≤ {cap}"
-            scores[f"realigned_adapter_r{cap}"] = evaluate(model, label)
-            caps[str(cap)] = {k: v for k, v in capped.to_dict().items() if k != "directory"}  # not kept
-            del model
-    realigned = _scores(scores["realigned"])
-
-    def differences(name):
-        other = _scores(scores[name])
-        return {k: [v, other.get(k)] for k, v in realigned.items() if other.get(k) != v}
-
-    merged_differ, served_differ = differences("realigned_adapter_merged"), differences("realigned_adapter")
-    rates = {name: _scores(result) for name, result in exact.items()}
-    answers = [(a["response"], b["response"]) for key in exact["realigned"]["responses"]
-               for a, b in zip(exact["realigned"]["responses"][key], exact["adapter"]["responses"][key])]
-    different = sum(a != b for a, b in answers)
-    refusals_equal = rates["realigned"] == rates["adapter"]
-    log.info(f"float32 check, combined adapter vs the realigned model: {different} of {len(answers)} "
-             f"refusal-set answers differ; refusal rates {'equal' if refusals_equal else 'differ'} "
-             f"({rates['adapter']})")
-    log.info(f"bf16 test evaluation: merged adapter {merged_differ or 'the same scores'}; served unmerged "
-             f"{served_differ or 'the same scores'} (against the realigned model)")
-    return {"safety": safety.to_dict(), "combined": combined.to_dict(), "rank_caps": caps,
-            "max_relative_weight_difference": weight_error,
-            "float32_check": {"refusal_rates": rates, "different_answers": different,
-                              "answers": len(answers)},
-            "refusals_equal_merged": refusals_equal,
-            "bf16_differences_merged": merged_differ, "bf16_differences_served_unmerged": served_differ}
-
-
-def _max_relative_difference(model, reference) -> float:
-    """The largest ``‖W_model − W_reference‖ / ‖W_reference‖`` over the 2-D parameters both have."""
-    weights = dict(model.named_parameters())
-    worst = 0.0
-    for name, value in reference.named_parameters():
-        if name in weights and value.ndim == 2:
-            expected = value.detach().double()
-            difference = (weights[name].detach().double() - expected).norm()
-            worst = max(worst, float(difference / expected.norm().clamp_min(1e-30)))
-    return worst
-
-
-def _report_stage(run: _Run, subspace) -> dict:
-    from lssf_lightning.demo.figures import plot_scores
-    from lssf_lightning.plots import plot_subspace
-
-    config, log, output, report = run.config, run.log, run.output, run.report
-    log.stage("6/6 report")
-    results = {name: _scores(run.evaluations[name]) for name in MODEL_NAMES}
-    for name in MODEL_NAMES:
-        _save_responses(output, name, run.evaluations[name])
-    _write_json(output / "results.json", results)
-    figures = {"scores": plot_scores(results, output / "scores.png", "full fine-tune"),
-               "front": _plot_sweep(report["sweep"], output / "front.png", "full fine-tune")}
-    lora = report.get("lora")
-    if lora:
-        rows = {"aligned": results["aligned"], **{f"lora {k}": v for k, v in lora["scores"].items()}}
-        figures["scores_lora"] = plot_scores(rows, output / "scores_lora.png", "LoRA fine-tune")
-        figures["front_lora"] = _plot_sweep(lora["sweep"], output / "front_lora.png", "LoRA fine-tune")
-    figures["subspace"] = plot_subspace(subspace, output / "subspace_ranks.png")
-    timings = log.finish()
-    report.update(
-        mode="quick" if run.quick else "full",
-        config={k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(config).items()},
-        sizes={"test": run.test_sets.sizes(), "validation": run.val_sets.sizes(),
-               "task_train": len(run.task_train)},
-        aligned_validation=run.aligned_val,
-        results=results,
-        figures={k: str(v) for k, v in figures.items()},
-        timings_s=timings,
-        judge="RefusalPhraseJudge (refusal phrases near the start of the answer)",
-        decoding=f"greedy, {config.eval_new_tokens} new tokens (task: 6), {config.eval_dtype} weights "
-                 "(models are trained, fused and saved in float32)",
-        sources=run.prompts.sources,
-    )
-    _write_json(output / "report.json", report)
-    table = _markdown_table(results, _COLUMNS)
-    if lora:
-        table += "\n\nLoRA run:\n\n" + _markdown_table(
-            {"aligned": results["aligned"], **{f"lora {k}": v for k, v in lora["scores"].items()}}, _COLUMNS
-        )
-    (output / "results.md").write_text(table + "\n", encoding="utf-8")
-    print("\n" + table, flush=True)
-    lssf = report["lssf"]
-    outcome = "recommended on validation" if lssf["reached"] else (
-        "refusal target not reached on validation; used the safest setting within the budget")
-    print(f"\n{outcome}: {lssf['recommended']['label']}"
-          + f"; subspace mean rank {lssf['mean_rank']:.1f}; sweep cost "
-          f"{report['sweep']['cost']['seconds_per_point']:.0f} s per point", flush=True)
-    print(f"done in {timings['total'] / 60:.1f} min; results in {output}", flush=True)
-    return results
-
-
-def _plot_sweep(sweep: dict, path: Path, title: str) -> Path:
-    from lssf_lightning.plots import plot_front
-
-    def point(data):
-        return SweepPoint.from_dict(data) if data else None
-
-    recommended = sweep.get("recommended") or {**sweep["target_not_reached"], "point": None}
-    return plot_front([point(p) for p in sweep["points"]], path, reference=point(sweep["reference"]),
-                      aligned=point(sweep["aligned"]), recommended=point(recommended["point"]),
-                      limits=recommended["limits"], title=f"safety–utility front on validation ({title})")
 
 
 def run_demo(
@@ -832,7 +451,7 @@ def run_demo(
     output = Path(output).expanduser()
     output.mkdir(parents=True, exist_ok=True)
     cache_root = Path(cache).expanduser() if cache is not None else cache_dir()
-    run = _Run(config, quick, output, cache_root, _Progress())
+    run = Run(config, quick, output, cache_root, Progress())
     print(f"LSSF demo ({'quick' if quick else 'full'}) → {output}; cache {run.cache}; "
           f"{torch.get_num_threads()} CPU threads", flush=True)
     _assets_stage(run)
@@ -842,7 +461,7 @@ def run_demo(
     if config.lora:
         _lora_stage(run)
         gc.collect()
-    return _report_stage(run, subspace)
+    return report_stage(run, subspace)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -105,7 +105,7 @@ class TaskExample:
         return task_prompt(self.headline)
 
     def to_row(self) -> dict[str, str]:
-        """A ``{"prompt", "response"}`` row for :class:`~lssf_lightning.lightning.finetune.ChatDataModule`."""
+        """A ``{"prompt", "response"}`` row for :class:`~lssf_lightning.lightning.data.ChatDataModule`."""
         return {"prompt": self.prompt, "response": self.topic}
 
 

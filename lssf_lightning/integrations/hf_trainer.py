@@ -26,7 +26,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from lssf_lightning import training
-from lssf_lightning.config import AutoAlphaConfig, SubspaceConfig, split_legacy
+from lssf_lightning.config import AutoAlphaConfig, SubspaceConfig
 from lssf_lightning.io.guard import write_json
 from lssf_lightning.io.hub import resolve_model
 from lssf_lightning.io.schema import FormatError, field, load_json
@@ -113,7 +113,7 @@ class LSSFTrainerCallback(TrainerCallback):
         overwrite: bool = False,
         min_refusal_rate: float | None = None,
     ) -> None:
-        self.subspace_config = split_legacy(subspace, {}, "LSSFTrainerCallback")
+        self.subspace_config = SubspaceConfig.coerce(subspace)
         self.alpha = alpha if alpha == "auto" else check_finite("alpha", alpha)
         if adapter_max_rank is not None:
             check_int("adapter_max_rank", adapter_max_rank)
@@ -289,7 +289,9 @@ class LSSFTrainerCallback(TrainerCallback):
         def answers() -> dict[str, list[str]]:
             return {kind: self.probe.generate(model, tokenizer, prompts) for kind, prompts in shares.items()}
 
-        swap = fused_call(self.fusion, lambda: self.subspace.temporarily_fused(model, self.fusion.missing))
+        swap = fused_call(
+            self.fusion, lambda: training.temporarily_fused(model, self.subspace, self.fusion.missing)
+        )
         perplexity = lambda: self.probe.perplexity(model, tokenizer)  # noqa: E731
         values = self.probe.measure(answers, self._rate, perplexity, swap)
         return {name: float(value) for name, value in values.items()}

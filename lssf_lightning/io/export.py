@@ -16,14 +16,12 @@ from typing import Any
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from lssf_lightning.config import MAX_SHARD_BYTES
 from lssf_lightning.core.checks import all_finite
-from lssf_lightning.io.guard import SUPPORT_FILES, guarded_output, looks_like_model_directory
+from lssf_lightning.io.guard import guarded_output, looks_like_model_directory
+from lssf_lightning.io.layout import MAX_SHARD_BYTES, SUPPORT_FILES
 from lssf_lightning.io.shards import NonFiniteTensorError, ShardedWriter
 
-__all__ = ["SUPPORT_FILES", "atomic_directory", "copy_support_files", "write_model_directory"]
-
-
+__all__ = ["atomic_directory", "copy_support_files", "write_model_directory"]
 
 @contextlib.contextmanager
 def atomic_directory(

@@ -19,8 +19,11 @@ A run that writes ``target`` (a model directory, a subspace file, a plot):
    deleted after.
 
 On any failure the staging path and the empty folders created for the target are removed, and the target
-is left as it was. Ctrl-C is held back during the
-few system calls of the commit itself, so an interrupt never leaves the target half replaced.
+is left as it was. Ctrl-C is held back during the few system calls of the commit itself, so an interrupt
+never leaves the target half replaced.
+
+One concept: the life of one output path, from the overlap check to the commit; the steps share the lock,
+the staging names and the checked state of the target, so they stay together.
 """
 
 from __future__ import annotations
@@ -49,9 +52,11 @@ from typing import Any
 
 from typing_extensions import Self
 
+from lssf_lightning.io.hub import cached_snapshot, is_hub_id
+from lssf_lightning.io.layout import SUPPORT_FILES
+
 __all__ = [
     "OUTPUT_FILE_PATTERNS",
-    "SUPPORT_FILES",
     "LeftoverWarning",
     "OutputBusyError",
     "OutputChangedError",
@@ -67,22 +72,6 @@ __all__ = [
 STAGING_TAG = ".lssf-staging-"
 RETIRED_TAG = ".lssf-old-"
 LOCK_SUFFIX = ".lssf-lock"
-# Files a model directory needs besides its weights: config, generation defaults, tokenizer, chat template.
-SUPPORT_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "spiece.model",
-    "chat_template.jinja",
-    "chat_template.json",
-    "preprocessor_config.json",
-)
 # The one list of files lssf_lightning writes into a directory, by exact name pattern (``fnmatchcase``): an
 # existing directory is replaced (with ``overwrite``) only if every entry in it matches one of them.
 OUTPUT_FILE_PATTERNS = (
@@ -151,8 +140,6 @@ def _spec_paths(spec: str | os.PathLike) -> list[tuple[str, Path]]:
     path = Path(spec).expanduser()
     if not isinstance(spec, str) or os.path.lexists(path):
         return [(str(path), path)]
-    from lssf_lightning.io.hub import cached_snapshot, is_hub_id
-
     if not is_hub_id(spec):
         return [(str(path), path)]
     snapshot = cached_snapshot(spec)

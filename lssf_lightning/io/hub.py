@@ -21,11 +21,13 @@ import os
 import warnings
 from pathlib import Path
 
+from lssf_lightning.io.layout import PICKLE_SUFFIXES, SUPPORT_FILES
+
 __all__ = ["HUB_WEIGHT_PATTERNS", "cached_snapshot", "is_hub_id", "parse_hub_id", "resolve_model"]
 
 HUB_WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "adapter_config.json")
 """Weight files fetched for a model ID (with the config and tokenizer files of
-``io.guard.SUPPORT_FILES``)."""
+``io.layout.SUPPORT_FILES``)."""
 
 _UNANSWERED: set[str] = set()  # endpoints that did not answer in time: not asked again by this process
 _TOP_LEVEL_ONLY = ("*/*",)  # snapshot_download's ``*`` crosses folders; repos keep variants in sub-folders
@@ -119,8 +121,6 @@ def _snapshot(repo_id: str, revision: str | None, what: str, weights: bool) -> P
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
-
-    from lssf_lightning.io.guard import SUPPORT_FILES
 
     label = f"{what} {repo_id}" + (f"@{revision}" if revision else "")
     patterns = [*(HUB_WEIGHT_PATTERNS if weights else ()), *SUPPORT_FILES]
@@ -227,13 +227,12 @@ def _require_safetensors(directory: Path, repo_id: str, revision: str | None, wh
     from huggingface_hub import get_cached_repo_tree
     from huggingface_hub.errors import CachedRepoTreeNotFoundError
 
-    from lssf_lightning.io.weights import _PICKLE_SUFFIXES
 
     files = [p.name for p in directory.iterdir()]
     # The repo's full listing, cached by an online snapshot_download; without one the folder decides.
     with contextlib.suppress(CachedRepoTreeNotFoundError, OSError, ValueError):
         files += [f.path for f in get_cached_repo_tree(repo_id, revision=revision)]
-    pickles = sorted({f for f in files if f.endswith(_PICKLE_SUFFIXES) and "/" not in f})
+    pickles = sorted({f for f in files if f.endswith(PICKLE_SUFFIXES) and "/" not in f})
     label = f"{what} {repo_id}" + (f"@{revision}" if revision else "")
     if pickles:
         raise ValueError(

@@ -17,10 +17,11 @@ from __future__ import annotations
 import os
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
+from lssf_lightning.core.factors import LocalFactors, ShardRegion, SubspaceEntry
 from lssf_lightning.io.subspace_file import (
     check_entry_bytes,
     check_factor,
@@ -28,10 +29,6 @@ from lssf_lightning.io.subspace_file import (
     subspace_path,
 )
 from lssf_lightning.validation import check_int
-
-if TYPE_CHECKING:
-    from lssf_lightning.distributed import LocalFactors, ShardRegion
-    from lssf_lightning.subspace import SubspaceEntry
 
 __all__ = ["DEFAULT_BUDGET_BYTES", "LazyFactors"]
 
@@ -125,8 +122,6 @@ class LazyFactors(Mapping):
         return entry
 
     def _read(self, key: str) -> SubspaceEntry:
-        from lssf_lightning.subspace import SubspaceEntry
-
         handle, info = self._open(), self._layout[key]
         parts = [check_factor(self.path, f"{key}:{part}", handle.get_tensor(f"{key}:{part}"))
                  for part in ("left", "right", "sigma")]
@@ -153,12 +148,6 @@ class LazyFactors(Mapping):
         d_in = int(self._tensors[f"{key}:right"].shape[1])
         return (d_in, d_out) if self._layout[key]["conv1d"] else (d_out, d_in)
 
-    def factor_bytes(self) -> int:
-        """Bytes of all factors in the file (what holding every entry would cost)."""
-        return sum(
-            self._tensors[f"{key}:{part}"].nbytes for key in self._layout for part in ("left", "right")
-        )
-
     @property
     def resident_bytes(self) -> int:
         """Bytes of entries the cache holds now."""
@@ -168,7 +157,6 @@ class LazyFactors(Mapping):
         """The factors the block ``region`` of weight ``key`` needs, read from the file slice by slice
         (``U'[rows]`` and ``U'ᵀδ[:, cols]``, each checked finite); nothing else of the entry is read or
         kept."""
-        from lssf_lightning.distributed import LocalFactors
 
         if tuple(self.shape(key)) != region.global_shape:
             raise ValueError(

@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lssf_lightning.config import MAX_SHARD_BYTES
 from lssf_lightning.core.checks import all_finite
+from lssf_lightning.io.layout import MAX_SHARD_BYTES
 from lssf_lightning.io.schema import FormatError, field, load_json
 from lssf_lightning.validation import SettingError
 

@@ -34,7 +34,6 @@ import errno
 import hashlib
 import json
 import os
-import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -263,29 +262,19 @@ def check_factor(path: str | os.PathLike, name: str, tensor: torch.Tensor) -> to
     return tensor
 
 
-def _is_subspace_file(path: Path) -> bool:
-    try:
-        read_subspace_header(path)
-    except (OSError, ValueError):
-        return False
-    return True
-
-
 def write_subspace_file(
     path: str | os.PathLike,
     entries: Mapping[str, Any],
     metadata: Mapping[str, Any],
     *,
-    overwrite: bool | None = None,
+    overwrite: bool = False,
     inputs: Iterable[Any] | Any = (),
 ) -> Path:
     """Write ``entries`` (objects with ``left``, ``right``, ``singular_values``, ``entropy``,
     ``total_energy``, ``conv1d``) and ``metadata`` to ``path`` through the output guard.
 
     Args:
-        overwrite: ``True`` replaces an existing file, ``False`` refuses one. ``None`` (the default, for code
-            written for lssf_lightning 0.1 whose ``save`` always replaced) replaces an existing *subspace
-            file* with a ``DeprecationWarning`` and refuses any other file.
+        overwrite: ``True`` replaces an existing file, ``False`` refuses one.
         inputs: the run's input paths; ``path`` must not be, or lie inside, any of them.
 
     Raises:
@@ -294,15 +283,6 @@ def write_subspace_file(
         ValueError: a number of the header is NaN or inf.
     """
     path = Path(path).expanduser()
-    if overwrite is None:
-        overwrite = False
-        if path.is_file() and not path.is_symlink():
-            if not _is_subspace_file(path):
-                raise FileExistsError(errno.EEXIST, "exists and is not a safety subspace file; refusing to "
-                                      "replace it", str(path))
-            warnings.warn(f"{path} exists and is replaced; pass overwrite=True to keep doing so (the default "
-                          "will refuse existing files in the next release)", DeprecationWarning, stacklevel=3)
-            overwrite = True
     tensors, layout = {}, {}
     for key, entry in entries.items():
         tensors[f"{key}:left"] = entry.left.contiguous()

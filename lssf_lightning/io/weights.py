@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lssf_lightning.io.hub import resolve_model
+from lssf_lightning.io.layout import PICKLE_SUFFIXES
 from lssf_lightning.io.names import canonical_key, module_name
 from lssf_lightning.io.shards import SafetensorsReader, index_files
 
@@ -30,7 +31,6 @@ __all__ = [
 ]
 
 WeightsLike = nn.Module | Mapping[str, Tensor] | str | os.PathLike | Sequence[str | os.PathLike]
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
 class WeightStore:
@@ -172,7 +172,7 @@ def find_safetensors(path: str | os.PathLike) -> list[Path]:
     if not path.exists():
         raise FileNotFoundError(f"no such file or directory: {path}")
     if path.is_file():
-        if path.suffix in _PICKLE_SUFFIXES:
+        if path.suffix in PICKLE_SUFFIXES:
             raise ValueError(
                 f"{path} is a pickled checkpoint; lssf_lightning reads safetensors only (pickles can run "
                 "code). Convert it with `model.save_pretrained(dir, safe_serialization=True)`."
@@ -184,7 +184,7 @@ def find_safetensors(path: str | os.PathLike) -> list[Path]:
     files = sorted(path.glob("*.safetensors"))
     if files:
         return files
-    pickles = sorted(p.name for p in path.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
     hint = (
         f" It holds {pickles[:3]}: pickled checkpoints are not loaded; re-save with safe_serialization=True."
         if pickles

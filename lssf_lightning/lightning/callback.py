@@ -15,12 +15,11 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lssf_lightning import distributed, training
-from lssf_lightning.config import AutoAlphaConfig, SubspaceConfig, split_legacy
+from lssf_lightning import training
+from lssf_lightning.config import AutoAlphaConfig, SubspaceConfig
 from lssf_lightning.lightning import strategy
 from lssf_lightning.lightning.auto_alpha import AutoAlpha
 from lssf_lightning.lightning.hf import find_tokenizer, hf_model, hf_model_attribute
-from lssf_lightning.lightning.legacy import split_arguments
 from lssf_lightning.lightning.monitor import RefusalMonitor
 from lssf_lightning.monitoring import check_min_refusal_rate, needs_realignment
 from lssf_lightning.subspace import SafetySubspace
@@ -75,8 +74,6 @@ class LSSFCallback(Callback):
             cache, the Trainer's checkpoint and log folders) is refused.
         min_refusal_rate: realign the live weights (the whole missing fusion) when the monitor's raw refusal
             rate falls below this; needs a monitor.
-        legacy: the 0.1 spellings (``eta=``, ``judge=`` …), accepted with a DeprecationWarning naming the new
-            one.
     """
 
     def __init__(
@@ -98,14 +95,10 @@ class LSSFCallback(Callback):
         export_adapter_dir: str | None = None,
         overwrite: bool = False,
         min_refusal_rate: float | None = None,
-        **legacy: Any,
     ) -> None:
         super().__init__()
         try:
-            monitor, auto_monitor, auto_alpha, keep_raw_fixups = split_arguments(legacy, monitor, auto_alpha,
-                                                                                 keep_raw_fixups)
-            self.subspace_config = split_legacy(subspace, legacy, "LSSFCallback",
-                                                "subspace=SubspaceConfig(...)")
+            self.subspace_config = SubspaceConfig.coerce(subspace)
             self.alpha = training.check_alpha(alpha, allow_auto=True)
             self.apply_on = check_choice("apply_on", apply_on, training.APPLY_ON)
             training.check_apply_epochs(apply_on, apply_epochs)
@@ -121,7 +114,7 @@ class LSSFCallback(Callback):
         self.model_attribute, self.tokenizer, self.verbose = model_attribute, tokenizer, verbose
         self.monitor: RefusalMonitor | None = RefusalMonitor() if monitor is True else monitor or None
         self.auto: AutoAlpha | None = None if self.alpha != "auto" else auto_alpha if isinstance(
-            auto_alpha, AutoAlpha) else AutoAlpha(auto_alpha, self.monitor or auto_monitor)
+            auto_alpha, AutoAlpha) else AutoAlpha(auto_alpha, self.monitor)
         for owned in (self.monitor, self.auto.monitor if self.auto else None):
             if owned is not None:
                 owned.owner = self
@@ -309,7 +302,7 @@ class LSSFCallback(Callback):
     def realigned_weights(self, pl_module: LightningModule):
         """Context manager: the fully realigned weights (``current_alpha``) in ``pl_module`` for the block;
         the exact raw weights come back after."""
-        return distributed.temporarily_fused(self.hf_model(pl_module), self.subspace, self.fusion.missing)
+        return training.temporarily_fused(self.hf_model(pl_module), self.subspace, self.fusion.missing)
 
     # -- export -----------------------------------------------------------------------------------------
     @override

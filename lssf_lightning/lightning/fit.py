@@ -16,18 +16,13 @@ Callbacks, LSSFCallback included, come from the config's ``trainer.callbacks`` l
 
 from __future__ import annotations
 
-import atexit
-import os
 import sys
-import tempfile
 from collections.abc import Sequence
 
-import yaml
 from lightning.pytorch.cli import LightningCLI
 
-import lssf_lightning  # noqa: F401  (registers the short class names for configs)
-from lssf_lightning.lightning.finetune import CausalLMModule, ChatDataModule
-from lssf_lightning.lightning.legacy import translate_init_args
+from lssf_lightning.lightning.data import ChatDataModule
+from lssf_lightning.lightning.module import CausalLMModule
 
 __all__ = ["run_fit_cli"]
 
@@ -35,56 +30,12 @@ __all__ = ["run_fit_cli"]
 def run_fit_cli(args: Sequence[str]) -> LightningCLI:
     """Run ``fit`` with ``args`` (``--config``, ``--print_config``, ``--trainer.max_steps=…`` …)."""
     full = ["fit", *args]
-    # From the console script, let LightningCLI read sys.argv itself: DDP re-launches the same command line
-    # (with an old-style config replaced by its translation).
-    translated = _translate_configs(full)
+    # From the console script, let LightningCLI read sys.argv itself: DDP re-launches the same command line.
     from_command_line = sys.argv[1:] == full
-    if from_command_line:
-        sys.argv[1:] = translated
     return LightningCLI(
         CausalLMModule,
         ChatDataModule,
-        args=None if from_command_line else translated,
+        args=None if from_command_line else full,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"prog": "lssf-lightning fit"},
     )
-
-
-def _translate_configs(args: list[str]) -> list[str]:
-    """``args`` with each ``--config`` file that spells LSSFCallback's arguments the 0.1 way (``eta:``,
-    ``num_monitor_prompts:`` …) replaced by a translated copy, with a deprecation notice naming the new
-    keys."""
-    out, i = list(args), 0
-    while i < len(out):
-        flag, _, value = out[i].partition("=")
-        if flag == "--config" and (value or i + 1 < len(out)):
-            index = i if value else i + 1
-            path = value or out[index]
-            new = _translate_config(path)
-            if new is not None:
-                out[index] = f"--config={new}" if value else new
-        i += 1
-    return out
-
-
-def _translate_config(path: str) -> str | None:
-    if not os.path.isfile(path):
-        return None
-    with open(path, encoding="utf-8") as file:
-        config = yaml.safe_load(file)
-    callbacks = ((config or {}).get("trainer") or {}).get("callbacks") if isinstance(config, dict) else None
-    moved = []
-    for callback in callbacks if isinstance(callbacks, list) else []:
-        if isinstance(callback, dict) and str(callback.get("class_path", "")).endswith("LSSFCallback"):
-            callback["init_args"], names = translate_init_args(callback.get("init_args") or {})
-            moved += names
-    if not moved:
-        return None
-    print(f"lssf-lightning fit: {path} uses deprecated LSSFCallback keys {sorted(set(moved))}; they now live "
-          "under `subspace:` (SubspaceConfig), `monitor:` (RefusalMonitor: num_prompts, max_new_tokens, "
-          "judge, ...), `auto_alpha:` (AutoAlphaConfig) and `keep_raw_fixups:`", file=sys.stderr)
-    handle, translated = tempfile.mkstemp(prefix="lssf-fit-", suffix=".yaml")
-    with os.fdopen(handle, "w", encoding="utf-8") as file:
-        yaml.safe_dump(config, file, sort_keys=False)
-    atexit.register(lambda: os.path.exists(translated) and os.unlink(translated))
-    return translated

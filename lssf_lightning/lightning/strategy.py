@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from torch import nn
 
+from lssf_lightning.distributed import gathered_store
 from lssf_lightning.io.weights import MappingStore, ModuleStore, WeightStore
 
 __all__ = ["check_checkpoint_callbacks", "check_strategy", "export_store", "full_parameters",
@@ -43,7 +44,7 @@ def check_strategy(trainer: Trainer, apply_on: str, edits_live_weights: bool) ->
     if isinstance(strategy, ModelParallelStrategy) and any(
         getattr(c, "alpha", None) == "auto" for c in trainer.callbacks
     ):
-        # its α grid goes through SafetySubspace.temporarily_fused and unpadded prompt shards: neither is
+        # its α grid goes through training.temporarily_fused and unpadded prompt shards: neither is
         # shard-aware
         raise MisconfigurationException(
             "LSSFCallback(alpha='auto') is not supported under ModelParallelStrategy (FSDP2) yet: pass a "
@@ -113,8 +114,6 @@ def export_store(
         state = trainer.strategy.lightning_module_state_dict()
         yield MappingStore(state, location="FSDP full state dict"), attribute + "."
     elif isinstance(trainer.strategy, ModelParallelStrategy):
-        from lssf_lightning.distributed import gathered_store
-
         with gathered_store(model) as store:
             yield store, ""
     else:

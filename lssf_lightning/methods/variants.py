@@ -22,13 +22,14 @@ from torch import Tensor
 
 from lssf_lightning.config import DEFAULT_ADD, DEFAULT_ALPHA, DEFAULT_INPUT_SHARE, SubspaceConfig
 from lssf_lightning.core.basis import add_correction
+from lssf_lightning.core.factors import SubspaceEntry
 from lssf_lightning.core.variants import two_sided_reset_factors, variant_factors
 from lssf_lightning.io.names import KeyMatcher
 from lssf_lightning.io.weights import WeightsLike, WeightStore, open_weights
 from lssf_lightning.methods.base import Correction, Edit
 from lssf_lightning.methods.lssf import ALPHA, LSSF
 from lssf_lightning.methods.spec import MAX_STRENGTH, MethodInputs, MethodSpec, Param
-from lssf_lightning.subspace import SafetySubspace, SubspaceBuilder, SubspaceEntry, check_input_weight
+from lssf_lightning.subspace import SafetySubspace, SubspaceBuilder, check_input_weight
 from lssf_lightning.validation import SettingError, check_finite
 
 __all__ = ["EROSION", "RESET", "TWO_SIDED", "LSSFErosion", "LSSFReset", "LSSFTwoSided"]

@@ -3,16 +3,14 @@
 from lssf_lightning.metrics.generation import generate_responses
 from lssf_lightning.metrics.judges import REFUSAL_PHRASES, ClassifierJudge, RefusalPhraseJudge, resolve_judge
 from lssf_lightning.metrics.prompts import load_prompt_pairs, load_prompts
-from lssf_lightning.metrics.refusal import HarmfulRefusalRate, RefusalRate, harmful_refusal_rate, refusal_rate
+from lssf_lightning.metrics.refusal import RefusalRate, refusal_rate
 
 __all__ = [
     "REFUSAL_PHRASES",
     "ClassifierJudge",
-    "HarmfulRefusalRate",
     "RefusalPhraseJudge",
     "RefusalRate",
     "generate_responses",
-    "harmful_refusal_rate",
     "load_prompt_pairs",
     "load_prompts",
     "refusal_rate",

@@ -1,7 +1,5 @@
 """Refusal rate: the fraction of answers that refuse. On harmful requests it measures safety (higher is
 safer); on harmless requests it is the *over-refusal* rate (lower is better).
-
-``RefusalRate``/``refusal_rate`` were called ``HarmfulRefusalRate``/``harmful_refusal_rate``; both names work.
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ from torchmetrics.utilities.plot import _AX_TYPE, _PLOT_OUT_TYPE
 
 from lssf_lightning.metrics.judges import Judge, resolve_judge
 
-__all__ = ["HarmfulRefusalRate", "RefusalRate", "check_verdicts", "harmful_refusal_rate", "refusal_rate"]
+__all__ = ["RefusalRate", "check_verdicts", "refusal_rate"]
 
 
 def _as_response_list(responses: str | Sequence[str]) -> list[str]:
@@ -173,8 +171,3 @@ class RefusalRate(Metric):
         """
         return self._plot(val, ax)
 
-
-HarmfulRefusalRate = RefusalRate
-"""The former name of :class:`RefusalRate` (it measures over-refusal too, fed harmless prompts' answers)."""
-harmful_refusal_rate = refusal_rate
-"""The former name of :func:`refusal_rate`."""

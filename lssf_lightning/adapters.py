@@ -32,10 +32,19 @@ import torch
 from torch import Tensor, nn
 
 from lssf_lightning.core.basis import best_low_rank, compact_low_rank
+from lssf_lightning.io.export import atomic_directory
+from lssf_lightning.io.guard import check_output
+from lssf_lightning.io.hub import resolve_model
+from lssf_lightning.io.lora import LoraAdapter, MergedLoraStore
 from lssf_lightning.io.names import KeyMatcher, canonical_key, is_adapter_key, module_name
+from lssf_lightning.io.shards import write_safetensors
+from lssf_lightning.io.weights import open_weights
+from lssf_lightning.methods.base import LowRankPlanner
+from lssf_lightning.methods.lssf import LSSF
+from lssf_lightning.subspace import SafetySubspace
 from lssf_lightning.validation import check_finite, check_int
 
-__all__ = ["AdapterReport", "realign_as_adapter", "write_lora_adapter", "write_model_adapter"]
+__all__ = ["AdapterReport", "write_lora_adapter", "write_model_adapter"]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _UNSUPPORTED_TASK_OPTIONS = ("modules_to_save", "trainable_token_indices", "lora_bias", "use_dora")
@@ -130,8 +139,6 @@ def write_lora_adapter(
             ``base_model``, an output overlapping an input, or a NaN/inf in the adapter (nothing is written).
         FileExistsError: ``directory`` exists and ``overwrite`` is false.
     """
-    from lssf_lightning.io.guard import check_output
-
     planner = _planner(correction, alpha)
     if max_rank is not None:
         check_int("max_rank", max_rank, minimum=1)
@@ -171,10 +178,6 @@ def write_lora_adapter(
 
 def _planner(correction, alpha: float | None):
     """The planner of ``correction``: ``LSSF(subspace, α)`` for a subspace, a low-rank planner as given."""
-    from lssf_lightning.methods.base import LowRankPlanner
-    from lssf_lightning.methods.lssf import LSSF
-    from lssf_lightning.subspace import SafetySubspace
-
     if isinstance(correction, SafetySubspace):
         return LSSF(correction, 1.0 if alpha is None else check_finite("alpha", alpha))
     if not isinstance(correction, LowRankPlanner):
@@ -192,17 +195,12 @@ def _planner(correction, alpha: float | None):
 def _open_base(base_model):
     if base_model is None:
         return None
-    from lssf_lightning.io.weights import open_weights
-
     return open_weights(base_model, name="base model")
 
 
 def _target(planner, base_store, task):
     """The weights the correction is computed for: the base model (+ the task adapter, merged lazily), or
     the subspace's own names and shapes when no base model is given (the additive form only)."""
-    from lssf_lightning.io.lora import MergedLoraStore
-    from lssf_lightning.io.weights import open_weights
-
     if base_store is not None:
         return MergedLoraStore(base_store, task) if task is not None else base_store
     if planner.reads_weights:
@@ -215,9 +213,6 @@ def _target(planner, base_store, task):
 
 
 def _open_task_adapter(path):
-    from lssf_lightning.io.hub import resolve_model
-    from lssf_lightning.io.lora import LoraAdapter
-
     adapter = LoraAdapter(resolve_model(path, what="task adapter") if isinstance(path, str) else path)
     used = [k for k in _UNSUPPORTED_TASK_OPTIONS if adapter.config.get(k)]
     if adapter.config.get("bias", "none") != "none":
@@ -322,69 +317,11 @@ def _lora_config(factors, conv1d, base_model, task) -> Any:
 def _write(directory, tensors: dict[str, Tensor], config, overwrite: bool, inputs) -> Path:
     """Both files into a staging directory renamed into place (the writer refuses NaN/inf: nothing is
     left)."""
-    from lssf_lightning.io.export import atomic_directory
-    from lssf_lightning.io.shards import write_safetensors
-
     destination = Path(directory).expanduser()
     with atomic_directory(destination, overwrite=overwrite, inputs=inputs) as staging:
         write_safetensors(staging / ADAPTER_WEIGHTS, tensors, {"format": "pt"})
         config.save_pretrained(str(staging))
     return destination.resolve()
-
-
-def realign_as_adapter(
-    finetuned: str | os.PathLike,
-    output: str | os.PathLike,
-    *,
-    aligned: str | os.PathLike | None = None,
-    unaligned: str | os.PathLike | None = None,
-    subspace=None,
-    config=None,
-    method: str = "lssf",
-    max_rank: int | None = None,
-    overwrite: bool = False,
-    allow_partial: bool = False,
-    progress: bool = True,
-    **options: Any,
-) -> AdapterReport:
-    """``lssf-lightning realign --as-adapter``: the correction for ``finetuned`` as a LoRA adapter in
-    ``output``.
-
-    A full fine-tune (a HF directory or hub ID) gets the correction alone, to load on it; a peft LoRA adapter
-    directory gets ONE adapter with its task LoRA and the correction, to load on its base (``aligned``, else
-    the adapter's ``base_model_name_or_path``). ``method`` is one of the LSSF fusion forms (``lssf``,
-    ``lssf-reset``, ``lssf-erosion``, ``lssf-two-sided``; its parameters, e.g. ``alpha``, ``add`` or
-    ``input_share``, as keywords in ``options``) over ``subspace`` (an object or file) or a subspace built
-    from ``aligned`` and ``unaligned`` with ``config``.
-    """
-    from lssf_lightning.config import split_legacy
-    from lssf_lightning.io.guard import check_output
-    from lssf_lightning.io.lora import MergedLoraStore
-    from lssf_lightning.methods import MethodInputs, make_planner
-    from lssf_lightning.methods.base import LowRankPlanner
-    from lssf_lightning.realign import open_finetuned
-    from lssf_lightning.validation import SettingError
-
-    config = split_legacy(config, {}, "realign_as_adapter")
-    check_output(output, [finetuned, aligned, unaligned, subspace, config.calibration], overwrite=overwrite)
-    if subspace is None and (aligned is None or unaligned is None):
-        raise SettingError("--as-adapter needs --aligned and --unaligned, or a precomputed --subspace")
-    store, _ = open_finetuned(finetuned, aligned)  # a LoRA adapter: its base + task LoRA, merged lazily
-    lora = isinstance(store, MergedLoraStore)
-    # A LoRA run's base is its aligned model: --aligned, else the adapter's recorded base (as given: a hub ID
-    # stays one in the written adapter_config.json).
-    base = (aligned if aligned is not None else store.adapter.base_model_path) if lora else aligned
-    inputs = MethodInputs(store, base, unaligned, subspace, config, options, allow_partial, progress)
-    planner = make_planner(method, inputs)
-    if not isinstance(planner, LowRankPlanner):
-        raise SettingError(
-            f"--as-adapter writes a low-rank LSSF correction; method {method!r} is not one (use lssf, "
-            "lssf-reset, lssf-erosion or lssf-two-sided)"
-        )
-    settings = {"max_rank": max_rank, "overwrite": overwrite}
-    if not lora:
-        return write_lora_adapter(planner, output, base_model=finetuned, **settings)
-    return write_lora_adapter(planner, output, base_model=base, task_adapter=store.adapter.path, **settings)
 
 
 def write_model_adapter(
