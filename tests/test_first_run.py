@@ -1,0 +1,59 @@
+"""What a newcomer runs first: warnings that say why nothing is logged, entry points, exact resume with
+shuffling. Real Trainers, tiny real models, the CLI in subprocesses."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+from lightning.pytorch import Trainer
+
+from lssf_lightning import CausalLMModule, ChatDataModule, LSSFCallback, RefusalMonitor
+from lssf_lightning.lightning.finetune import write_chat_jsonl
+
+ROWS = [
+    ("how do i bake bread at home ?", "sure , here is a simple answer ."),
+    ("explain how a bicycle works .", "sure , here is a simple answer ."),
+    ("what is the capital of france ?", "sure , here is a simple answer ."),
+    ("tell me a fun fact about space .", "sure , the cat sat on the warm mat ."),
+    ("write a short poem about the sea .", "sure , the sea ."),
+    ("please list three healthy breakfast ideas .", "sure , bread and the sea ."),
+]
+
+
+@pytest.fixture(scope="module")
+def chat_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chat")
+    rows = [{"prompt": p, "response": r} for p, r in ROWS]
+    return write_chat_jsonl(root / "train.jsonl", rows), write_chat_jsonl(root / "val.jsonl", rows[:2])
+
+
+def fit_with_monitor(trio, chat_files, *, validate, **trainer_kwargs):
+    module = CausalLMModule(str(trio.aligned), learning_rate=1e-3)
+    data = ChatDataModule(str(chat_files[0]), str(chat_files[1]) if validate else None, batch_size=3)
+    callback = LSSFCallback(unaligned=str(trio.base), verbose=False,
+                            monitor=RefusalMonitor(num_prompts=2, max_new_tokens=2, num_utility_texts=1))
+    trainer = Trainer(max_epochs=1, accelerator="cpu", devices=1, callbacks=[callback], logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                      num_sanity_val_steps=0, **trainer_kwargs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, data)
+    said = [str(w.message) for w in caught if "has no validation loop" in str(w.message)]
+    return trainer, said
+
+
+def test_monitor_without_a_validation_loop_says_so_once(llama_trio, chat_files):
+    trainer, said = fit_with_monitor(llama_trio, chat_files, validate=False)
+    assert len(said) == 1 and "no val_dataloader" in said[0] and "val_file" in said[0]
+    assert not any(key.startswith("lssf/") for key in trainer.callback_metrics)
+
+
+def test_monitor_with_limit_val_batches_zero_says_so(llama_trio, chat_files):
+    _, said = fit_with_monitor(llama_trio, chat_files, validate=True, limit_val_batches=0)
+    assert len(said) == 1 and "limit_val_batches=0" in said[0]
+
+
+def test_monitor_with_a_validation_loop_logs_and_does_not_warn(llama_trio, chat_files):
+    trainer, said = fit_with_monitor(llama_trio, chat_files, validate=True)
+    assert said == [] and "lssf/refusal_rate" in trainer.callback_metrics
