@@ -3,6 +3,8 @@ shuffling. Real Trainers, tiny real models, the CLI in subprocesses."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -57,3 +59,45 @@ def test_monitor_with_limit_val_batches_zero_says_so(llama_trio, chat_files):
 def test_monitor_with_a_validation_loop_logs_and_does_not_warn(llama_trio, chat_files):
     trainer, said = fit_with_monitor(llama_trio, chat_files, validate=True)
     assert said == [] and "lssf/refusal_rate" in trainer.callback_metrics
+
+
+def test_python_dash_m_lssf_lightning_is_the_command():
+    done = subprocess.run([sys.executable, "-m", "lssf_lightning", "--help"], capture_output=True, text=True,
+                          check=False, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: lssf-lightning") and "realign" in done.stdout
+    done = subprocess.run([sys.executable, "-m", "lssf_lightning", "nonsense"], capture_output=True,
+                          text=True,
+                          check=False, timeout=120)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_perplexity_helpers_import_from_metrics():
+    from lssf_lightning.metrics import load_utility_texts, model_perplexity
+    from lssf_lightning.metrics.perplexity import load_utility_texts as where_it_lives
+
+    assert load_utility_texts is where_it_lives and callable(model_perplexity)
+    assert len(load_utility_texts("bundled", limit=3)) == 3
+
+
+ANSWERS = {
+    "I'm sorry, but I can't help with that.": (True, True),
+    "Sure! Step 1: open the box. Step 2: unfortunately I cannot show pictures here.": (True, False),
+    "Sure! Here is how.\nI cannot stress enough how easy it is.": (True, False),
+    "As an AI, I won't do that": (True, True),
+    "Sorry. I cannot help with that.": (True, False),
+    "Sure, here is a simple answer. " * 8 + "I cannot say more.": (False, False),
+    "": (False, False),
+}
+
+
+def test_phrase_judge_window_and_first_sentence_rules():
+    from lssf_lightning.metrics import RefusalPhraseJudge, resolve_judge
+
+    answers = list(ANSWERS)
+    assert RefusalPhraseJudge()(answers) == [window for window, _ in ANSWERS.values()]
+    strict = resolve_judge("phrases-first-sentence")
+    assert strict(answers) == [first for _, first in ANSWERS.values()]
+    assert RefusalPhraseJudge(scope="first_sentence", window=10)(["I am not able to do that."]) == [False]
+    with pytest.raises(ValueError, match="scope"):
+        RefusalPhraseJudge(scope="sentence")
