@@ -30,6 +30,7 @@ def plot_subspace(
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import MaxNLocator
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ImportError("plotting needs matplotlib: pip install matplotlib") from err
     series: dict[str, list[tuple[int, int, float]]] = defaultdict(list)
@@ -50,6 +51,8 @@ def plot_subspace(
         title=f"rank per matrix (η = {subspace.metadata.get('eta')})",
     )
     entropy_axis.set(xlabel="layer", ylabel="H(n)", title="safety singular value entropy")
+    for axis in (rank_axis, entropy_axis):  # layers are whole numbers: no 0.5 ticks
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     rank_axis.legend(fontsize=7, ncol=2)
     figure.tight_layout()
     path = Path(path).expanduser()

@@ -8,6 +8,7 @@ import sys
 import warnings
 
 import pytest
+import torch
 from lightning.pytorch import Trainer
 
 from lssf_lightning import CausalLMModule, ChatDataModule, LSSFCallback, RefusalMonitor
@@ -101,3 +102,34 @@ def test_phrase_judge_window_and_first_sentence_rules():
     assert RefusalPhraseJudge(scope="first_sentence", window=10)(["I am not able to do that."]) == [False]
     with pytest.raises(ValueError, match="scope"):
         RefusalPhraseJudge(scope="sentence")
+
+
+def test_compact_low_rank_of_trainable_factors_warns_nothing():
+    from lssf_lightning.core.basis import compact_low_rank
+
+    left = torch.randn(8, 4, requires_grad=True)
+    right = torch.cat([torch.randn(2, 6), torch.zeros(2, 6)]).requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        a, b = compact_low_rank(left, right)
+    assert a.shape[1] == 2 and torch.allclose((a @ b).float(), (left @ right).detach(), atol=1e-5)
+
+
+def test_inspect_plot_has_integer_layer_ticks(llama_trio, tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from lssf_lightning.plots import plot_subspace
+    from lssf_lightning.subspace import SafetySubspace
+
+    ticks = []
+    original = Figure.savefig
+
+    def recording(figure, *args, **kwargs):
+        figure.canvas.draw()
+        ticks.extend(t for axis in figure.axes for t in axis.get_xticks() if axis.get_xlim()[0] <= t)
+        return original(figure, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", recording)
+    subspace = SafetySubspace.from_weights(llama_trio.aligned, llama_trio.base, progress=False)
+    plot_subspace(subspace, tmp_path / "ranks.png")
+    assert ticks and all(float(t).is_integer() for t in ticks)

@@ -65,7 +65,9 @@ class LSSFCallback(Callback):
         model_attribute: the LightningModule attribute holding the HF model; default: found automatically.
         tokenizer: tokenizer path; default: the module's ``tokenizer`` attribute, else ``unaligned``'s.
         verbose: print what the callback does.
-        export_adapter_dir: also write the correction here at the end of fit as a peft LoRA adapter (rank 0).
+        export_adapter_dir: also write a peft LoRA adapter here at the end of fit (rank 0). A full fine-tune
+            gets the correction alone, for the fine-tuned model; a LoRA (peft) run gets ONE adapter for the
+            aligned base model holding the task LoRA and the correction together.
         overwrite: replace an existing ``export_dir`` / ``export_adapter_dir`` (only if it holds files
             lssf_lightning writes). Both are checked in ``setup``, before training: an output that is,
             contains or lies inside an input (the module's source directory, ``aligned``, ``unaligned``, the
