@@ -9,7 +9,8 @@ import warnings
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lssf_lightning import CausalLMModule, ChatDataModule, LSSFCallback, RefusalMonitor
 from lssf_lightning.lightning.finetune import write_chat_jsonl
@@ -133,3 +134,34 @@ def test_inspect_plot_has_integer_layer_ticks(llama_trio, tmp_path, monkeypatch)
     subspace = SafetySubspace.from_weights(llama_trio.aligned, llama_trio.base, progress=False)
     plot_subspace(subspace, tmp_path / "ranks.png")
     assert ticks and all(float(t).is_integer() for t in ticks)
+
+
+class Batches(Callback):
+    """A fingerprint of each training batch's rows, per epoch."""
+
+    def __init__(self):
+        self.seen = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.setdefault(trainer.current_epoch, []).append(batch["input_ids"].sum(1).tolist())
+
+
+def train(trio, chat_files, directory, *, max_epochs, ckpt_path=None, shuffle=True):
+    torch.manual_seed(0)
+    module = CausalLMModule(str(trio.aligned), learning_rate=1e-2)
+    data = ChatDataModule(str(chat_files[0]), batch_size=2, shuffle=shuffle, seed=7)
+    batches = Batches()
+    checkpoints = ModelCheckpoint(dirpath=directory, filename="{epoch}", save_top_k=-1)
+    trainer = Trainer(max_epochs=max_epochs, accelerator="cpu", devices=1, logger=False,
+                      callbacks=[batches, checkpoints], enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, data, ckpt_path=ckpt_path)
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}, batches.seen
+
+
+def test_shuffled_chat_data_resumes_exactly(llama_trio, chat_files, tmp_path):
+    uninterrupted, seen = train(llama_trio, chat_files, tmp_path / "a", max_epochs=2)
+    assert seen[0] != seen[1]  # still shuffled, differently per epoch
+    resumed, seen_resumed = train(llama_trio, chat_files, tmp_path / "b", max_epochs=2,
+                                  ckpt_path=tmp_path / "a" / "epoch=0.ckpt")
+    assert seen_resumed == {1: seen[1]}
+    assert all(torch.equal(resumed[k], v) for k, v in uninterrupted.items())
