@@ -293,15 +293,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_subspace(args) -> None:
+    import warnings
+
     from lssf_lightning.io.guard import check_output
-    from lssf_lightning.subspace import SafetySubspace
+    from lssf_lightning.subspace import EmptySubspaceWarning, SafetySubspace
 
     config = _subspace_config(args)
     inputs = [args.aligned, args.unaligned, config.calibration]
     check_output(args.output, inputs, overwrite=args.overwrite, directory=False)  # before any SVD
-    subspace = SafetySubspace.from_weights(
-        args.aligned, args.unaligned, config, allow_partial=args.allow_partial
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EmptySubspaceWarning)  # an empty subspace file is never wanted
+        subspace = SafetySubspace.from_weights(
+            args.aligned, args.unaligned, config, allow_partial=args.allow_partial
+        )
     path = subspace.save(args.output, overwrite=args.overwrite, inputs=inputs)
     print(subspace.summary(max_rows=0 if len(subspace) > 40 else None).splitlines()[-1])
     print(f"saved {path}")

@@ -363,14 +363,16 @@ def realign_as_adapter(
     from lssf_lightning.io.lora import MergedLoraStore
     from lssf_lightning.methods import MethodInputs, make_planner
     from lssf_lightning.methods.base import LowRankPlanner
-    from lssf_lightning.realign import open_finetuned
+    from lssf_lightning.realign import check_model_types, check_settings_from_file, open_finetuned
     from lssf_lightning.validation import SettingError
 
     config = split_legacy(config, {}, "realign_as_adapter")
+    check_settings_from_file(subspace, config)
     check_output(output, [finetuned, aligned, unaligned, subspace, config.calibration], overwrite=overwrite)
     if subspace is None and (aligned is None or unaligned is None):
         raise SettingError("--as-adapter needs --aligned and --unaligned, or a precomputed --subspace")
-    store, _ = open_finetuned(finetuned, aligned)  # a LoRA adapter: its base + task LoRA, merged lazily
+    store, support_dirs = open_finetuned(finetuned, aligned)  # a LoRA adapter: base + task LoRA, lazily
+    check_model_types(support_dirs, aligned, subspace)
     lora = isinstance(store, MergedLoraStore)
     # A LoRA run's base is its aligned model: --aligned, else the adapter's recorded base (as given: a hub ID
     # stays one in the written adapter_config.json).
