@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import os
 import re
 import sys
@@ -50,6 +51,21 @@ class _OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        """An unknown ``--option`` is named before any missing required one (``--aligend`` is a typo of
+        ``--aligned``, not a missing ``--aligned``)."""
+        if self._subparsers is None:  # a command's own parser (the top level hands its options on)
+            options = [o for o in self._option_string_actions if o.startswith("--")]
+            for arg in sys.argv[1:] if args is None else args:
+                flag = str(arg).partition("=")[0]
+                if flag == "--":
+                    break
+                if flag.startswith("--") and not any(o.startswith(flag) for o in options):
+                    close = difflib.get_close_matches(flag, options, n=1)
+                    hint = f"; did you mean {close[0]}?" if close else ""
+                    self.error(f"unrecognized arguments: {flag}{hint}")
+        return super().parse_known_args(args, namespace)
 
 
 def _checked(check: Callable[..., Any], option: str, convert: Callable[[str], Any] = float, **limits):
@@ -244,7 +260,7 @@ def _add_realign_options(real: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _OneLineParser(prog="lssf-lightning", description=__doc__.split("\n\n")[0])
+    parser = _OneLineParser(prog="lssf-lightning", description=__doc__.split("\n\n")[0].replace("``", ""))
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
 
     sub = commands.add_parser("subspace", help="compute a safety subspace and save it")
@@ -431,7 +447,7 @@ def _describe(err: BaseException) -> str:
         text = f"invalid regular expression {err.pattern!r}: {err}"
     else:
         text = str(err) or type(err).__name__
-    text = " ".join(text.split())
+    text = " ".join(text.split()).replace("overwrite=True / --overwrite", "--overwrite")  # CLI wording
     if isinstance(err, _BUGS):
         return (
             f"internal error ({type(err).__name__}: {text}); rerun with LSSF_LIGHTNING_DEBUG=1 for the "
@@ -441,7 +457,15 @@ def _describe(err: BaseException) -> str:
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"lssf-lightning: warning: {' '.join(str(message).split())}", file=sys.stderr)
+    """One line per warning; only this package's own are labelled ``lssf-lightning: warning:``, others name
+    the library that raised them (Lightning's, transformers' …)."""
+    text = " ".join(str(message).split())
+    parts = os.path.normpath(str(filename)).split(os.sep)
+    if "lssf_lightning" in parts:
+        print(f"lssf-lightning: warning: {text}", file=sys.stderr)
+        return
+    owner = parts[parts.index("site-packages") + 1] if "site-packages" in parts[:-1] else parts[-1]
+    print(f"{owner}: {category.__name__}: {text}", file=sys.stderr)
 
 
 def _interrupted(command: str, err: KeyboardInterrupt) -> int:
