@@ -165,3 +165,23 @@ def test_shuffled_chat_data_resumes_exactly(llama_trio, chat_files, tmp_path):
                                   ckpt_path=tmp_path / "a" / "epoch=0.ckpt")
     assert seen_resumed == {1: seen[1]}
     assert all(torch.equal(resumed[k], v) for k, v in uninterrupted.items())
+
+
+def test_auto_alpha_warning_names_the_point_it_uses(llama_trio, chat_files):
+    from lssf_lightning import AutoAlphaConfig
+    from lssf_lightning.lightning.auto_alpha import AutoAlpha
+
+    def never(responses):
+        return [False] * len(responses)
+
+    monitor = RefusalMonitor(judge=never, num_prompts=2, max_new_tokens=2)
+    auto = AutoAlpha(AutoAlphaConfig(alphas=[0.5, 2.0], target=0.5), monitor)
+    callback = LSSFCallback(unaligned=str(llama_trio.base), alpha="auto", auto_alpha=auto, monitor=False,
+                            verbose=False)
+    module = CausalLMModule(str(llama_trio.aligned), learning_rate=1e-3)
+    trainer = Trainer(max_epochs=1, accelerator="cpu", devices=1, callbacks=[callback], logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    with pytest.warns(UserWarning, match="no alpha in") as caught:
+        trainer.fit(module, ChatDataModule(str(chat_files[0]), batch_size=3))
+    message = next(str(w.message) for w in caught if "no alpha in" in str(w.message))
+    assert "using alpha=0.5, the highest refusal reached (0.00;" in message and "alpha=2.0" not in message

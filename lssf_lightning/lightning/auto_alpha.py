@@ -81,9 +81,10 @@ class AutoAlpha:
                        **({"perplexity": p.perplexity} if p.perplexity is not None else {})}
                       for p in choice.curve]
         if not choice.reached:
+            chosen = next(p for p in choice.curve if p.alpha == choice.alpha)
             rank_zero_warn(f"LSSFCallback: no alpha in {self.config.alphas} restores {target:.0%} refusal on "
-                           f"the tuning prompts; using alpha={choice.alpha:g} (the highest refusal, "
-                           f"{choice.curve[-1]})")
+                           f"the tuning prompts; using alpha={choice.alpha:g}, the highest refusal reached "
+                           f"({chosen.harmful_refusal:.2f}; curve {self.curve})")
         if lssf.verbose:
             rank_zero_info(f"LSSF: alpha='auto' chose alpha={choice.alpha:g} (curve {self.curve})")
         return choice.alpha
