@@ -89,7 +89,7 @@ def _describe(err: BaseException) -> str:
         text = f"invalid regular expression {err.pattern!r}: {err}"
     else:
         text = str(err) or type(err).__name__
-    text = " ".join(text.split())
+    text = " ".join(text.split()).replace("overwrite=True / --overwrite", "--overwrite")  # CLI wording
     if isinstance(err, _BUGS):
         return (
             f"internal error ({type(err).__name__}: {text}); rerun with LSSF_LIGHTNING_DEBUG=1 for the "
@@ -99,7 +99,15 @@ def _describe(err: BaseException) -> str:
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"lssf-lightning: warning: {' '.join(str(message).split())}", file=sys.stderr)
+    """One line per warning; only this package's own are labelled ``lssf-lightning: warning:``, others name
+    the library that raised them (Lightning's, transformers' …)."""
+    text = " ".join(str(message).split())
+    parts = os.path.normpath(str(filename)).split(os.sep)
+    if "lssf_lightning" in parts:
+        print(f"lssf-lightning: warning: {text}", file=sys.stderr)
+        return
+    owner = parts[parts.index("site-packages") + 1] if "site-packages" in parts[:-1] else parts[-1]
+    print(f"{owner}: {category.__name__}: {text}", file=sys.stderr)
 
 
 def _interrupted(command: str, err: KeyboardInterrupt) -> int:

@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import os
 import re
+import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,7 +34,7 @@ from lssf_lightning.metrics.perplexity import load_utility_texts
 from lssf_lightning.plots import plot_subspace
 from lssf_lightning.realign import realign_as_adapter, realign_checkpoint
 from lssf_lightning.selection import SelectionRule
-from lssf_lightning.subspace import SafetySubspace
+from lssf_lightning.subspace import EmptySubspaceWarning, SafetySubspace
 from lssf_lightning.sweep import SweepGrid, sweep_checkpoints
 from lssf_lightning.validation import SettingError, check_finite, check_int
 
@@ -43,6 +46,21 @@ class _OneLineParser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        """An unknown ``--option`` is named before any missing required one (``--aligend`` is a typo of
+        ``--aligned``, not a missing ``--aligned``)."""
+        if self._subparsers is None:  # a command's own parser (the top level hands its options on)
+            options = [o for o in self._option_string_actions if o.startswith("--")]
+            for arg in sys.argv[1:] if args is None else args:
+                flag = str(arg).partition("=")[0]
+                if flag == "--":
+                    break
+                if flag.startswith("--") and not any(o.startswith(flag) for o in options):
+                    close = difflib.get_close_matches(flag, options, n=1)
+                    hint = f"; did you mean {close[0]}?" if close else ""
+                    self.error(f"unrecognized arguments: {flag}{hint}")
+        return super().parse_known_args(args, namespace)
 
 
 def _checked(check: Callable[..., Any], option: str, convert: Callable[[str], Any] = float, **limits):
@@ -374,9 +392,11 @@ def _run_subspace(args) -> None:
     config = _subspace_config(args)
     inputs = [args.aligned, args.unaligned, config.calibration]
     check_output(args.output, inputs, overwrite=args.overwrite, directory=False)  # before any SVD
-    subspace = SafetySubspace.from_weights(
-        args.aligned, args.unaligned, config, allow_partial=args.allow_partial
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EmptySubspaceWarning)  # an empty subspace file is never wanted
+        subspace = SafetySubspace.from_weights(
+            args.aligned, args.unaligned, config, allow_partial=args.allow_partial
+        )
     path = subspace.save(args.output, overwrite=args.overwrite, inputs=inputs)
     print(subspace.summary(max_rows=0 if len(subspace) > 40 else None).splitlines()[-1])
     print(f"saved {path}")

@@ -43,6 +43,8 @@ def plot_subspace(
     ``path`` is replaced only with ``overwrite``, never when it is (or lies inside) one of ``inputs``.
     """
     plt = pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     series: dict[str, list[tuple[int, int, float]]] = defaultdict(list)
     for key, entry in subspace.entries.items():
         found = _LAYER.search(key)
@@ -61,6 +63,8 @@ def plot_subspace(
         title=f"rank per matrix (η = {subspace.metadata.get('eta')})",
     )
     entropy_axis.set(xlabel="layer", ylabel="H(n)", title="safety singular value entropy")
+    for axis in (rank_axis, entropy_axis):  # layers are whole numbers: no 0.5 ticks
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     rank_axis.legend(fontsize=7, ncol=2)
     figure.tight_layout()
     path = Path(path).expanduser()

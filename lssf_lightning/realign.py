@@ -9,6 +9,8 @@ end. Peak memory is a few tensors (plus the factors of a precomputed subspace), 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import time
 import warnings
@@ -16,6 +18,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from lssf_lightning.adapters import AdapterReport, write_lora_adapter
 from lssf_lightning.config import SubspaceConfig
@@ -25,6 +29,7 @@ from lssf_lightning.io.hub import is_hub_id, resolve_model
 from lssf_lightning.io.layout import MAX_SHARD_BYTES
 from lssf_lightning.io.lora import LoraAdapter, MergedLoraStore, is_adapter_dir
 from lssf_lightning.io.shards import parse_shard_size
+from lssf_lightning.io.subspace_file import read_subspace_header
 from lssf_lightning.io.weights import WeightStore, open_weights
 from lssf_lightning.methods.base import LowRankPlanner
 from lssf_lightning.methods.registry import check_options, make_planner
@@ -32,7 +37,14 @@ from lssf_lightning.methods.spec import MethodInputs
 from lssf_lightning.subspace import SafetySubspace
 from lssf_lightning.validation import SettingError
 
-__all__ = ["RealignReport", "open_finetuned", "realign_as_adapter", "realign_checkpoint"]
+__all__ = [
+    "RealignReport",
+    "check_model_types",
+    "check_settings_from_file",
+    "open_finetuned",
+    "realign_as_adapter",
+    "realign_checkpoint",
+]
 
 
 @dataclass
@@ -42,14 +54,17 @@ class RealignReport:
     method: str
     output: Path
     tensors: int
-    edited: int
+    edited: int  # tensors the method planned an edit for
     seconds: float
     details: dict[str, Any] = field(default_factory=dict)
+    changed: int | None = None  # of those, tensors whose written values differ from the input's
 
     def __str__(self) -> str:
         extra = ", ".join(f"{k}={v}" for k, v in self.details.items())
+        changed = self.edited if self.changed is None else self.changed
+        unchanged = f"; {self.edited - changed} planned edits changed nothing" * (changed < self.edited)
         return (
-            f"{self.method}: edited {self.edited} of {self.tensors} tensors in {self.seconds:.1f} s "
+            f"{self.method}: edited {changed} of {self.tensors} tensors{unchanged} in {self.seconds:.1f} s "
             f"→ {self.output}" + (f" ({extra})" if extra else "")
         )
 
@@ -128,25 +143,96 @@ def realign_checkpoint(
     output = Path(output).expanduser()
     input_paths = [finetuned, aligned, unaligned, subspace, config.calibration]  # non-paths are ignored
     check_output(output, input_paths, overwrite=overwrite)  # before any work: overlap, existence
+    check_settings_from_file(subspace, config)
     store, support_dirs = open_finetuned(finetuned, aligned)
+    check_model_types(support_dirs, aligned, subspace)
     inputs = MethodInputs(store, aligned, unaligned, subspace, config, options, allow_partial, progress)
     planner = make_planner(method, inputs)
     if aligned is not None:
         support_dirs.append(Path(aligned))
     edits = planner.plan(store)
+    changed: list[str] = []
     tensors = write_model_directory(
         store,
         output,
-        edits=edits,
+        edits={key: _noting_change(key, edit, changed) for key, edit in edits.items()},
         max_shard_bytes=max_shard_bytes,
         overwrite=overwrite,
         progress=progress,
         inputs=[input_paths, support_dirs],
         write_support_files=lambda staging: _copy_support_files(support_dirs, staging, output),
     )
+    if edits and not changed:
+        warnings.warn(f"realign changed no tensor: {output} holds the fine-tuned weights unchanged (is the "
+                      "safety subspace empty, e.g. aligned and unaligned identical?)", stacklevel=2)
     return RealignReport(
-        method, output, tensors, len(edits), time.perf_counter() - started, planner.summary()
+        method, output, tensors, len(edits), time.perf_counter() - started, planner.summary(), len(changed)
     )
+
+
+def check_settings_from_file(
+    subspace: SafetySubspace | str | os.PathLike | None, config: SubspaceConfig
+) -> None:
+    """A precomputed ``subspace`` brings its own settings (η, …): subspace settings other than the defaults
+    are an error naming the value the subspace was built with, never silently ignored."""
+    if subspace is None:
+        return
+    default = SubspaceConfig()
+    given = [f.name for f in dataclasses.fields(SubspaceConfig)
+             if getattr(config, f.name) != getattr(default, f.name)]
+    if not given:
+        return
+    if isinstance(subspace, SafetySubspace):
+        where, metadata = "the given subspace", subspace.metadata
+    else:
+        where, metadata = os.fspath(subspace), read_subspace_header(subspace)[0]["metadata"]
+    built = ", ".join(f"{name} {metadata.get(name, 'not recorded')}" for name in given)
+    asked = ", ".join(f"{name} {getattr(config, name)}" for name in given)
+    raise SettingError(f"{asked}: a precomputed subspace brings its own settings, and {where} was built with "
+                       f"{built}; leave these out, or build a new subspace with them")
+
+
+def _model_type(directory: str | os.PathLike | None) -> str | None:
+    """``model_type`` of the ``config.json`` in a local ``directory`` (``None`` when there is none)."""
+    if directory is None or is_hub_id(directory):
+        return None
+    config = Path(directory).expanduser()
+    config = config / "config.json" if config.is_dir() else config.with_name("config.json")
+    try:
+        value = json.loads(config.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def check_model_types(finetuned_dirs, aligned, subspace) -> None:
+    """Warn when the fine-tuned model's ``model_type`` differs from the aligned model's (``aligned``, or the
+    one ``subspace`` was built from, when its recorded location is a local directory): same shapes do not make
+    the same architecture."""
+    ours = next((t for t in map(_model_type, finetuned_dirs) if t is not None), None)
+    if isinstance(subspace, SafetySubspace):
+        source = subspace.metadata.get("aligned")
+    elif subspace is not None:
+        source = read_subspace_header(subspace)[0]["metadata"].get("aligned")
+    else:
+        source = aligned
+    theirs = _model_type(aligned) or (_model_type(source) if isinstance(source, str) else None)
+    if ours is not None and theirs is not None and ours != theirs:
+        warnings.warn(f"the fine-tuned model is a {ours!r} model but the safety subspace comes from a "
+                      f"{theirs!r} model ({aligned or source}): a subspace only fits the architecture it was "
+                      "built on, whatever the shapes", stacklevel=3)
+
+
+def _noting_change(key: str, edit, changed: list[str]):
+    """``edit``, appending ``key`` to ``changed`` when the edited tensor differs from the input."""
+
+    def run(raw):
+        out = edit(raw)
+        if not torch.equal(out.to(raw.dtype), raw):
+            changed.append(key)
+        return out
+
+    return run
 
 
 def _copy_support_files(support_dirs, staging, output) -> None:
@@ -180,10 +266,12 @@ def realign_as_adapter(
     from ``aligned`` and ``unaligned`` with ``config``.
     """
     config = SubspaceConfig.coerce(config)
+    check_settings_from_file(subspace, config)
     check_output(output, [finetuned, aligned, unaligned, subspace, config.calibration], overwrite=overwrite)
     if subspace is None and (aligned is None or unaligned is None):
         raise SettingError("--as-adapter needs --aligned and --unaligned, or a precomputed --subspace")
-    store, _ = open_finetuned(finetuned, aligned)  # a LoRA adapter: its base + task LoRA, merged lazily
+    store, support_dirs = open_finetuned(finetuned, aligned)  # a LoRA adapter: base + task LoRA, lazily
+    check_model_types(support_dirs, aligned, subspace)
     lora = isinstance(store, MergedLoraStore)
     # A LoRA run's base is its aligned model: --aligned, else the adapter's recorded base (as given: a hub ID
     # stays one in the written adapter_config.json).

@@ -41,12 +41,17 @@ from lssf_lightning.io.weights import WeightsLike, WeightStore, open_weights
 from lssf_lightning.validation import SettingError
 
 __all__ = [
+    "EmptySubspaceWarning",
     "SafetySubspace",
     "SubspaceBuilder",
     "check_correspondence",
     "select_target_pairs",
     "target_keys",
 ]
+
+
+class EmptySubspaceWarning(UserWarning):
+    """The aligned and unaligned weights are identical in every targeted matrix: the subspace is empty."""
 
 
 def target_keys(
@@ -336,6 +341,13 @@ class SafetySubspace:
             name: builder.build(name)
             for name in tqdm(builder.names, desc="safety subspace", disable=not progress, unit="matrix")
         }
+        if entries and not any(entry.rank for entry in entries.values()):
+            warnings.warn(
+                f"aligned ({builder.aligned.location}) and unaligned ({builder.unaligned.location}) are "
+                f"identical in all {len(entries)} targeted matrices (δ = 0): the safety subspace is empty "
+                "and realigning with it changes nothing; pass the unaligned model the aligned one came from",
+                EmptySubspaceWarning, stacklevel=2,
+            )
         return cls(entries, builder.metadata())
 
     @staticmethod

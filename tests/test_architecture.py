@@ -140,7 +140,7 @@ FLOORS = [
      "lssf_lightning.monitoring"),
     ("lssf_lightning.lightning", "lssf_lightning.integrations"),
     ("lssf_lightning.demo",),
-    ("lssf_lightning.cli", "lssf_lightning.commands", "lssf_lightning.__init__"),
+    ("lssf_lightning.cli", "lssf_lightning.commands", "lssf_lightning.__main__", "lssf_lightning.__init__"),
 ]
 
 

@@ -148,7 +148,8 @@ def compact_low_rank(left: Tensor, right: Tensor, tolerance: float = 0.0) -> tup
     (``k = 0`` for a numerically zero product). E.g. a reset of a LoRA fine-tune, ``−α·U'U'ᵀ(s·B·A)``, is
     stored with ``r`` columns but has rank at most the task LoRA's.
     """
-    q_left, u, s, vh, q_right = _product_svd(left, right)
+    # exports read trainable LoRA factors: no graph is wanted (and the inputs come back as they are)
+    q_left, u, s, vh, q_right = _product_svd(left.detach(), right.detach())
     top = float(s[0]) if s.numel() else 0.0
     threshold = max(tolerance, top * max(left.shape[0], right.shape[1]) * torch.finfo(torch.float32).eps)
     keep = int((s > threshold).sum())

@@ -67,7 +67,9 @@ class LSSFCallback(Callback):
         model_attribute: the LightningModule attribute holding the HF model; default: found automatically.
         tokenizer: tokenizer path; default: the module's ``tokenizer`` attribute, else ``unaligned``'s.
         verbose: print what the callback does.
-        export_adapter_dir: also write the correction here at the end of fit as a peft LoRA adapter (rank 0).
+        export_adapter_dir: also write a peft LoRA adapter here at the end of fit (rank 0). A full fine-tune
+            gets the correction alone, for the fine-tuned model; a LoRA (peft) run gets ONE adapter for the
+            aligned base model holding the task LoRA and the correction together.
         overwrite: replace an existing ``export_dir`` / ``export_adapter_dir`` (only if it holds files
             lssf_lightning writes). Both are checked in ``setup``, before training: an output that is,
             contains or lies inside an input (the module's source directory, ``aligned``, ``unaligned``, the
@@ -246,7 +248,19 @@ class LSSFCallback(Callback):
     # -- epochs mode, auto-α and the monitor ------------------------------------------------------------
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """``alpha="auto"``: measure the aligned model's own refusal rate (the target) on a fresh run."""
+        """Warn when no validation loop will run the monitor; ``alpha="auto"``: measure the aligned model's
+        own refusal rate (the target) on a fresh run."""
+        if self.monitor is not None or self.auto is not None:
+            reason = _no_validation_loop(trainer)
+            if reason is not None:
+                auto = " and alpha='auto' is chosen once, at train end" if self.auto is not None else ""
+                rank_zero_warn(
+                    f"LSSFCallback: the refusal monitor runs at validation epoch end, but this run has no "
+                    f"validation loop ({reason}), so no lssf/* rate will be logged"
+                    f"{auto}; "
+                    "pass validation data (ChatDataModule(val_file=...), a val_dataloader) or monitor=False "
+                    "(checkpoints and exports are realigned either way)"
+                )
         if self.auto is not None and trainer.ckpt_path is None:
             self.auto.measure_target(trainer, pl_module, verbose=self.verbose)
 
@@ -367,3 +381,13 @@ def _trainer_folders(trainer: Trainer) -> list[str]:
     if trainer.loggers:
         folders.append(trainer.log_dir)
     return [os.fspath(f) for f in folders if f]
+
+
+def _no_validation_loop(trainer: Trainer) -> str | None:
+    """Why ``trainer.fit`` will run no validation loop, or ``None`` when it will (or cannot tell)."""
+    if trainer.limit_val_batches == 0:
+        return "limit_val_batches=0"
+    source = getattr(trainer.fit_loop.epoch_loop.val_loop, "_data_source", None)
+    if source is not None and not source.is_defined():
+        return "no val_dataloader: the DataModule or LightningModule defines none"
+    return None

@@ -220,7 +220,8 @@ class ChatDataModule(LightningDataModule):
         max_length: Tokens kept per row.
         batch_size: Rows per batch.
         num_workers: DataLoader worker processes.
-        shuffle: Shuffle the training rows each epoch.
+        shuffle: Shuffle the training rows each epoch; epoch ``e``'s order depends on ``(seed, e)`` alone,
+            so a run resumed from an epoch's checkpoint sees the same batches as the uninterrupted run.
         seed: Seed of the shuffling generator.
 
     Raises:
@@ -298,13 +299,24 @@ class ChatDataModule(LightningDataModule):
             raise ValueError(f"no row of {path!r} has an assistant token within max_length={self.max_length}")
         return kept
 
+    class EpochSampler(torch.utils.data.RandomSampler):
+        """A random order that is a function of ``(seed, epoch)`` alone: Lightning calls :meth:`set_epoch` at
+        every epoch start, also on resume, so a resumed run draws the uninterrupted run's orders. A
+        ``RandomSampler``, so under DDP Lightning swaps in its ``DistributedSampler`` as before."""
+
+        def __init__(self, rows, seed: int) -> None:
+            super().__init__(rows, generator=torch.Generator())
+            self.seed = seed
+            self.set_epoch(0)
+
+        def set_epoch(self, epoch: int) -> None:
+            self.generator.manual_seed(self.seed + epoch)
+
     def _loader(self, rows, shuffle: bool) -> DataLoader:
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         return DataLoader(
             rows,
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            generator=generator,
+            sampler=self.EpochSampler(rows, self.seed) if shuffle else None,
             num_workers=self.num_workers,
             collate_fn=_Collator(self._pad_id),
         )
