@@ -28,6 +28,8 @@ __all__ = [
     "AppliedForms",
     "check_method_options",
     "correction_product",
+    "hold_out_lora_",
+    "lora_b_weights",
     "low_rank_methods",
     "make_low_rank_planner",
     "unfuse",
@@ -157,3 +159,29 @@ class AppliedForms:
 def unfuse(fused: Tensor, correction: Correction) -> Tensor:
     """``fused − L·R`` rounded as :meth:`AppliedForms.fused` added it (a new tensor in ``fused``'s dtype)."""
     return add_correction(fused.detach(), correction_product(correction, fused), -1.0)
+
+
+# -- the guard on a peft LoRA model ------------------------------------------------------------------------
+def lora_b_weights(model: torch.nn.Module, subspace) -> dict[str, list[Tensor]]:
+    """``{subspace name: [the lora_B weight of each adapter]}`` for the peft LoRA layers of ``model`` whose
+    base weight is a subspace matrix."""
+    layers = {f"{name}.base_layer.weight": module for name, module in model.named_modules()
+              if isinstance(getattr(module, "lora_B", None), torch.nn.ModuleDict)}
+    matched = subspace.match(list(layers))
+    return {name: [b.weight for b in layers[key].lora_B.values()] for key, name in matched.items()}
+
+
+def hold_out_lora_(model: torch.nn.Module, subspace, alpha: float = 1.0) -> int:
+    """The reset of a LoRA run on the aligned model, in adapter form: ``B ← B − α·U'(U'ᵀB)`` for every
+    adapter of every matched layer (:func:`~lssf_lightning.core.hold.hold_out_adapter_`); returns how many
+    ``B`` were edited."""
+    from lssf_lightning.core.hold import hold_out_adapter_
+
+    count = 0
+    with torch.no_grad():
+        for name, weights in lora_b_weights(model, subspace).items():
+            left = subspace[name].left
+            for weight in weights:
+                hold_out_adapter_(weight, left, alpha)
+                count += 1
+    return count
