@@ -25,14 +25,20 @@ from lssf_lightning.methods.base import Correction, LowRankPlanner
 from lssf_lightning.validation import SettingError, check_choice
 
 __all__ = [
+    "APPLY_ON_FORMS",
+    "CORRECTIONS_KEY",
     "AppliedForms",
+    "LiveForms",
+    "check_form_settings",
     "check_method_options",
     "correction_product",
     "hold_out_lora_",
     "lora_b_weights",
     "low_rank_methods",
     "make_low_rank_planner",
+    "restore_raw",
     "unfuse",
+    "uses_forms",
 ]
 
 
@@ -185,3 +191,134 @@ def hold_out_lora_(model: torch.nn.Module, subspace, alpha: float = 1.0) -> int:
                 hold_out_adapter_(weight, left, alpha)
                 count += 1
     return count
+
+
+# -- a callback's forms: checkpoint fusion, live applications, exact resume --------------------------------
+CORRECTIONS_KEY = "lssf_corrections"
+"""Checkpoint key of the corrections a form fused into ``state_dict``: ``{key: {"left", "right", "conv1d"}}``
+(``fused − left·right`` is the raw weight, the stored fix-ups make it exact)."""
+
+APPLY_ON_FORMS: tuple[str, ...] = ("checkpoint", "epochs", "steps")
+"""The modes a non-additive form (or the per-step guard) runs in."""
+
+
+def check_form_settings(method: str, options: Mapping[str, Any], apply_on: str, every_n_steps: Any) -> None:
+    """The callbacks' form settings: a low-rank ``method`` with only its own parameters, a numeric ``alpha``,
+    a mode of :data:`APPLY_ON_FORMS`, and ``every_n_steps`` (an int ``≥ 1``) exactly with ``"steps"``."""
+    from lssf_lightning.validation import check_finite, check_int
+
+    given = check_method_options(method, options)
+    if given.get("alpha") == "auto":
+        raise SettingError(f"alpha='auto' chooses the additive strength only, not with method={method!r}")
+    for name, value in given.items():
+        check_finite(name, value)
+    check_choice("apply_on", apply_on, APPLY_ON_FORMS)
+    if apply_on == "steps":
+        check_int("every_n_steps", every_n_steps, minimum=1)
+    elif every_n_steps is not None:
+        raise SettingError(f"every_n_steps is only used with apply_on='steps', not {apply_on!r}")
+
+
+def uses_forms(method: str, apply_on: str) -> bool:
+    """Whether a callback runs through :class:`LiveForms` (every form but the paper's additive one outside
+    the per-step guard goes there; ``"lssf"`` in the other modes keeps the scalar-α path of
+    :mod:`lssf_lightning.training`)."""
+    return method != "lssf" or apply_on == "steps"
+
+
+class LiveForms:
+    """A low-rank form on a module's weights: checkpoint fusion with an exact resume, and live applications
+    that never stack (:class:`AppliedForms`).
+
+    Args:
+        method: a low-rank method (:func:`low_rank_methods`).
+        options: its parameters (``alpha``, ``add``, ``input_share``).
+        subspace: the run's safety subspace.
+        parameters: ``{state-dict key: tensor}`` of the module (what checkpoint keys name).
+        aligned, unaligned: the reference weights the form reads (paths or mappings).
+    """
+
+    def __init__(self, method: str, options: Mapping[str, Any], subspace, parameters: Mapping[str, Tensor], *,
+                 aligned=None, unaligned=None) -> None:
+        from lssf_lightning.io.weights import open_weights
+
+        self.method, self.options = method, check_method_options(method, options)
+        planner = make_low_rank_planner(method, subspace, self.options, aligned=aligned, unaligned=unaligned)
+        store = open_weights({k: v.detach() for k, v in parameters.items()}, name="the module's weights")
+        self.forms = AppliedForms(planner.low_rank_plan(store))
+        self.fingerprint = subspace.metadata.get("fingerprint")
+
+    @property
+    def keys(self) -> list[str]:
+        """The state-dict keys the form edits."""
+        return list(self.forms.plan)
+
+    def info(self, config) -> dict[str, Any]:
+        """What a checkpoint records about the fusion (method, parameters, subspace fingerprint and
+        settings)."""
+        return {"method": self.method, "options": dict(self.options), "fingerprint": self.fingerprint,
+                "subspace": config.to_dict()}
+
+    def fuse_checkpoint(self, checkpoint: MutableMapping[str, Any], *, keep_fixups: bool = True) -> None:
+        """Replace ``checkpoint["state_dict"]``'s weights by the form of them (new tensors: the live weights
+        stay raw) and store the corrections (:data:`CORRECTIONS_KEY`) and the raw fix-ups."""
+        from lssf_lightning.core.checks import all_finite
+        from lssf_lightning.training import RAW_FIXUPS_KEY, make_fixup
+
+        if self.forms.applied:
+            raise RuntimeError("checkpoint fusion needs raw live weights, but a correction is applied")
+        state = checkpoint["state_dict"]
+        raw = {key: state[key] for key in self.forms.plan}
+        added = self.forms.fused(state)
+        for key in added:
+            if not all_finite(state[key]):
+                raise ValueError(f"LSSF: the fused checkpoint tensor {key!r} holds NaN or inf "
+                                 f"({self.method}, {self.options}); the checkpoint is not written")
+        checkpoint[CORRECTIONS_KEY] = {key: {"left": c.left, "right": c.right, "conv1d": c.conv1d}
+                                       for key, c in added.items()}
+        if keep_fixups:
+            checkpoint[RAW_FIXUPS_KEY] = {key: make_fixup(raw[key], unfuse(state[key], c))
+                                          for key, c in added.items()}
+
+    def apply_(self, parameters: Mapping[str, Tensor]) -> None:
+        """Edit the live weights: the form of (live − the correction already in them)."""
+        self.forms.apply_(parameters)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The corrections the live weights carry."""
+        return self.forms.state_dict()
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+        self.forms.load_state_dict(state)
+
+
+def restore_raw(parameters: Mapping[str, Tensor], checkpoint: Mapping[str, Any]) -> list[str]:
+    """Turn the weights fused by :meth:`LiveForms.fuse_checkpoint` (just loaded into ``parameters``) back into
+    the raw ones, in place, from the stored corrections and fix-ups (no subspace needed). Returns the keys
+    whose checksum still differs; without fix-ups, exact up to rounding (warned)."""
+    import warnings
+
+    from lssf_lightning.training import RAW_FIXUPS_KEY, apply_fixup
+
+    fixups = checkpoint.get(RAW_FIXUPS_KEY)
+    if fixups is None:
+        warnings.warn("LSSF: the checkpoint holds no raw-weight fix-ups (keep_raw_fixups=False); resuming "
+                      "from the fused weights minus the correction, equal to the raw ones up to rounding.",
+                      stacklevel=2)
+    inexact = []
+    with torch.no_grad():
+        for key, stored in checkpoint[CORRECTIONS_KEY].items():
+            if key not in parameters:
+                raise KeyError(f"the checkpoint's fused weight {key!r} is not a weight of this module")
+            correction = Correction(stored["left"], stored["right"], bool(stored["conv1d"]),
+                                    stored["left"].dtype)
+            weight = parameters[key]
+            raw = unfuse(weight, correction)
+            if fixups is not None and key in fixups and not apply_fixup(raw, fixups[key]):
+                inexact.append(key)
+            weight.copy_(raw)
+    if inexact:
+        warnings.warn(f"LSSF: {len(inexact)} weights (e.g. {inexact[0]}) came back close to, not exactly, "
+                      "their raw values (other hardware or threads?).", stacklevel=2)
+    return inexact
