@@ -29,6 +29,7 @@ __all__ = [
     "CORRECTIONS_KEY",
     "AppliedForms",
     "LiveForms",
+    "ResetInPlace",
     "check_form_settings",
     "check_method_options",
     "correction_product",
@@ -167,6 +168,47 @@ def unfuse(fused: Tensor, correction: Correction) -> Tensor:
     return add_correction(fused.detach(), correction_product(correction, fused), -1.0)
 
 
+
+class ResetInPlace(AppliedForms):
+    """:class:`AppliedForms` for the reset form whose live applications are rank-``r`` edits, no dense copy.
+
+    With ``A = U'a`` applied (``a``: ``r × d_in``), the reset of ``W − A`` is
+    ``W ← W + U'(a' − a)``, ``a' = β·U'ᵀδ − α·(U'ᵀW − (U'ᵀU')a − U'ᵀW_aligned)``: one ``r × d_in`` product
+    with the weight and one rank-``r`` update in place. Checkpoint fusion (:meth:`fused`) is inherited.
+
+    Args:
+        plan: the reset planner's ``low_rank_plan`` (for :meth:`fused`).
+        factors: ``{key: (U', U'ᵀδ, U'ᵀW_aligned, conv1d)}``.
+        alpha, add: the reset's ``α`` and ``β``.
+    """
+
+    def __init__(self, plan: Mapping[str, PlanFn], factors: Mapping[str, tuple[Tensor, Tensor, Tensor, bool]],
+                 alpha: float, add: float) -> None:
+        super().__init__(plan)
+        self.factors, self.alpha, self.add = dict(factors), float(alpha), float(add)
+
+    def apply_(self, parameters: Mapping[str, Tensor]) -> None:
+        with torch.no_grad():
+            for key, (left, right, coordinates, conv1d) in self.factors.items():
+                weight = parameters[key]
+                matrix = weight.T if conv1d else weight
+                dtype = torch.promote_types(weight.dtype, torch.float32)
+                left_d = left.to(device=weight.device, dtype=dtype)
+                current = left_d.T @ matrix.to(dtype)  # U'ᵀW
+                applied = self.applied.get(key)
+                if applied is not None:
+                    previous = applied.right.to(device=weight.device, dtype=dtype)
+                    current = current - (left_d.T @ left_d) @ previous  # U'ᵀ(W − A)
+                new = (self.add * right.to(device=weight.device, dtype=dtype)
+                       - self.alpha * (current - coordinates.to(device=weight.device, dtype=dtype)))
+                step = new if applied is None else new - previous
+                if weight.dtype == dtype:
+                    matrix.addmm_(left_d, step)
+                else:
+                    matrix.copy_(torch.addmm(matrix.to(dtype), left_d, step).to(weight.dtype))
+                self.applied[key] = Correction(left.detach().cpu(), new.cpu(), conv1d, left.dtype)
+
+
 # -- the guard on a peft LoRA model ------------------------------------------------------------------------
 def lora_b_weights(model: torch.nn.Module, subspace) -> dict[str, list[Tensor]]:
     """``{subspace name: [the lora_B weight of each adapter]}`` for the peft LoRA layers of ``model`` whose
@@ -245,7 +287,9 @@ class LiveForms:
         self.method, self.options = method, check_method_options(method, options)
         planner = make_low_rank_planner(method, subspace, self.options, aligned=aligned, unaligned=unaligned)
         store = open_weights({k: v.detach() for k, v in parameters.items()}, name="the module's weights")
-        self.forms = AppliedForms(planner.low_rank_plan(store))
+        plan = planner.low_rank_plan(store)
+        reset = method == "lssf-reset"
+        self.forms = _reset_in_place(planner, plan, subspace) if reset else AppliedForms(plan)
         self.fingerprint = subspace.metadata.get("fingerprint")
 
     @property
@@ -322,3 +366,20 @@ def restore_raw(parameters: Mapping[str, Tensor], checkpoint: Mapping[str, Any])
         warnings.warn(f"LSSF: {len(inexact)} weights (e.g. {inexact[0]}) came back close to, not exactly, "
                       "their raw values (other hardware or threads?).", stacklevel=2)
     return inexact
+
+
+def _reset_in_place(planner, plan: Mapping[str, PlanFn], subspace) -> ResetInPlace:
+    """:class:`ResetInPlace` for an ``lssf-reset`` planner: ``U'ᵀW_aligned`` of each matrix computed once
+    (from the unaligned weight, read once)."""
+    from lssf_lightning.core.variants import aligned_coordinates
+
+    factors = {}
+    for key, name in subspace.match(list(plan)).items():
+        entry = subspace[name]
+        if entry.rank == 0:
+            continue
+        unaligned = planner._reference_weight(name)
+        unaligned = unaligned.T if entry.conv1d else unaligned
+        coordinates = aligned_coordinates(entry.left, entry.right, unaligned)
+        factors[key] = (entry.left, entry.right, coordinates, entry.conv1d)
+    return ResetInPlace(plan, factors, planner.alpha, planner.add)

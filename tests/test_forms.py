@@ -5,7 +5,14 @@ import pytest
 import torch
 
 from lssf_lightning.config import SubspaceConfig
-from lssf_lightning.forms import AppliedForms, check_method_options, make_low_rank_planner, unfuse
+from lssf_lightning.forms import (
+    AppliedForms,
+    LiveForms,
+    ResetInPlace,
+    check_method_options,
+    make_low_rank_planner,
+    unfuse,
+)
 from lssf_lightning.io.weights import open_weights
 from lssf_lightning.subspace import SafetySubspace
 from lssf_lightning.validation import SettingError
@@ -140,3 +147,29 @@ def test_a_parameter_the_method_does_not_take_is_refused():
     with pytest.raises(SettingError, match="method"):
         check_method_options("resta", {})
     assert check_method_options("lssf-two-sided", {"alpha": 2, "add": None}) == {"alpha": 2}
+
+
+@pytest.mark.parametrize("alpha", [1.0, 2.0])
+def test_the_rank_r_reset_equals_the_tracked_form(pair, alpha):
+    aligned, unaligned, start, subspace = pair
+    fast_live = {k: v.clone() for k, v in start.items()}
+    slow_live = {k: v.clone() for k, v in start.items()}
+    fast = LiveForms("lssf-reset", {"alpha": alpha, "add": 0.5}, subspace, fast_live, unaligned=unaligned)
+    assert isinstance(fast.forms, ResetInPlace)
+    slow = tracker("lssf-reset", pair, slow_live, alpha=alpha, add=0.5)
+    pointers = {k: v.data_ptr() for k, v in fast_live.items()}
+    g = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        fast.apply_(fast_live)
+        slow.apply_(slow_live)
+        for key in KEYS:
+            assert torch.allclose(fast_live[key], slow_live[key], atol=1e-10), key
+            step = 0.1 * torch.randn(start[key].shape, generator=g, dtype=torch.float64)
+            fast_live[key] += step
+            slow_live[key] += step
+    assert all(fast_live[k].data_ptr() == p for k, p in pointers.items())
+    # the state carries over to the generic tracker (same factors)
+    slow.load_state_dict(fast.state_dict())
+    fast.apply_(fast_live)
+    slow.apply_(slow_live)
+    assert all(torch.allclose(fast_live[k], slow_live[k], atol=1e-10) for k in KEYS)
