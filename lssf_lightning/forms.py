@@ -29,6 +29,7 @@ __all__ = [
     "CORRECTIONS_KEY",
     "AppliedForms",
     "LiveForms",
+    "LoraHoldOut",
     "ResetInPlace",
     "check_form_settings",
     "check_method_options",
@@ -383,3 +384,32 @@ def _reset_in_place(planner, plan: Mapping[str, PlanFn], subspace) -> ResetInPla
         coordinates = aligned_coordinates(entry.left, entry.right, unaligned)
         factors[key] = (entry.left, entry.right, coordinates, entry.conv1d)
     return ResetInPlace(plan, factors, planner.alpha, planner.add)
+
+
+class LoraHoldOut:
+    """The per-step guard on a peft LoRA model trained from the aligned weights: the reset at ``α = 1`` in
+    adapter form, ``B ← B − U'(U'ᵀB)`` for every adapter of every subspace matrix (:func:`hold_out_lora_`).
+
+    Exact and still a LoRA adapter; it needs orthonormal ``U'`` (``α₁ = 1``: then it is a projection, so
+    repeated applications neither stack nor oscillate and nothing needs tracking). The optimizer's moments
+    are left as they are (Adam keeps unprojected moments; the next step's update is held out again).
+    """
+
+    method = "lssf-reset"
+
+    def __init__(self, model: torch.nn.Module, subspace) -> None:
+        self.model, self.subspace = model, subspace
+        if not lora_b_weights(model, subspace):
+            raise SettingError("the LoRA model has no adapter on a safety-subspace matrix")
+
+    def apply_(self, parameters: Mapping[str, Tensor] | None = None) -> None:
+        """Hold every adapter out of the subspace (``parameters``: unused, the adapters are found in the
+        model)."""
+        hold_out_lora_(self.model, self.subspace, 1.0)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Nothing to carry: the hold-out is a projection."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Nothing to restore."""

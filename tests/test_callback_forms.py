@@ -2,6 +2,8 @@
 formula, raw live weights, exact resume), epochs mode (no stacking at α 1 and 2), the per-step guard, the
 update share, and the refused settings."""
 
+import copy
+
 import pytest
 import torch
 from conftest import state
@@ -199,3 +201,46 @@ def test_settings_the_method_does_not_take_are_refused(llama_trio, kwargs, messa
 def test_two_sided_without_aligned_is_refused(llama_trio, data_files):
     with pytest.raises(MisconfigurationException, match="aligned="):
         fit(llama_trio, data_files, [lssf(llama_trio, method="lssf-two-sided")])
+
+
+class MergedRecord(Callback):
+    """The merged (effective) weights of a LoRA run after each batch."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        merged = copy.deepcopy(pl_module.model).merge_and_unload()
+        self.seen.append({f"model.{k}": v for k, v in state(merged).items() if k.endswith("proj.weight")})
+
+
+def test_steps_guard_on_lora_holds_the_adapter_out_of_the_subspace(llama_trio, data_files):
+    after = MergedRecord()
+    callback = lssf(llama_trio, method="lssf-reset", alpha=1.0, apply_on="steps", every_n_steps=1)
+    torch.manual_seed(0)
+    module = CausalLMModule(str(llama_trio.aligned), learning_rate=1e-2,
+                            lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "up_proj"]})
+    data = ChatDataModule(str(data_files[0]), None, batch_size=2, shuffle=False)
+    trainer = Trainer(max_epochs=1, accelerator="cpu", devices=1, callbacks=[callback, after], logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(module, data)
+    assert isinstance(callback.live_forms, forms.LoraHoldOut) and len(after.seen) == 3
+    moved = False
+    for weights in after.seen:
+        for key in [k for k in weights if "q_proj" in k or "up_proj" in k]:
+            aligned, base = references(llama_trio, key)
+            u, s, _ = torch.linalg.svd(aligned - base, full_matrices=False)
+            u = u[:, : safety_critical_rank(s, 0.9)]
+            assert (u.T @ (weights[key].double() - aligned)).abs().max() < 1e-5, key
+            moved = moved or not torch.allclose(weights[key].double(), aligned, atol=1e-5)
+    assert moved
+    assert any("lora_B" in k for k in state(module))  # still a LoRA model
+
+
+def test_lora_outside_the_guard_is_refused(llama_trio, data_files):
+    module = CausalLMModule(str(llama_trio.aligned), lora={"r": 4, "lora_alpha": 8})
+    data = ChatDataModule(str(data_files[0]), None, batch_size=2, shuffle=False)
+    trainer = Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                      callbacks=[lssf(llama_trio, method="lssf-reset", alpha=2.0)], enable_progress_bar=False)
+    with pytest.raises(MisconfigurationException, match="peft LoRA model is not supported yet"):
+        trainer.fit(module, data)

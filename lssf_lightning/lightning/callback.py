@@ -150,7 +150,7 @@ class LSSFCallback(Callback):
         self._epochs: set[int] = set()
         self._resume_subspaces: list[SafetySubspace] = []
         self._tokenizer = None
-        self.live_forms: forms.LiveForms | None = None
+        self.live_forms: forms.LiveForms | forms.LoraHoldOut | None = None
         self._forms_state: dict[str, Any] | None = None
         self.log_update_share, self.update_share = log_update_share, None
         self._last_guard_step = -1
@@ -299,8 +299,9 @@ class LSSFCallback(Callback):
         update goes (``log_update_share``)."""
         self._resume_subspaces = []
         if self.log_update_share and self.subspace is not None and trainer.world_size == 1:
-            parameters = training.named_tensors(pl_module)
-            if not any(distributed.is_dtensor(p) for p in parameters.values()):
+            parameters = training.named_tensors(pl_module)  # LoRA: the frozen base would read as no update
+            if not any(distributed.is_dtensor(p) for p in parameters.values()) and not any(
+                    is_adapter_key(k) for k in parameters):
                 self.update_share = UpdateShare(self.subspace, parameters,
                                                 training.matched_keys(self.subspace, parameters))
 
@@ -438,7 +439,7 @@ def _trainer_folders(trainer: Trainer) -> list[str]:
     return [os.fspath(f) for f in folders if f]
 
 
-def _live_forms(callback: LSSFCallback, trainer: Trainer, pl_module: LightningModule) -> forms.LiveForms:
+def _live_forms(callback: LSSFCallback, trainer: Trainer, pl_module: LightningModule):
     """The callback's :class:`~lssf_lightning.forms.LiveForms`: single device, full weights, and the
     reference weights the form reads (one-line errors otherwise)."""
     what = f"method={callback.method!r} with apply_on={callback.apply_on!r}"
@@ -447,7 +448,15 @@ def _live_forms(callback: LSSFCallback, trainer: Trainer, pl_module: LightningMo
     parameters = training.named_tensors(pl_module)
     problem = None
     if any(is_adapter_key(k) for k in parameters):
-        problem = "on a peft LoRA model is not supported yet (the forms read the merged weight)"
+        options = forms.check_method_options(callback.method, callback.form_options)
+        if (callback.apply_on == "steps" and callback.method == "lssf-reset" and options.get("alpha") == 1
+                and not options.get("add") and callback.subspace_config.alpha_1 == 1):
+            try:
+                return forms.LoraHoldOut(callback.hf_model(pl_module), callback.subspace)
+            except SettingError as err:
+                raise MisconfigurationException(f"LSSFCallback: {err}") from None
+        problem = ("on a peft LoRA model is not supported yet: there the guard is method='lssf-reset' with "
+                   "alpha=1 and subspace alpha_1=1 (B <- B - U'U'^T B)")
     elif callback.export_dir or callback.export_adapter_dir:
         problem = "with export_dir / export_adapter_dir is not supported yet (realign the checkpoint instead)"
     elif callback.method == "lssf-two-sided" and callback.aligned is None:
