@@ -14,7 +14,8 @@ the raw weights, and the correction's factors are what makes the raw weights rec
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, MutableMapping
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from typing import Any
 
 import torch
@@ -329,6 +330,22 @@ class LiveForms:
         """Edit the live weights: the form of (live − the correction already in them)."""
         self.forms.apply_(parameters)
 
+    @contextlib.contextmanager
+    def temporarily_applied(self, parameters: Mapping[str, Tensor]) -> Iterator[None]:
+        """The form applied to the live weights for the ``with`` block (e.g. the monitor's realigned pass);
+        the exact live weights and the tracked corrections come back after (the edited weights wait on the
+        CPU meanwhile)."""
+        saved = {key: parameters[key].detach().to("cpu", copy=True) for key in self.keys}
+        applied = dict(self.forms.applied)
+        try:
+            self.apply_(parameters)
+            yield
+        finally:
+            with torch.no_grad():
+                for key, raw in saved.items():
+                    parameters[key].copy_(raw)
+            self.forms.applied = applied
+
     def state_dict(self) -> dict[str, Any]:
         """The corrections the live weights carry."""
         return self.forms.state_dict()
@@ -406,6 +423,19 @@ class LoraHoldOut:
         """Hold every adapter out of the subspace (``parameters``: unused, the adapters are found in the
         model)."""
         hold_out_lora_(self.model, self.subspace, 1.0)
+
+    @contextlib.contextmanager
+    def temporarily_applied(self, parameters: Mapping[str, Tensor] | None = None) -> Iterator[None]:
+        """The adapters held out for the ``with`` block, the exact ones back after."""
+        weights = [w for ws in lora_b_weights(self.model, self.subspace).values() for w in ws]
+        saved = [w.detach().clone() for w in weights]
+        try:
+            self.apply_()
+            yield
+        finally:
+            with torch.no_grad():
+                for weight, raw in zip(weights, saved):
+                    weight.copy_(raw)
 
     def state_dict(self) -> dict[str, Any]:
         """Nothing to carry: the hold-out is a projection."""

@@ -244,3 +244,21 @@ def test_lora_outside_the_guard_is_refused(llama_trio, data_files):
                       callbacks=[lssf(llama_trio, method="lssf-reset", alpha=2.0)], enable_progress_bar=False)
     with pytest.raises(MisconfigurationException, match="peft LoRA model is not supported yet"):
         trainer.fit(module, data)
+
+
+def test_the_monitors_realigned_pass_sees_the_form(llama_trio, data_files):
+    seen = {}
+
+    class Probe(Callback):
+        def on_train_end(self, trainer, pl_module):
+            before = state(pl_module)
+            with callback.realigned_weights(pl_module):
+                seen["inside"] = state(pl_module)
+            seen["before"], seen["after"] = before, state(pl_module)
+
+    callback = lssf(llama_trio, method="lssf-reset", alpha=2.0)
+    fit(llama_trio, data_files, [callback, Probe()])
+    key = "model.model.layers.1.mlp.down_proj.weight"
+    expected = form_of(llama_trio, callback, key, seen["before"][key], "lssf-reset", 2.0)
+    assert torch.allclose(seen["inside"][key].double(), expected, atol=1e-5)
+    assert all(torch.equal(seen["after"][k], v) for k, v in seen["before"].items())

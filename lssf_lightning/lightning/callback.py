@@ -372,6 +372,8 @@ class LSSFCallback(Callback):
     def realigned_weights(self, pl_module: LightningModule):
         """Context manager: the fully realigned weights (``current_alpha``) in ``pl_module`` for the block;
         the exact raw weights come back after."""
+        if self.live_forms is not None:  # the chosen form on (live − what they carry)
+            return self.live_forms.temporarily_applied(training.named_tensors(pl_module))
         return distributed.temporarily_fused(self.hf_model(pl_module), self.subspace, self.fusion.missing)
 
     # -- export -----------------------------------------------------------------------------------------
