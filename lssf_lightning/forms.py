@@ -242,7 +242,7 @@ CORRECTIONS_KEY = "lssf_corrections"
 """Checkpoint key of the corrections a form fused into ``state_dict``: ``{key: {"left", "right", "conv1d"}}``
 (``fused − left·right`` is the raw weight, the stored fix-ups make it exact)."""
 
-APPLY_ON_FORMS: tuple[str, ...] = ("checkpoint", "epochs", "steps")
+APPLY_ON_FORMS: tuple[str, ...] = ("checkpoint", "epochs", "train_end", "steps")
 """The modes a non-additive form (or the per-step guard) runs in."""
 
 
@@ -329,6 +329,16 @@ class LiveForms:
     def apply_(self, parameters: Mapping[str, Tensor]) -> None:
         """Edit the live weights: the form of (live − the correction already in them)."""
         self.forms.apply_(parameters)
+
+    def edits(self, keys, attribute: str = "") -> dict[str, Callable[[Tensor], Tensor]]:
+        """``{key: W ↦ the form of (W − what it carries)}`` for an export streaming the keys of the model at
+        ``attribute`` of the module (``"model"``: the state-dict keys lack ``"model."``)."""
+        prefix = f"{attribute}." if attribute else ""
+
+        def edit(key: str) -> Callable[[Tensor], Tensor]:
+            return lambda weight: self.forms.target(key, weight)[0].to(weight.dtype)
+
+        return {key: edit(prefix + key) for key in keys if prefix + key in self.forms.plan}
 
     @contextlib.contextmanager
     def temporarily_applied(self, parameters: Mapping[str, Tensor]) -> Iterator[None]:

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import state
+from conftest import load_dir, state
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -262,3 +262,21 @@ def test_the_monitors_realigned_pass_sees_the_form(llama_trio, data_files):
     expected = form_of(llama_trio, callback, key, seen["before"][key], "lssf-reset", 2.0)
     assert torch.allclose(seen["inside"][key].double(), expected, atol=1e-5)
     assert all(torch.equal(seen["after"][k], v) for k, v in seen["before"].items())
+
+
+@pytest.mark.parametrize("apply_on", ["train_end", "epochs"])
+def test_export_dir_holds_the_form(llama_trio, data_files, tmp_path, apply_on):
+    epochs = {"apply_epochs": [0]} if apply_on == "epochs" else {}
+    callback = lssf(llama_trio, method="lssf-erosion", alpha=2.0, apply_on=apply_on,
+                    export_dir=str(tmp_path / "out"), **epochs)
+    _, module = fit(llama_trio, data_files, [callback])
+    live, exported = state(module), load_dir(tmp_path / "out")
+    key = "model.model.layers.0.mlp.gate_proj.weight"
+    if apply_on == "epochs":  # applied at the last epoch's end: the export is the live weights
+        assert torch.allclose(exported[key.removeprefix("model.")], live[key], atol=1e-6)
+    else:
+        expected = form_of(llama_trio, callback, key, live[key], "lssf-erosion", 2.0)
+        assert torch.allclose(exported[key.removeprefix("model.")].double(), expected, atol=1e-5)
+        assert not torch.allclose(exported[key.removeprefix("model.")], live[key], atol=1e-4)
+    embed = "model.embed_tokens.weight"
+    assert torch.equal(exported[embed], live["model." + embed])

@@ -17,6 +17,7 @@ from typing_extensions import override
 
 from lssf_lightning import distributed, forms, training
 from lssf_lightning.config import AutoAlphaConfig, SubspaceConfig, split_legacy
+from lssf_lightning.io.export import write_model_directory
 from lssf_lightning.io.names import is_adapter_key
 from lssf_lightning.lightning import strategy
 from lssf_lightning.lightning.auto_alpha import AutoAlpha
@@ -92,7 +93,7 @@ class LSSFCallback(Callback):
         aligned: str | None = None,
         subspace: SubspaceConfig | None = None,
         alpha: float | Literal["auto"] = 1.0,
-        apply_on: Literal["checkpoint", "epochs", "train_end"] = "checkpoint",
+        apply_on: Literal["checkpoint", "epochs", "train_end", "steps"] = "checkpoint",
         apply_epochs: list[int] | float | None = None,
         export_dir: str | None = None,
         subspace_cache: str | None = None,
@@ -403,11 +404,19 @@ class LSSFCallback(Callback):
         with strategy.export_store(trainer, model, attribute) as (store, prefix):
             if trainer.is_global_zero:
                 support = training.hf_support_files(model, self.resolve_tokenizer(pl_module, required=False))
-                path = training.export_realigned(store, directory, self.subspace, total - self.fusion.applied,
-                                                 names=training.export_names(store.keys(), prefix),
-                                                 write_support_files=support, progress=self.verbose,
-                                                 inputs=self._inputs,
-                                                 overwrite=self.overwrite if overwrite is None else overwrite)
+                overwrite = self.overwrite if overwrite is None else overwrite
+                if isinstance(self.live_forms, forms.LiveForms):  # the form of (live − what they carry)
+                    path = Path(directory)
+                    write_model_directory(store, path, edits=self.live_forms.edits(store.keys(), attribute),
+                                          names=training.export_names(store.keys(), prefix),
+                                          write_support_files=support, progress=self.verbose,
+                                          inputs=self._inputs, overwrite=overwrite)
+                else:
+                    path = training.export_realigned(store, directory, self.subspace,
+                                                     total - self.fusion.applied,
+                                                     names=training.export_names(store.keys(), prefix),
+                                                     write_support_files=support, progress=self.verbose,
+                                                     inputs=self._inputs, overwrite=overwrite)
                 self._info(f"LSSF: exported the realigned model to {path}")
         trainer.strategy.barrier("lssf_export")
         return path
@@ -459,8 +468,8 @@ def _live_forms(callback: LSSFCallback, trainer: Trainer, pl_module: LightningMo
                 raise MisconfigurationException(f"LSSFCallback: {err}") from None
         problem = ("on a peft LoRA model is not supported yet: there the guard is method='lssf-reset' with "
                    "alpha=1 and subspace alpha_1=1 (B <- B - U'U'^T B)")
-    elif callback.export_dir or callback.export_adapter_dir:
-        problem = "with export_dir / export_adapter_dir is not supported yet (realign the checkpoint instead)"
+    elif callback.export_adapter_dir:
+        problem = "with export_adapter_dir is not supported yet (export_dir is)"
     elif callback.method == "lssf-two-sided" and callback.aligned is None:
         problem = "reads the aligned weights: pass aligned= (the aligned model's path)"
     if problem:
