@@ -95,6 +95,20 @@ def _to_cpu(correction: Correction) -> Correction:
                       correction.dtype)
 
 
+def _difference(new: Correction | None, old: Correction | None) -> Correction:
+    """The factors of ``new − old`` (either may be ``None``), on the CPU."""
+    if old is None:
+        return _to_cpu(new)
+    dtype = torch.promote_types(old.right.dtype, torch.float32)
+    old = Correction(old.left.cpu().to(dtype), -old.right.cpu().to(dtype), old.conv1d, old.dtype)
+    if new is None:
+        return old
+    new = _to_cpu(new)
+    dtype = torch.promote_types(dtype, new.left.dtype)
+    return Correction(torch.cat([new.left.to(dtype), old.left.to(dtype)], dim=1),
+                      torch.cat([new.right.to(dtype), old.right.to(dtype)], dim=0), new.conv1d, new.dtype)
+
+
 PlanFn = Callable[[Tensor | None], Correction | None]
 
 
@@ -140,18 +154,20 @@ class AppliedForms:
                     self.applied[key] = _to_cpu(correction)
 
     def fused(self, state: MutableMapping[str, Tensor]) -> dict[str, Correction]:
-        """Checkpoint mode (nothing applied): replace each planned tensor of ``state`` by a new one holding
-        the form of it; returns the corrections ``{key: (L, R)}`` added (``fused − L·R`` is the raw
-        weight up to rounding, see :func:`unfuse`)."""
+        """A checkpoint's copy of the weights: replace each planned tensor of ``state`` (the live weights) by
+        a new one holding the form of (it − the correction it carries); returns ``{key: (L, R)}`` with
+        ``fused − L·R`` = the live weight up to rounding (:func:`unfuse`): the new correction less the one
+        already carried (rank ``k + k'``)."""
         added: dict[str, Correction] = {}
         for key in self.plan:
-            raw = state[key]
-            correction = self.correction(key, raw.detach())
-            if correction is None:
+            live = state[key].detach()
+            correction = self.correction(key, self.raw(key, live))
+            applied = self.applied.get(key)
+            if correction is None and applied is None:
                 continue
-            correction = _to_cpu(correction)
-            state[key] = add_correction(raw.detach(), correction_product(correction, raw), 1.0)
-            added[key] = correction
+            difference = _difference(correction, applied)
+            state[key] = add_correction(live, correction_product(difference, live), 1.0)
+            added[key] = difference
         return added
 
     def state_dict(self) -> dict[str, Any]:
@@ -306,13 +322,12 @@ class LiveForms:
                 "subspace": config.to_dict()}
 
     def fuse_checkpoint(self, checkpoint: MutableMapping[str, Any], *, keep_fixups: bool = True) -> None:
-        """Replace ``checkpoint["state_dict"]``'s weights by the form of them (new tensors: the live weights
-        stay raw) and store the corrections (:data:`CORRECTIONS_KEY`) and the raw fix-ups."""
+        """Replace ``checkpoint["state_dict"]``'s weights by the form of (them − what they carry; new tensors:
+        the live weights stay as they are) and store the corrections (:data:`CORRECTIONS_KEY`, what a resume
+        subtracts) and the fix-ups that make the live weights come back exactly."""
         from lssf_lightning.core.checks import all_finite
         from lssf_lightning.training import RAW_FIXUPS_KEY, make_fixup
 
-        if self.forms.applied:
-            raise RuntimeError("checkpoint fusion needs raw live weights, but a correction is applied")
         state = checkpoint["state_dict"]
         raw = {key: state[key] for key in self.forms.plan}
         added = self.forms.fused(state)

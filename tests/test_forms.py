@@ -173,3 +173,24 @@ def test_the_rank_r_reset_equals_the_tracked_form(pair, alpha):
     fast.apply_(fast_live)
     slow.apply_(slow_live)
     assert all(torch.allclose(fast_live[k], slow_live[k], atol=1e-10) for k in KEYS)
+
+
+@pytest.mark.parametrize("method", ["lssf-reset", "lssf-two-sided"])
+def test_checkpoint_fusion_after_a_live_application(pair, method):
+    # e.g. min_refusal_rate realigned the live weights, then a checkpoint is written: it holds the form of
+    # (live − applied), and subtracting its stored correction gives the live weights back
+    aligned, unaligned, start, subspace = pair
+    live = {k: v.clone() for k, v in start.items()}
+    forms = tracker(method, pair, live, alpha=2.0)
+    forms.apply_(live)
+    g = torch.Generator().manual_seed(4)
+    for key in KEYS:
+        live[key] += 0.1 * torch.randn(live[key].shape, generator=g, dtype=torch.float64)
+    state = dict(live)
+    added = forms.fused(state)
+    for key in KEYS:
+        raw = live[key] - (forms.applied[key].left.double() @ forms.applied[key].right.double())
+        expected = dense_form(method, raw, aligned[key], unaligned[key], subspace[key], 2.0)
+        assert torch.allclose(state[key], expected, atol=1e-10), key
+        assert torch.allclose(unfuse(state[key], added[key]), live[key], atol=1e-10)
+        assert state[key] is not live[key]
