@@ -280,3 +280,34 @@ def test_export_dir_holds_the_form(llama_trio, data_files, tmp_path, apply_on):
         assert not torch.allclose(exported[key.removeprefix("model.")], live[key], atol=1e-4)
     embed = "model.embed_tokens.weight"
     assert torch.equal(exported[embed], live["model." + embed])
+
+
+class Around(Callback):
+    """The live block matrices at each train batch end (place one before and one after the LSSF callback)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self.seen.append((trainer.global_step,
+                          {k: v.clone() for k, v in state(pl_module).items() if k.endswith("proj.weight")}))
+
+
+@pytest.mark.parametrize("method", ["lssf-erosion", "lssf-two-sided", "lssf"])
+def test_steps_mode_every_n_steps_applies_each_form_of_live_minus_applied(llama_trio, data_files, method):
+    before, after = Around(), Around()
+    callback = lssf(llama_trio, method=method, alpha=2.0, apply_on="steps", every_n_steps=2,
+                    aligned=str(llama_trio.aligned) if method == "lssf-two-sided" else None)
+    fit(llama_trio, data_files, [before, callback, after], max_epochs=2)
+    assert [step for step, _ in after.seen] == [1, 2, 3, 4, 5, 6]
+    applied = {}
+    for (step, pre), (_, post) in zip(before.seen, after.seen):
+        for key in ("model.model.layers.0.self_attn.v_proj.weight", "model.model.layers.1.mlp.up_proj.weight",
+                    "model.model.layers.1.self_attn.o_proj.weight"):
+            if step % 2:
+                assert torch.equal(pre[key], post[key]), (step, key)
+                continue
+            raw = pre[key].double() - applied.get(key, 0.0)
+            expected = form_of(llama_trio, callback, key, raw, method, 2.0)
+            assert torch.allclose(post[key].double(), expected, atol=2e-5), (step, key)
+            applied[key] = expected - raw
