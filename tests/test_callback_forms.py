@@ -311,3 +311,35 @@ def test_steps_mode_every_n_steps_applies_each_form_of_live_minus_applied(llama_
             expected = form_of(llama_trio, callback, key, raw, method, 2.0)
             assert torch.allclose(post[key].double(), expected, atol=2e-5), (step, key)
             applied[key] = expected - raw
+
+
+@pytest.mark.parametrize("method", ["lssf-reset", "lssf-erosion"])
+def test_resume_in_steps_mode_carries_the_applied_corrections(llama_trio, data_files, tmp_path, method):
+    def callbacks(directory):
+        return [lssf(llama_trio, method=method, alpha=2.0, apply_on="steps", every_n_steps=2),
+                ModelCheckpoint(dirpath=directory, save_last=True)]
+
+    _, straight = fit(llama_trio, data_files, callbacks(tmp_path / "a"), max_epochs=2)
+    fit(llama_trio, data_files, callbacks(tmp_path / "b"), max_epochs=1)
+    saved = torch.load(tmp_path / "b" / "last.ckpt", map_location="cpu", weights_only=False)
+    (state_of_callback,) = [v for k, v in saved["callbacks"].items() if "LSSFCallback" in k]
+    assert len(state_of_callback["applied_corrections"]) == 14
+    _, resumed = fit(llama_trio, data_files, callbacks(tmp_path / "c"), max_epochs=2,
+                     ckpt_path=tmp_path / "b" / "last.ckpt")
+    ours, theirs = state(resumed), state(straight)
+    assert all(torch.equal(ours[k], v) for k, v in theirs.items())
+    # without the carried corrections the α = 2 reset would reflect back at the next application
+    fresh = lssf(llama_trio, method=method, alpha=2.0, apply_on="steps", every_n_steps=2)
+    _, naive = fit(llama_trio, data_files, [fresh, NoState(fresh)], max_epochs=2,
+                   ckpt_path=tmp_path / "b" / "last.ckpt")
+    assert not all(torch.allclose(state(naive)[k], v, atol=1e-4) for k, v in theirs.items())
+
+
+class NoState(Callback):
+    """Forgets what the LSSF callback restored (the corrections the live weights carry)."""
+
+    def __init__(self, callback):
+        self.callback = callback
+
+    def on_train_start(self, trainer, pl_module):
+        self.callback.live_forms.forms.applied = {}
