@@ -343,3 +343,19 @@ class NoState(Callback):
 
     def on_train_start(self, trainer, pl_module):
         self.callback.live_forms.forms.applied = {}
+
+
+def test_steps_mode_counts_optimizer_steps_under_gradient_accumulation(llama_trio, data_files):
+    before, after = Around(), Around()
+    callback = lssf(llama_trio, method="lssf-reset", alpha=1.0, apply_on="steps", every_n_steps=1)
+    torch.manual_seed(0)
+    module = CausalLMModule(str(llama_trio.aligned), learning_rate=1e-2)
+    data = ChatDataModule(str(data_files[0]), None, batch_size=1, shuffle=False)
+    trainer = Trainer(max_epochs=1, accelerator="cpu", devices=1, callbacks=[before, callback, after],
+                      logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      enable_checkpointing=False, accumulate_grad_batches=2)
+    trainer.fit(module, data)
+    changed = [step for (step, pre), (_, post) in zip(before.seen, after.seen)
+               if not all(torch.equal(pre[k], post[k]) for k in pre)]
+    assert [step for step, _ in after.seen] == [0, 1, 1, 2, 2, 3]
+    assert changed == [1, 2, 3]  # once per optimizer step, never before the first

@@ -152,7 +152,6 @@ class LSSFCallback(Callback):
         self._resume_subspaces: list[SafetySubspace] = []
         self._tokenizer = None
         self.live_forms: forms.LiveForms | forms.LoraHoldOut | None = None
-        self._forms_state: dict[str, Any] | None = None
         self.log_update_share, self.update_share = log_update_share, None
         self._last_guard_step = -1
 
@@ -259,7 +258,7 @@ class LSSFCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         """Fusion strengths, auto-α's target and curve, the applied epochs and the subspace fingerprint."""
         auto = self.auto.state_dict() if self.auto is not None else {"auto_target": None, "alpha_curve": []}
-        applied = {"applied_corrections": self.live_forms.state_dict()} if self.live_forms else {}
+        applied = {"applied_corrections": self.live_forms.state_dict()} if self.live_forms is not None else {}
         return {"applied_alpha": self.fusion.applied, "current_alpha": self.fusion.target, **auto, **applied,
                 "applied_epochs": sorted(self.applied_epochs),
                 "fingerprint": self.subspace.metadata.get("fingerprint") if self.subspace else None}
@@ -272,7 +271,7 @@ class LSSFCallback(Callback):
         if self.auto is not None:
             self.auto.load_state_dict(state_dict)
         self.applied_epochs = set(state_dict.get("applied_epochs", []))
-        if "applied_corrections" in state_dict:
+        if state_dict.get("applied_corrections"):
             if self.live_forms is None:
                 raise MisconfigurationException(
                     "LSSFCallback: the checkpoint's live weights carry a correction of another form "
@@ -311,7 +310,7 @@ class LSSFCallback(Callback):
                            batch_idx: int) -> None:
         """``apply_on="steps"``: apply the form after every ``every_n_steps``-th optimizer step."""
         step = trainer.global_step
-        if self.apply_on != "steps" or step == self._last_guard_step or step % self.every_n_steps:
+        if self.apply_on != "steps" or step in (0, self._last_guard_step) or step % self.every_n_steps:
             return
         self._last_guard_step = step
         parameters = training.named_tensors(pl_module)
@@ -461,13 +460,14 @@ def _live_forms(callback: LSSFCallback, trainer: Trainer, pl_module: LightningMo
     if any(is_adapter_key(k) for k in parameters):
         options = forms.check_method_options(callback.method, callback.form_options)
         if (callback.apply_on == "steps" and callback.method == "lssf-reset" and options.get("alpha") == 1
-                and not options.get("add") and callback.subspace_config.alpha_1 == 1):
+                and not options.get("add") and callback.subspace_config.alpha_1 == 1
+                and not (callback.export_dir or callback.export_adapter_dir)):
             try:
                 return forms.LoraHoldOut(callback.hf_model(pl_module), callback.subspace)
             except SettingError as err:
                 raise MisconfigurationException(f"LSSFCallback: {err}") from None
         problem = ("on a peft LoRA model is not supported yet: there the guard is method='lssf-reset' with "
-                   "alpha=1 and subspace alpha_1=1 (B <- B - U'U'^T B)")
+                   "alpha=1 and subspace alpha_1=1 (B <- B - U'U'^T B), without export_dir")
     elif callback.export_adapter_dir:
         problem = "with export_adapter_dir is not supported yet (export_dir is)"
     elif callback.method == "lssf-two-sided" and callback.aligned is None:
