@@ -31,7 +31,7 @@ __all__ = [
     "AppliedForms",
     "LiveForms",
     "LoraHoldOut",
-    "ResetInPlace",
+    "CoordinateForms",
     "check_form_settings",
     "check_method_options",
     "correction_product",
@@ -187,25 +187,30 @@ def unfuse(fused: Tensor, correction: Correction) -> Tensor:
 
 
 
-class ResetInPlace(AppliedForms):
-    """:class:`AppliedForms` for the reset form whose live applications are rank-``r`` edits, no dense copy.
+class CoordinateForms(AppliedForms):
+    """:class:`AppliedForms` for the forms whose correction is ``U'·R(U'ᵀ(W − W_aligned))`` (the reset and
+    the erosion): live applications are rank-``r`` edits from ``r × d_in`` coordinates, no dense copy.
 
-    With ``A = U'a`` applied (``a``: ``r × d_in``), the reset of ``W − A`` is
-    ``W ← W + U'(a' − a)``, ``a' = β·U'ᵀδ − α·(U'ᵀW − (U'ᵀU')a − U'ᵀW_aligned)``: one ``r × d_in`` product
-    with the weight and one rank-``r`` update in place. Checkpoint fusion (:meth:`fused`) is inherited.
+    With ``A = U'a`` applied (``a``: ``r × d_in``), the coordinates of ``W − A`` are
+    ``U'ᵀW − (U'ᵀU')a − U'ᵀW_aligned``, and the application is ``W ← W + U'(a' − a)`` with ``a'`` =
+    :func:`~lssf_lightning.core.variants.coordinate_right` of them: one ``r × d_in`` product with the weight
+    and one rank-``r`` update in place. Checkpoint fusion (:meth:`fused`) is inherited.
 
     Args:
-        plan: the reset planner's ``low_rank_plan`` (for :meth:`fused`).
+        plan: the planner's ``low_rank_plan`` (for :meth:`fused`).
         factors: ``{key: (U', U'ᵀδ, U'ᵀW_aligned, conv1d)}``.
-        alpha, add: the reset's ``α`` and ``β``.
+        form: ``"reset"`` or ``"erosion"``.
+        alpha, add: the form's ``α`` and ``β``.
     """
 
     def __init__(self, plan: Mapping[str, PlanFn], factors: Mapping[str, tuple[Tensor, Tensor, Tensor, bool]],
-                 alpha: float, add: float) -> None:
+                 form: str, alpha: float, add: float) -> None:
         super().__init__(plan)
-        self.factors, self.alpha, self.add = dict(factors), float(alpha), float(add)
+        self.factors, self.form, self.alpha, self.add = dict(factors), form, float(alpha), float(add)
 
     def apply_(self, parameters: Mapping[str, Tensor]) -> None:
+        from lssf_lightning.core.variants import coordinate_right
+
         with torch.no_grad():
             for key, (left, right, coordinates, conv1d) in self.factors.items():
                 weight = parameters[key]
@@ -217,8 +222,9 @@ class ResetInPlace(AppliedForms):
                 if applied is not None:
                     previous = applied.right.to(device=weight.device, dtype=dtype)
                     current = current - (left_d.T @ left_d) @ previous  # U'ᵀ(W − A)
-                new = (self.add * right.to(device=weight.device, dtype=dtype)
-                       - self.alpha * (current - coordinates.to(device=weight.device, dtype=dtype)))
+                erosion = current - coordinates.to(device=weight.device, dtype=dtype)
+                new = coordinate_right(self.form, erosion, right.to(device=weight.device, dtype=dtype),
+                                       self.alpha, self.add)
                 step = new if applied is None else new - previous
                 if weight.dtype == dtype:
                     matrix.addmm_(left_d, step)
@@ -306,8 +312,8 @@ class LiveForms:
         planner = make_low_rank_planner(method, subspace, self.options, aligned=aligned, unaligned=unaligned)
         store = open_weights({k: v.detach() for k, v in parameters.items()}, name="the module's weights")
         plan = planner.low_rank_plan(store)
-        reset = method == "lssf-reset"
-        self.forms = _reset_in_place(planner, plan, subspace) if reset else AppliedForms(plan)
+        form = getattr(planner, "form", None) if method in ("lssf-reset", "lssf-erosion") else None
+        self.forms = _coordinate_forms(planner, plan, subspace, form) if form else AppliedForms(plan)
         self.fingerprint = subspace.metadata.get("fingerprint")
 
     @property
@@ -411,9 +417,9 @@ def restore_raw(parameters: Mapping[str, Tensor], checkpoint: Mapping[str, Any])
     return inexact
 
 
-def _reset_in_place(planner, plan: Mapping[str, PlanFn], subspace) -> ResetInPlace:
-    """:class:`ResetInPlace` for an ``lssf-reset`` planner: ``U'ᵀW_aligned`` of each matrix computed once
-    (from the unaligned weight, read once)."""
+def _coordinate_forms(planner, plan: Mapping[str, PlanFn], subspace, form: str) -> CoordinateForms:
+    """:class:`CoordinateForms` for an ``lssf-reset`` / ``lssf-erosion`` planner: ``U'ᵀW_aligned`` of each
+    matrix computed once (from the unaligned weight, read once)."""
     from lssf_lightning.core.variants import aligned_coordinates
 
     factors = {}
@@ -425,7 +431,7 @@ def _reset_in_place(planner, plan: Mapping[str, PlanFn], subspace) -> ResetInPla
         unaligned = unaligned.T if entry.conv1d else unaligned
         coordinates = aligned_coordinates(entry.left, entry.right, unaligned)
         factors[key] = (entry.left, entry.right, coordinates, entry.conv1d)
-    return ResetInPlace(plan, factors, planner.alpha, planner.add)
+    return CoordinateForms(plan, factors, form, planner.alpha, planner.add)
 
 
 class LoraHoldOut:

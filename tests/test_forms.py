@@ -7,8 +7,8 @@ import torch
 from lssf_lightning.config import SubspaceConfig
 from lssf_lightning.forms import (
     AppliedForms,
+    CoordinateForms,
     LiveForms,
-    ResetInPlace,
     check_method_options,
     make_low_rank_planner,
     unfuse,
@@ -150,13 +150,14 @@ def test_a_parameter_the_method_does_not_take_is_refused():
 
 
 @pytest.mark.parametrize("alpha", [1.0, 2.0])
-def test_the_rank_r_reset_equals_the_tracked_form(pair, alpha):
+@pytest.mark.parametrize("method", ["lssf-reset", "lssf-erosion"])
+def test_the_rank_r_edits_equal_the_tracked_form(pair, method, alpha):
     aligned, unaligned, start, subspace = pair
     fast_live = {k: v.clone() for k, v in start.items()}
     slow_live = {k: v.clone() for k, v in start.items()}
-    fast = LiveForms("lssf-reset", {"alpha": alpha, "add": 0.5}, subspace, fast_live, unaligned=unaligned)
-    assert isinstance(fast.forms, ResetInPlace)
-    slow = tracker("lssf-reset", pair, slow_live, alpha=alpha, add=0.5)
+    fast = LiveForms(method, {"alpha": alpha, "add": 0.5}, subspace, fast_live, unaligned=unaligned)
+    assert isinstance(fast.forms, CoordinateForms)
+    slow = tracker(method, pair, slow_live, alpha=alpha, add=0.5)
     pointers = {k: v.data_ptr() for k, v in fast_live.items()}
     g = torch.Generator().manual_seed(2)
     for _ in range(3):
