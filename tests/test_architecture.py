@@ -137,7 +137,7 @@ FLOORS = [
     ("lssf_lightning.methods", "lssf_lightning.plots"),
     ("lssf_lightning.adapters", "lssf_lightning.distributed"),
     ("lssf_lightning.realign", "lssf_lightning.training", "lssf_lightning.sweep", "lssf_lightning.selection",
-     "lssf_lightning.monitoring"),
+     "lssf_lightning.monitoring", "lssf_lightning.forms", "lssf_lightning.stability"),
     ("lssf_lightning.lightning", "lssf_lightning.integrations"),
     ("lssf_lightning.demo",),
     ("lssf_lightning.cli", "lssf_lightning.commands", "lssf_lightning.__main__", "lssf_lightning.__init__"),

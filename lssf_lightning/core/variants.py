@@ -27,6 +27,7 @@ from torch import Tensor
 
 __all__ = [
     "aligned_coordinates",
+    "coordinate_right",
     "erosion_factors",
     "reset_factors",
     "two_sided_reset_factors",
@@ -76,7 +77,7 @@ def reset_factors(
     _check(left, right, weight, unaligned)
     left, right, weight, unaligned = _compute(left, right, weight, unaligned)
     erosion = left.T @ weight - (left.T @ unaligned + right)  # U'ᵀ(W − W_aligned)
-    return left, add * right - alpha * erosion
+    return left, coordinate_right("reset", erosion, right, alpha, add)
 
 
 def erosion_factors(
@@ -87,10 +88,21 @@ def erosion_factors(
     _check(left, right, weight, unaligned)
     left, right, weight, unaligned = _compute(left, right, weight, unaligned)
     erosion = left.T @ weight - (left.T @ unaligned + right)
+    return left, coordinate_right("erosion", erosion, right, alpha, add)
+
+
+def coordinate_right(form: str, erosion: Tensor, right: Tensor, alpha: float, add: float) -> Tensor:
+    """``R`` of the ``"reset"`` or ``"erosion"`` correction ``U'·R`` from the task update's coordinates
+    ``erosion = U'ᵀ(W − W_aligned)`` and ``right = U'ᵀδ`` (both ``r × d_in``): what a caller holding those
+    coordinates (e.g. a per-step guard) needs, without the dense weights."""
+    if form == "reset":
+        return add * right - alpha * erosion
+    if form != "erosion":
+        raise ValueError(f"coordinate form must be 'reset' or 'erosion', got {form!r}")
     energy = right.square().sum(dim=1)
     opposed = (erosion * right).sum(dim=1).clamp(max=0)
     coefficient = torch.where(energy > 0, opposed / energy.clamp_min(torch.finfo(energy.dtype).tiny), 0.0)
-    return left, (add - alpha * coefficient)[:, None] * right
+    return (add - alpha * coefficient)[:, None] * right
 
 
 def input_basis(right: Tensor) -> Tensor:

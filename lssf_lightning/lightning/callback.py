@@ -15,13 +15,16 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lssf_lightning import training
+from lssf_lightning import distributed, forms, training
 from lssf_lightning.config import AutoAlphaConfig, SubspaceConfig
+from lssf_lightning.io.export import write_model_directory
+from lssf_lightning.io.names import is_adapter_key
 from lssf_lightning.lightning import strategy
 from lssf_lightning.lightning.auto_alpha import AutoAlpha
 from lssf_lightning.lightning.hf import find_tokenizer, hf_model, hf_model_attribute
 from lssf_lightning.lightning.monitor import RefusalMonitor
 from lssf_lightning.monitoring import check_min_refusal_rate, needs_realignment
+from lssf_lightning.stability import UpdateShare, metric_names
 from lssf_lightning.subspace import SafetySubspace
 from lssf_lightning.training import CHECKPOINT_INFO_KEY, RAW_FIXUPS_KEY, FusionState
 from lssf_lightning.validation import SettingError, check_choice
@@ -76,6 +79,16 @@ class LSSFCallback(Callback):
             cache, the Trainer's checkpoint and log folders) is refused.
         min_refusal_rate: realign the live weights (the whole missing fusion) when the monitor's raw refusal
             rate falls below this; needs a monitor.
+        method: the fusion form, as ``realign --method``: ``"lssf"`` (the paper's additive form),
+            ``"lssf-reset"``, ``"lssf-erosion"``, ``"lssf-two-sided"`` or any registered low-rank planner; a
+            form other than ``"lssf"`` (or ``apply_on="steps"``) tracks the correction the live weights carry
+            as rank-``r`` factors per matrix (:mod:`lssf_lightning.forms`), on a single device for now.
+        add, input_share: the method's other parameters (a parameter it does not take is an error).
+        every_n_steps: for ``apply_on="steps"``: apply the form after every N-th optimizer step (the guard).
+        log_update_share: log ``lssf/update_in_subspace`` (the share of the update since fit start inside the
+            safety subspace, overall and per layer group, at each train epoch end; in steps mode also
+            ``lssf/update_in_subspace_step``, the optimizer's update since the previous application) and
+            ``lssf/subspace_drift``; single device; keeps a CPU copy of the targeted weights.
     """
 
     def __init__(
@@ -84,7 +97,7 @@ class LSSFCallback(Callback):
         aligned: str | None = None,
         subspace: SubspaceConfig | None = None,
         alpha: float | Literal["auto"] = 1.0,
-        apply_on: Literal["checkpoint", "epochs", "train_end"] = "checkpoint",
+        apply_on: Literal["checkpoint", "epochs", "train_end", "steps"] = "checkpoint",
         apply_epochs: list[int] | float | None = None,
         export_dir: str | None = None,
         subspace_cache: str | None = None,
@@ -97,12 +110,25 @@ class LSSFCallback(Callback):
         export_adapter_dir: str | None = None,
         overwrite: bool = False,
         min_refusal_rate: float | None = None,
+        method: str = "lssf",
+        add: float | None = None,
+        input_share: float | None = None,
+        every_n_steps: int | None = None,
+        log_update_share: bool = True,
     ) -> None:
         super().__init__()
         try:
             self.subspace_config = SubspaceConfig.coerce(subspace)
             self.alpha = training.check_alpha(alpha, allow_auto=True)
-            self.apply_on = check_choice("apply_on", apply_on, training.APPLY_ON)
+            self.method, self.every_n_steps = method, every_n_steps
+            self.form_options = {"alpha": alpha, "add": add, "input_share": input_share}
+            if forms.uses_forms(method, apply_on):
+                forms.check_form_settings(method, self.form_options, apply_on, every_n_steps)
+            else:
+                forms.check_method_options(method, self.form_options)
+                if every_n_steps is not None:
+                    raise SettingError(f"every_n_steps is only used with apply_on='steps', not {apply_on!r}")
+            self.apply_on = check_choice("apply_on", apply_on, (*training.APPLY_ON, "steps"))
             training.check_apply_epochs(apply_on, apply_epochs)
         except SettingError as err:
             raise MisconfigurationException(f"LSSFCallback: {err}") from None
@@ -130,6 +156,9 @@ class LSSFCallback(Callback):
         self._epochs: set[int] = set()
         self._resume_subspaces: list[SafetySubspace] = []
         self._tokenizer = None
+        self.live_forms: forms.LiveForms | forms.LoraHoldOut | None = None
+        self.log_update_share, self.update_share = log_update_share, None
+        self._last_guard_step = -1
 
     @property
     @override
@@ -178,6 +207,8 @@ class LSSFCallback(Callback):
         self._resume_subspaces = [cached] if cached is not None and cached is not self.subspace else []
         trainer.strategy.barrier("lssf_subspace")  # the cache is written: several ranks read factors from it
         self.subspace = training.disk_backed(self.subspace, self.subspace_cache, trainer.world_size)
+        if forms.uses_forms(self.method, self.apply_on):
+            self.live_forms = _live_forms(self, trainer, pl_module)
 
     def check_outputs(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Refuse ``export_dir``, ``export_adapter_dir`` and ``subspace_cache`` when they overlap an input
@@ -199,6 +230,10 @@ class LSSFCallback(Callback):
             return
         if not (trainer.is_global_zero or strategy.sharded_checkpoints(trainer)):  # FSDP2: all ranks fuse
             return
+        if self.live_forms is not None:
+            self.live_forms.fuse_checkpoint(checkpoint, keep_fixups=self.keep_raw_fixups)
+            checkpoint[CHECKPOINT_INFO_KEY] = self.live_forms.info(self.subspace_config)
+            return
         fixups = training.fuse_checkpoint(checkpoint.get("state_dict") or {}, self.subspace,
                                           self.fusion.missing, keep_fixups=self.keep_raw_fixups)
         checkpoint[CHECKPOINT_INFO_KEY] = training.checkpoint_info(self.subspace, self.fusion,
@@ -212,6 +247,9 @@ class LSSFCallback(Callback):
     ) -> None:
         """Resuming a fit: turn the fused weights just loaded back into the raw ones, exactly (or refuse)."""
         info = checkpoint.get(CHECKPOINT_INFO_KEY)
+        if forms.CORRECTIONS_KEY in checkpoint and trainer.state.fn == "fit":  # a form: from its own factors
+            forms.restore_raw(training.named_tensors(pl_module), checkpoint)
+            return
         if not info or trainer.state.fn != "fit" or self.subspace is None or not info.get("alpha_added"):
             return
         subspace = training.checkpoint_subspace(info, self.subspace, where=trainer.ckpt_path, progress=False,
@@ -225,7 +263,8 @@ class LSSFCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         """Fusion strengths, auto-α's target and curve, the applied epochs and the subspace fingerprint."""
         auto = self.auto.state_dict() if self.auto is not None else {"auto_target": None, "alpha_curve": []}
-        return {"applied_alpha": self.fusion.applied, "current_alpha": self.fusion.target, **auto,
+        applied = {"applied_corrections": self.live_forms.state_dict()} if self.live_forms is not None else {}
+        return {"applied_alpha": self.fusion.applied, "current_alpha": self.fusion.target, **auto, **applied,
                 "applied_epochs": sorted(self.applied_epochs),
                 "fingerprint": self.subspace.metadata.get("fingerprint") if self.subspace else None}
 
@@ -237,6 +276,13 @@ class LSSFCallback(Callback):
         if self.auto is not None:
             self.auto.load_state_dict(state_dict)
         self.applied_epochs = set(state_dict.get("applied_epochs", []))
+        if state_dict.get("applied_corrections"):
+            if self.live_forms is None:
+                raise MisconfigurationException(
+                    "LSSFCallback: the checkpoint's live weights carry a correction of another form "
+                    f"(method={self.method!r} here); resume with the method it was written with"
+                )
+            self.live_forms.load_state_dict(state_dict["applied_corrections"])
         stored = state_dict.get("fingerprint")
         ours = self.subspace and self.subspace.metadata.get("fingerprint")
         if self.fusion.applied and stored and ours and stored != ours:  # epochs mode: live weights hold it
@@ -266,8 +312,32 @@ class LSSFCallback(Callback):
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Drop the subspaces kept for a resume (any checkpoint is restored by now)."""
+        """Drop the subspaces kept for a resume (any checkpoint is restored by now); start watching where the
+        update goes (``log_update_share``)."""
         self._resume_subspaces = []
+        if self.log_update_share and self.subspace is not None and trainer.world_size == 1:
+            parameters = training.named_tensors(pl_module)  # LoRA: the frozen base would read as no update
+            if not any(distributed.is_dtensor(p) for p in parameters.values()) and not any(
+                    is_adapter_key(k) for k in parameters):
+                self.update_share = UpdateShare(self.subspace, parameters,
+                                                training.matched_keys(self.subspace, parameters))
+
+    @override
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        """``apply_on="steps"``: apply the form after every ``every_n_steps``-th optimizer step."""
+        step = trainer.global_step
+        if self.apply_on != "steps" or step in (0, self._last_guard_step) or step % self.every_n_steps:
+            return
+        self._last_guard_step = step
+        parameters = training.named_tensors(pl_module)
+        if self.update_share is not None:
+            shares = self.update_share.since_mark(parameters)
+            if shares is not None:
+                pl_module.log_dict(metric_names(shares, "lssf/update_in_subspace_step"), on_step=True)
+        self.live_forms.apply_(parameters)
+        if self.update_share is not None:
+            self.update_share.mark(parameters)
 
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -289,8 +359,13 @@ class LSSFCallback(Callback):
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """``apply_on="epochs"``: fuse at the end of an ``apply_epochs`` epoch (unless validation did)."""
+        """``apply_on="epochs"``: fuse at the end of an ``apply_epochs`` epoch (unless validation did); log
+        where the update went."""
         self._maybe_apply(trainer, pl_module)
+        if self.update_share is not None:
+            parameters = training.named_tensors(pl_module)
+            pl_module.log_dict({**metric_names(self.update_share.since_start(parameters)),
+                                "lssf/subspace_drift": self.update_share.drift(parameters)}, on_epoch=True)
 
     def _maybe_apply(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Runs from two hooks so the epoch's checkpoint holds the fusion either way: with validation at the
@@ -308,6 +383,9 @@ class LSSFCallback(Callback):
     def realign_live(self, pl_module: LightningModule, target_alpha: float | None = None) -> None:
         """Bring the live weights to a fusion strength of ``target_alpha`` (default ``current_alpha``), adding
         only the difference to what earlier applications added."""
+        if self.live_forms is not None:  # a form: applied to (live − the correction already in them)
+            self.live_forms.apply_(training.named_tensors(pl_module))
+            return
         target = self.fusion.target if target_alpha is None else float(target_alpha)
         training.realign_in_place(training.named_tensors(pl_module), self.subspace,
                                   target - self.fusion.applied)
@@ -316,6 +394,8 @@ class LSSFCallback(Callback):
     def realigned_weights(self, pl_module: LightningModule):
         """Context manager: the fully realigned weights (``current_alpha``) in ``pl_module`` for the block;
         the exact raw weights come back after."""
+        if self.live_forms is not None:  # the chosen form on (live − what they carry)
+            return self.live_forms.temporarily_applied(training.named_tensors(pl_module))
         return training.temporarily_fused(self.hf_model(pl_module), self.subspace, self.fusion.missing)
 
     # -- export -----------------------------------------------------------------------------------------
@@ -345,11 +425,19 @@ class LSSFCallback(Callback):
         with strategy.export_store(trainer, model, attribute) as (store, prefix):
             if trainer.is_global_zero:
                 support = training.hf_support_files(model, self.resolve_tokenizer(pl_module, required=False))
-                path = training.export_realigned(store, directory, self.subspace, total - self.fusion.applied,
-                                                 names=training.export_names(store.keys(), prefix),
-                                                 write_support_files=support, progress=self.verbose,
-                                                 inputs=self._inputs,
-                                                 overwrite=self.overwrite if overwrite is None else overwrite)
+                overwrite = self.overwrite if overwrite is None else overwrite
+                if isinstance(self.live_forms, forms.LiveForms):  # the form of (live − what they carry)
+                    path = Path(directory)
+                    write_model_directory(store, path, edits=self.live_forms.edits(store.keys(), attribute),
+                                          names=training.export_names(store.keys(), prefix),
+                                          write_support_files=support, progress=self.verbose,
+                                          inputs=self._inputs, overwrite=overwrite)
+                else:
+                    path = training.export_realigned(store, directory, self.subspace,
+                                                     total - self.fusion.applied,
+                                                     names=training.export_names(store.keys(), prefix),
+                                                     write_support_files=support, progress=self.verbose,
+                                                     inputs=self._inputs, overwrite=overwrite)
                 self._info(f"LSSF: exported the realigned model to {path}")
         trainer.strategy.barrier("lssf_export")
         return path
@@ -391,3 +479,35 @@ def _no_validation_loop(trainer: Trainer) -> str | None:
     if source is not None and not source.is_defined():
         return "no val_dataloader: the DataModule or LightningModule defines none"
     return None
+
+
+def _live_forms(callback: LSSFCallback, trainer: Trainer, pl_module: LightningModule):
+    """The callback's :class:`~lssf_lightning.forms.LiveForms`: single device, full weights, and the
+    reference weights the form reads (one-line errors otherwise)."""
+    what = f"method={callback.method!r} with apply_on={callback.apply_on!r}"
+    if trainer.world_size > 1:
+        raise MisconfigurationException(f"LSSFCallback: {what} runs on a single device for now")
+    parameters = training.named_tensors(pl_module)
+    problem = None
+    if any(is_adapter_key(k) for k in parameters):
+        options = forms.check_method_options(callback.method, callback.form_options)
+        if (callback.apply_on == "steps" and callback.method == "lssf-reset" and options.get("alpha") == 1
+                and not options.get("add") and callback.subspace_config.alpha_1 == 1
+                and not (callback.export_dir or callback.export_adapter_dir)):
+            try:
+                return forms.LoraHoldOut(callback.hf_model(pl_module), callback.subspace)
+            except SettingError as err:
+                raise MisconfigurationException(f"LSSFCallback: {err}") from None
+        problem = ("on a peft LoRA model is not supported yet: there the guard is method='lssf-reset' with "
+                   "alpha=1 and subspace alpha_1=1 (B <- B - U'U'^T B), without export_dir")
+    elif callback.export_adapter_dir:
+        problem = "with export_adapter_dir is not supported yet (export_dir is)"
+    elif callback.method == "lssf-two-sided" and callback.aligned is None:
+        problem = "reads the aligned weights: pass aligned= (the aligned model's path)"
+    if problem:
+        raise MisconfigurationException(f"LSSFCallback: {what} {problem}")
+    try:
+        return forms.LiveForms(callback.method, callback.form_options, callback.subspace, parameters,
+                               aligned=callback.aligned, unaligned=callback.unaligned)
+    except SettingError as err:
+        raise MisconfigurationException(f"LSSFCallback: {err}") from None
