@@ -114,7 +114,7 @@ def test_a_flipped_conv1d_flag_is_refused_naming_the_file_and_the_entry(gpt2_sub
 
 
 def test_an_edited_factor_value_is_refused_naming_the_file_and_the_entry(gpt2_subspace, tmp_path):
-    from lssf_lightning.distributed import ShardRegion
+    from lssf_lightning.core.factors import ShardRegion
     from lssf_lightning.io.lazy_factors import LazyFactors
 
     header, body = _split(gpt2_subspace)
