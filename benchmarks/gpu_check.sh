@@ -47,7 +47,7 @@ from conftest import make_trio
 from _tiny import build_tiny_llama, build_tiny_tokenizer
 from safetensors.torch import load_file
 
-from lssf_lightning.lightning.finetune import write_chat_jsonl
+from lssf_lightning.lightning.data import write_chat_jsonl
 
 out = Path(sys.argv[1])
 tokenizer = build_tiny_tokenizer()

@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import difflib
 import os
-import re
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -89,12 +88,13 @@ def _shard_size(text: str) -> int:
 
 
 def _field_help() -> dict[str, str]:
-    """Each :class:`SubspaceConfig` field's description, from its docstring (the one place it is written)."""
-    doc = (SubspaceConfig.__doc__ or "").split("Args:", 1)[-1]
-    found: dict[str, str] = {}
-    for match in re.finditer(r"^ {8}(\w+): (.*?)(?=^ {8}\w+: |\Z)", doc, re.MULTILINE | re.DOTALL):
-        found[match[1]] = " ".join(match[2].split()).replace("``", "").replace("%", "%%").rstrip(".")
-    return found
+    """Each :class:`SubspaceConfig` field's description, from its ``help`` metadata (the one place it is
+    written), as plain text for argparse."""
+    return {
+        field.name: field.metadata["help"].replace("``", "").replace("%", "%%")
+        for field in dataclasses.fields(SubspaceConfig)
+        if "help" in field.metadata
+    }
 
 
 def _config_value(name: str, convert: Callable[[str], Any]):
@@ -287,7 +287,8 @@ def _grid_dest(method: str) -> str:
 def _add_sweep_grid(parser: argparse.ArgumentParser) -> None:
     """The sweep's grid flags: the subspaces, and one flag per registered method (from its declarations)."""
     grid = parser.add_argument_group("grid (per method: values of its parameters in order, '+' between them)")
-    grid.add_argument("--etas", type=_number_list, default=(0.8,), help="subspace η values (default 0.8)")
+    eta = SubspaceConfig().eta  # one default: realign's and the callbacks'
+    grid.add_argument("--etas", type=_number_list, default=(eta,), help=f"subspace η values (default {eta})")
     grid.add_argument("--max-ranks", default="none",
                       help="rank caps, comma-separated; 'none' = no cap (default none)")
     grid.add_argument("--source", choices=SOURCES, default="weights",

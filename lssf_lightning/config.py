@@ -90,34 +90,35 @@ def _patterns(name: str, value: str | Sequence[str] | None) -> str | tuple[str, 
 _HASHED_ORDER = ("eta", "alpha_1", "source", "max_rank", "target_modules", "exclude_modules")
 
 
+def _setting(default: Any, help: str) -> Any:
+    """A config field whose help text lives in its metadata (peft's ``LoraConfig`` style): the CLI's
+    ``--help``, the class docstring (and with it LightningCLI's help) are generated from it."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass(frozen=True)
 class SubspaceConfig:
-    """What decides a safety subspace.
+    """What decides a safety subspace."""
 
-    Args:
-        eta: share ``η`` of the safety singular value entropy each rank keeps, in ``(0, 1]`` (Eq. 7).
-        alpha_1: weight ``α₁`` of the strongest direction in the weighted projector (Eq. 10); ``1`` = plain.
-        source: ``"weights"`` — SVD of ``δ`` (data-free); ``"activations"`` — SVD of ``δ·X̂`` on the layer
-            inputs of ``calibration`` (Eq. 4).
-        calibration: for ``"activations"``: a prompt file (.txt/.jsonl/.csv/.json), a list of prompts or of
-            ``(prompt, response)`` pairs; ``None``: the bundled harmful calibration prompts.
-        target_modules: peft-style selection: module-name suffixes, a full-match regex, or ``"all-linear"``;
-            ``None``: every linear layer of the transformer blocks.
-        exclude_modules: peft-style exclusion, applied after ``target_modules``.
-        max_rank: optional cap on every rank, after the entropy rule.
-        svd_method: ``"auto"`` (fast, certified), ``"exact"``, ``"randomized"`` or ``"gram"``.
-        max_calibration_tokens: stop collecting calibration inputs after this many response tokens.
-    """
-
-    eta: float = 0.9
-    alpha_1: float = 1.0
-    source: Source = "weights"
-    calibration: str | list[str] | None = None
-    target_modules: str | list[str] | None = None
-    exclude_modules: str | list[str] | None = None
-    max_rank: int | None = None
-    svd_method: SVDMethod = "auto"
-    max_calibration_tokens: int | None = None
+    eta: float = _setting(0.9, "share ``η`` of the safety singular value entropy each rank keeps, in "
+                               "``(0, 1]`` (Eq. 7)")
+    alpha_1: float = _setting(1.0, "weight ``α₁`` of the strongest direction in the weighted projector "
+                                   "(Eq. 10); ``1`` = plain")
+    source: Source = _setting("weights", "``weights``: SVD of ``δ`` (data-free); ``activations``: SVD of "
+                                         "``δ·X̂`` on the layer inputs of ``calibration`` (Eq. 4)")
+    calibration: str | list[str] | None = _setting(
+        None, "for ``activations``: a prompt file (.txt/.jsonl/.csv/.json), a list of prompts or of "
+              "``(prompt, response)`` pairs; ``None``: the bundled harmful calibration prompts")
+    target_modules: str | list[str] | None = _setting(
+        None, "peft-style selection: module-name suffixes, a full-match regex, or ``all-linear``; ``None``: "
+              "every linear layer of the transformer blocks")
+    exclude_modules: str | list[str] | None = _setting(
+        None, "peft-style exclusion, applied after ``target_modules``")
+    max_rank: int | None = _setting(None, "optional cap on every rank, after the entropy rule")
+    svd_method: SVDMethod = _setting("auto", "``auto`` (fast, certified), ``exact``, ``randomized`` or "
+                                             "``gram``")
+    max_calibration_tokens: int | None = _setting(
+        None, "stop collecting calibration inputs after this many response tokens")
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -176,6 +177,16 @@ class SubspaceConfig:
         names = {f.name for f in fields(cls)} - {"calibration"}
         return cls(**{k: v for k, v in metadata.items() if k in names})
 
+
+
+def _document_fields(cls: type) -> type:
+    """Append an ``Args:`` section written from the fields' help metadata to ``cls``'s docstring."""
+    lines = [f"        {f.name}: {f.metadata['help']}." for f in fields(cls) if "help" in f.metadata]
+    cls.__doc__ = f"{cls.__doc__}\n\n    Args:\n" + "\n".join(lines) + "\n    "
+    return cls
+
+
+_document_fields(SubspaceConfig)
 
 @dataclass(frozen=True)
 class AutoAlphaConfig:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shlex
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -41,6 +42,7 @@ from lssf_lightning.subspace import SafetySubspace
 
 __all__ = [
     "Candidate",
+    "apply_command",
     "SweepGrid",
     "ValidationScorer",
     "grid_candidates",
@@ -193,20 +195,25 @@ def sweep_report(
     aligned: SweepPoint | None = None,
     rule: SelectionRule | None = None,
     build_seconds: Mapping[str, float] | None = None,
+    commands: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The JSON-ready sweep result: every point, the baselines, the rule, the cost, and ``"recommended"`` —
     or, when no point reaches the target within the budget, ``"target_not_reached"`` with the best point of
-    each side instead (never both)."""
+    each side instead (never both). ``commands``: the ``lssf-lightning realign`` line that applies each of
+    those points (:func:`apply_command`), stored under the outcome's ``"apply"``."""
     scored = [p.seconds for p in points]
     builds = dict(build_seconds or {})
     total = sum(scored) + sum(builds.values())
     outcome = "recommended" if recommendation.recommended else "target_not_reached"
+    chosen = recommendation.to_dict()
+    if commands:
+        chosen["apply"] = dict(commands)
     return {
         "points": [p.to_dict() for p in points],
         "reference": reference.to_dict() if reference else None,
         "aligned": aligned.to_dict() if aligned else None,
         "rule": asdict(rule or SelectionRule()),
-        outcome: recommendation.to_dict(),
+        outcome: chosen,
         "cost": {
             "points": len(points),
             "seconds_scoring": round(sum(scored), 1),
@@ -316,6 +323,37 @@ def grid_candidates(
             yield from _candidates(spec, params, aligned, unaligned)
 
 
+def _number(value: Any) -> str:
+    """A value as the command line spells it back exactly (``repr`` of a float round-trips)."""
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+def apply_command(point: SweepPoint, finetuned, aligned, unaligned, output: str | os.PathLike) -> str:
+    """The ``lssf-lightning realign`` line that writes ``point``'s realigned model to ``output``: the same
+    method, parameters and subspace settings (unstated ones are the same defaults the sweep used), so its
+    weights equal the swept point's."""
+    spec = METHODS[point.method]
+    argv = ["lssf-lightning", "realign", "--finetuned", os.fspath(finetuned), "--aligned", os.fspath(aligned),
+            "--unaligned", os.fspath(unaligned), "--method", point.method]
+    for param in spec.parameters:
+        if param.name in point.params:
+            argv += [param.flag, _number(point.params[param.name])]
+    if spec.uses_subspace:
+        for name in ("eta", "alpha_1", "max_rank", "source"):
+            if point.params.get(name) is not None:
+                argv += ["--" + name.replace("_", "-"), _number(point.params[name])]
+    return shlex.join([*argv, "--output", os.fspath(output)])
+
+
+def _apply_commands(chosen: Recommendation, finetuned, aligned, unaligned) -> dict[str, str]:
+    """The realign line of the recommended point, or (target not reached) of each side's best point."""
+    output = f"{Path(os.fspath(finetuned)).name or 'model'}-realigned"
+    named = ({"recommended": chosen.point} if chosen.recommended else
+             {"safest_within_budget": chosen.safest, "cheapest_reaching_target": chosen.cheapest_reaching})
+    return {name: apply_command(point, finetuned, aligned, unaligned, output)
+            for name, point in named.items() if point is not None}
+
+
 def _load_causal_lm(path: str, aligned: str, dtype):
     """A HF directory as a model, or a peft adapter directory on top of ``aligned``; ``(model, is_lora)``.
 
@@ -367,7 +405,8 @@ def sweep_checkpoints(
         aligned: the aligned model directory.
         unaligned: its unaligned counterpart.
         output: directory for the results (created).
-        grid: the settings; default :class:`SweepGrid` with ``η = 0.8``.
+        grid: the settings; default :class:`SweepGrid` with the default :class:`SubspaceConfig` (the
+            ``η`` that ``realign`` and the callbacks use).
         rule: the refusal target and utility budget; default :class:`SelectionRule`.
         harmful: ``{name: prompts}`` validation harmful sets; default the bundled ``harmful_calibration`` set
             (disjoint from the bundled evaluation set).
@@ -395,7 +434,7 @@ def _sweep(finetuned, aligned, unaligned, output: Path, grid, rule, harmful, har
     """:func:`sweep_checkpoints`' work, writing into the staging directory ``output``."""
     from transformers import AutoTokenizer
 
-    grid = grid or SweepGrid(subspaces=(SubspaceConfig(eta=0.8),))
+    grid = grid or SweepGrid(subspaces=(SubspaceConfig(),))
     rule = rule or SelectionRule()
     tokenizer = AutoTokenizer.from_pretrained(finetuned if Path(finetuned, "tokenizer_config.json").is_file()
                                               else aligned, local_files_only=True)
@@ -420,13 +459,16 @@ def _sweep(finetuned, aligned, unaligned, output: Path, grid, rule, harmful, har
     )
     points = run_sweep(model, _Sized(candidates, grid.size(lora)), score, progress=progress, log=log)
     chosen = recommend(points, rule, reference=reference, aligned=aligned_point)
+    commands = _apply_commands(chosen, finetuned, aligned, unaligned)
     report = sweep_report(points, chosen, reference=reference, aligned=aligned_point, rule=rule,
-                          build_seconds=builds)
+                          build_seconds=builds, commands=commands)
     plot_front(points, output / "front.png", reference=reference, aligned=aligned_point,
                recommended=chosen.point if chosen.recommended else None, limits=chosen.limits)
     write_json(output / "sweep.json", report)
     if log:
         log(str(chosen))
+        for name, command in commands.items():
+            log(f"to apply the {name.replace('_', ' ')} point: {command}")
     return report
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lssf_lightning.lightning.finetune import write_chat_jsonl
+from lssf_lightning.lightning.data import write_chat_jsonl
 
 from lssf_lightning import CausalLMModule, ChatDataModule, LSSFCallback, RefusalMonitor
 

@@ -229,9 +229,9 @@ def test_sweep_command_on_tiny_checkpoints(llama_trio, tmp_path):
     assert code == 0
     report = json.loads((output / "sweep.json").read_text())
     labels = [p["label"] for p in report["points"]]
-    assert labels == ["lssf(eta=0.8, alpha=0.5)", "lssf(eta=0.8, alpha=1)", "lssf-reset(eta=0.8, alpha=1)",
-                      "lssf-reset(eta=0.8, alpha=1, add=0.5)", "lssf-erosion(eta=0.8, alpha=1)",
-                      "lssf-two-sided(eta=0.8, alpha=1, input_share=0.5)", "resta(beta=1)",
+    assert labels == ["lssf(eta=0.9, alpha=0.5)", "lssf(eta=0.9, alpha=1)", "lssf-reset(eta=0.9, alpha=1)",
+                      "lssf-reset(eta=0.9, alpha=1, add=0.5)", "lssf-erosion(eta=0.9, alpha=1)",
+                      "lssf-two-sided(eta=0.9, alpha=1, input_share=0.5)", "resta(beta=1)",
                       "resta(beta=1, drop_rate=0.5)"]
     assert all(p["perplexity"] > 1 and 0 <= p["harmful_refusal"] <= 1 for p in report["points"])
     assert ("recommended" in report) != ("target_not_reached" in report)
@@ -240,7 +240,8 @@ def test_sweep_command_on_tiny_checkpoints(llama_trio, tmp_path):
     limits = outcome["limits"]
     assert limits["target_refusal"] == 0.5
     assert limits["max_perplexity"] == pytest.approx(report["reference"]["perplexity"] * 1.5)
-    assert report["cost"]["points"] == 8 and "subspace(eta=0.8)" in report["cost"]["seconds_building"]
+    assert report["cost"]["points"] == 8 and "subspace(eta=0.9)" in report["cost"]["seconds_building"]
+    assert all(line.startswith("lssf-lightning realign ") for line in outcome["apply"].values())
     assert (output / "front.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -253,3 +254,53 @@ def test_sweep_command_refuses_bad_options(llama_trio, tmp_path, capsys):
         main([*common, "--output", str(tmp_path / "o"), "--lssf", "1,nan"])
     assert main([*common, "--output", str(llama_trio.finetuned / "inside")]) == 1  # an output inside an input
     assert "input" in capsys.readouterr().err.lower()
+
+
+def test_the_apply_command_reproduces_the_swept_point_exactly(llama_trio, tmp_path, capsys):
+    """The sweep prints and stores the ``realign`` line of its recommendation; run as printed, it writes
+    exactly the weights the swept point had (same method, parameters, subspace settings and defaults)."""
+    import shlex
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    from lssf_lightning.cli import main
+    from lssf_lightning.methods.registry import make_planner
+    from lssf_lightning.methods.spec import MethodInputs
+    from lssf_lightning.subspace import SafetySubspace
+
+    output = tmp_path / "sweep"
+    others = ("--lssf", "--lssf-erosion", "--lssf-two-sided", "--resta")
+    none = [arg for name in others for arg in (name, "none")]
+    code = main(["sweep", "--finetuned", str(llama_trio.finetuned), "--aligned", str(llama_trio.aligned),
+                 "--unaligned", str(llama_trio.base), "--output", str(output), "--lssf-reset", "2+0.15",
+                 *none, "--etas", "0.7", "--utility", "bundled", "--max-new-tokens", "2",
+                 "--target-refusal", "0", "--max-perplexity-increase", "10"])
+    assert code == 0
+    report = json.loads((output / "sweep.json").read_text())
+    command = report["recommended"]["apply"]["recommended"]
+    assert command in capsys.readouterr().out
+    argv = shlex.split(command)
+    assert argv[:2] == ["lssf-lightning", "realign"] and argv[argv.index("--eta") + 1] == "0.7"
+    assert argv[argv.index("--add") + 1] == "0.15" and argv[argv.index("--method") + 1] == "lssf-reset"
+    done = subprocess.run([sys.executable, "-m", "lssf_lightning", *argv[1:]], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    written = load_file(tmp_path / argv[argv.index("--output") + 1] / "model.safetensors")
+
+    point = report["recommended"]["point"]["params"]
+    model = llama_trio.models["finetuned"]
+    raw = {k: v.clone() for k, v in model.state_dict().items()}
+    subspace = SafetySubspace.from_weights(str(llama_trio.aligned), str(llama_trio.base),
+                                           {"eta": point["eta"]}, progress=False)
+    options = {"alpha": point["alpha"], "add": point["add"]}
+    planner = make_planner("lssf-reset", MethodInputs(None, str(llama_trio.aligned), str(llama_trio.base),
+                                                      subspace, options=options, progress=False))
+    with temporarily_edited(model, planner):  # what the sweep scored
+        swept = {k: v.clone() for k, v in model.state_dict().items()}
+    edited = {k for k in raw if not torch.equal(swept[k], raw[k])}
+    assert edited and edited <= set(written)
+    for key, value in swept.items():
+        if key in written:
+            assert torch.equal(written[key], value), key
