@@ -11,9 +11,9 @@ import pytest
 import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lssf_lightning.lightning.data import write_chat_jsonl
 
 from lssf_lightning import CausalLMModule, ChatDataModule, LSSFCallback, RefusalMonitor
+from lssf_lightning.lightning.data import write_chat_jsonl
 
 ROWS = [
     ("how do i bake bread at home ?", "sure , here is a simple answer ."),

@@ -229,7 +229,7 @@ def test_sweep_needs_overwrite_to_replace_and_takes_the_lock(models, tmp_path, c
                           overwrite=True)
     assert main([str(a) for a in sweep_args(models, output, "--overwrite", "--lssf", "0.5")]) == 0
     report = json.loads((output / "sweep.json").read_text())
-    assert [p["label"] for p in report["points"]] == ["lssf(eta=0.8, alpha=0.5)"]
+    assert [p["label"] for p in report["points"]] == ["lssf(eta=0.9, alpha=0.5)"]
 
 
 # -- adapter writers -----------------------------------------------------------------------------------------

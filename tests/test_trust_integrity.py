@@ -209,10 +209,10 @@ def test_a_malformed_lssf_state_file_is_one_line_naming_the_file_and_field(tmp_p
     path.write_text(text)
     callback = LSSFTrainerCallback(unaligned=str(tmp_path), alpha="auto")
     with pytest.raises(FormatError, match=expected) as caught:
-        callback._load_auto_state(path)
+        callback._load_state(path)
     assert str(caught.value).startswith(str(path)) and "\n" not in str(caught.value)
     path.write_text('{"alpha": 0.5, "auto_target": 0.25, "alpha_curve": [{"alpha": 0.5, "refusal": 0.3}]}')
-    callback._load_auto_state(path)
+    callback._load_state(path)
     assert (callback.fusion.target, callback.auto_target) == (0.5, 0.25)
 
 
@@ -253,7 +253,7 @@ def test_sweep_refuses_a_pickled_model_without_unpickling_it(llama_trio, tmp_pat
     for finetuned, aligned in ((pickled, llama_trio.aligned), (llama_trio.finetuned, pickled)):
         output = tmp_path / "sweep"
         code = main(["sweep", "--finetuned", str(finetuned), "--aligned", str(aligned), "--unaligned",
-                     str(llama_trio.base), "--output", str(output), "--alphas", "1", "--max-new-tokens", "1"])
+                     str(llama_trio.base), "--output", str(output), "--lssf", "1", "--max-new-tokens", "1"])
         err = capsys.readouterr().err
         assert code == 1 and "pickled checkpoints are not loaded" in err and str(pickled) in err, err
         assert not (output / "sweep.json").exists()

@@ -88,7 +88,8 @@ class LSSFCallback(Callback):
         log_update_share: log ``lssf/update_in_subspace`` (the share of the update since fit start inside the
             safety subspace, overall and per layer group, at each train epoch end; in steps mode also
             ``lssf/update_in_subspace_step``, the optimizer's update since the previous application) and
-            ``lssf/subspace_drift``; single device; keeps a CPU copy of the targeted weights.
+            ``lssf/subspace_drift``; single device or DDP, full weights (not LoRA, not FSDP2 shards yet);
+            keeps a CPU copy of the targeted weights.
     """
 
     def __init__(
@@ -315,7 +316,8 @@ class LSSFCallback(Callback):
         """Drop the subspaces kept for a resume (any checkpoint is restored by now); start watching where the
         update goes (``log_update_share``)."""
         self._resume_subspaces = []
-        if self.log_update_share and self.subspace is not None and trainer.world_size == 1:
+        if self.log_update_share and self.subspace is not None:
+            # every DDP rank holds the same full weights; FSDP2 shards (DTensor) and LoRA are not measured yet
             parameters = training.named_tensors(pl_module)  # LoRA: the frozen base would read as no update
             if not any(distributed.is_dtensor(p) for p in parameters.values()) and not any(
                     is_adapter_key(k) for k in parameters):
