@@ -201,6 +201,9 @@ class AutoAlphaConfig:
             monitor's evaluation prompts.
         max_perplexity_increase: utility budget: the largest allowed relative perplexity increase over the raw
             weights on the utility texts (``0.05`` = +5 %); ``None``: no utility constraint.
+        methods: the forms to choose among (low-rank methods, e.g. ``["lssf-reset", "lssf"]``; earlier ones
+            win ties); ``None``: ``monitoring.DEFAULT_AUTO_METHODS``. A callback's ``method=`` narrows it to
+            that one form.
     """
 
     alphas: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0])
@@ -208,9 +211,15 @@ class AutoAlphaConfig:
     tolerance: float = 0.05
     prompts: str | None = None
     max_perplexity_increase: float | None = None
+    methods: list[str] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "alphas", sorted(check_number_list("alphas", self.alphas)))
+        if self.methods is not None:
+            if isinstance(self.methods, str) or not self.methods or not all(
+                    isinstance(m, str) for m in self.methods):
+                raise SettingError(f"methods must be a non-empty list of method names, got {self.methods!r}")
+            object.__setattr__(self, "methods", list(dict.fromkeys(self.methods)))
         if self.target is not None:
             object.__setattr__(self, "target", check_fraction("target", self.target))
         object.__setattr__(self, "tolerance", check_fraction("tolerance", self.tolerance))

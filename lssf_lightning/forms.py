@@ -30,16 +30,18 @@ from lssf_lightning.io.weights import open_weights
 from lssf_lightning.methods.base import Correction, LowRankPlanner
 from lssf_lightning.methods.registry import METHODS, check_options, make_planner
 from lssf_lightning.methods.spec import MethodInputs
-from lssf_lightning.training import RAW_FIXUPS_KEY, apply_fixup, make_fixup
+from lssf_lightning.training import RAW_FIXUPS_KEY, apply_fixup, make_fixup, temporarily_fused
 from lssf_lightning.validation import SettingError, check_choice, check_finite, check_int
 
 __all__ = [
     "APPLY_ON_FORMS",
     "CORRECTIONS_KEY",
     "AppliedForms",
+    "Candidates",
     "LiveForms",
     "LoraHoldOut",
     "CoordinateForms",
+    "MissingCorrection",
     "check_form_settings",
     "check_method_options",
     "correction_product",
@@ -48,6 +50,8 @@ __all__ = [
     "low_rank_methods",
     "make_low_rank_planner",
     "restore_raw",
+    "run_form",
+    "temporarily_raw",
     "unfuse",
     "uses_forms",
 ]
@@ -270,10 +274,9 @@ def check_form_settings(method: str, options: Mapping[str, Any], apply_on: str, 
     """The callbacks' form settings: a low-rank ``method`` with only its own parameters, a numeric ``alpha``,
     a mode of :data:`APPLY_ON_FORMS`, and ``every_n_steps`` (an int ``≥ 1``) exactly with ``"steps"``."""
     given = check_method_options(method, options)
-    if given.get("alpha") == "auto":
-        raise SettingError(f"alpha='auto' chooses the additive strength only, not with method={method!r}")
     for name, value in given.items():
-        check_finite(name, value)
+        if not (name == "alpha" and value == "auto"):  # alpha='auto': the run chooses (monitoring.AlphaTuner)
+            check_finite(name, value)
     check_choice("apply_on", apply_on, APPLY_ON_FORMS)
     if apply_on == "steps":
         check_int("every_n_steps", every_n_steps, minimum=1)
@@ -368,6 +371,18 @@ class LiveForms:
                     parameters[key].copy_(raw)
             self.forms.applied = applied
 
+    def missing_planner(self, attribute: str = "") -> MissingCorrection:
+        """A low-rank planner whose correction of ``W`` is what the weights miss to carry the form:
+        ``C(W − A) − A`` (``C(W)`` when nothing is applied), for a LoRA adapter
+        (:func:`~lssf_lightning.adapters.write_lora_adapter`) of the model at ``attribute`` of the module
+        (its keys lack ``"<attribute>."``)."""
+        return MissingCorrection(self, attribute)
+
+    @property
+    def carries(self) -> bool:
+        """Whether the live weights carry a correction of this form."""
+        return bool(self.forms.applied)
+
     def state_dict(self) -> dict[str, Any]:
         """The corrections the live weights carry."""
         return self.forms.state_dict()
@@ -459,3 +474,113 @@ class LoraHoldOut:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Nothing to restore."""
+
+
+# -- what both callbacks share: the run's form, its adapter, the raw weights -------------------------------
+class MissingCorrection:
+    """:meth:`LiveForms.missing_planner`: a :class:`~lssf_lightning.methods.base.LowRankPlanner` over the
+    form's keys whose correction of ``W`` is ``C(W − A) − A`` (rank ``k + k'``): what a live model carrying
+    ``A`` misses to hold the form (:func:`~lssf_lightning.adapters.write_model_adapter`)."""
+
+    reads_weights = True
+
+    def __init__(self, live: LiveForms, attribute: str = "") -> None:
+        self.live, self.form = live, live.method
+        self.prefix = f"{attribute}." if attribute else ""
+
+    def low_rank_plan(self, target) -> dict[str, PlanFn]:
+        forms, prefix = self.live.forms, self.prefix
+
+        def edit(key: str) -> PlanFn:
+            def correction(weight: Tensor | None) -> Correction | None:
+                new = forms.correction(key, forms.raw(key, weight))
+                applied = forms.applied.get(key)
+                return None if new is None and applied is None else _difference(new, applied)
+            return correction
+
+        return {key: edit(prefix + key) for key in target.keys() if prefix + key in forms.plan}
+
+    def plan(self, target) -> dict[str, Callable[[Tensor], Tensor]]:
+        return self.live.edits(target.keys(), self.prefix[:-1])
+
+
+@contextlib.contextmanager
+def temporarily_raw(live: LiveForms, parameters: Mapping[str, Tensor]) -> Iterator[None]:
+    """The live weights less the correction they carry (``W − A``) for the ``with`` block (a utility
+    baseline); the exact live weights come back after."""
+    saved = {key: parameters[key].detach().to("cpu", copy=True) for key in live.forms.applied}
+    try:
+        with torch.no_grad():
+            for key in saved:
+                parameters[key].copy_(live.forms.raw(key, parameters[key]).to(parameters[key].dtype))
+        yield
+    finally:
+        with torch.no_grad():
+            for key, raw in saved.items():
+                parameters[key].copy_(raw)
+
+
+def run_form(method: str, options: Mapping[str, Any], subspace, parameters: Mapping[str, Tensor], *,
+             carried: LiveForms | None = None, aligned=None, unaligned=None) -> LiveForms:
+    """The :class:`LiveForms` of ``method`` with ``options`` on a run's live ``parameters`` (both callbacks:
+    the chosen form, and each ``alpha="auto"`` candidate); ``carried``: the run's current forms, whose
+    applied corrections the new one takes over (the same method: a new ``α`` never stacks on the old)."""
+    live = LiveForms(method, options, subspace, parameters, aligned=aligned, unaligned=unaligned)
+    if carried is not None and carried.carries:
+        if carried.method != method:
+            raise SettingError(f"the live weights carry a {carried.method} correction; method={method!r} "
+                               "cannot take it over")
+        live.forms.applied = dict(carried.forms.applied)
+    return live
+
+
+class Candidates:
+    """``alpha="auto"``'s candidate forms on a run's live module (both callbacks): ``candidates(method, α)``
+    is the context holding the module with that form applied — the paper's ``"lssf"`` through the scalar-α
+    path (:func:`~lssf_lightning.training.temporarily_fused`, shard-local under FSDP2) unless the weights
+    carry a form, every other form through :func:`run_form` — and :meth:`raw` the one holding the weights
+    without any correction (the utility baseline). The exact live weights come back after each.
+
+    Args:
+        module: the HF model (or the module holding it) whose weights the subspace names.
+        parameters: ``{state-dict key: tensor}`` of the module the forms edit.
+        subspace: the run's safety subspace.
+        live: the run's current :class:`LiveForms` (``None``: the scalar-α path).
+        applied_alpha: the additive strength the live weights carry (the scalar-α path).
+        options: the named method's other parameters (``add``, ``input_share``).
+        aligned, unaligned: the reference weights the forms read.
+    """
+
+    def __init__(self, module: torch.nn.Module, parameters: Mapping[str, Tensor], subspace, *,
+                 live: LiveForms | None = None, applied_alpha: float = 0.0,
+                 options: Mapping[str, Any] | None = None, aligned=None, unaligned=None) -> None:
+        self.module, self.parameters, self.subspace = module, parameters, subspace
+        self.live, self.applied_alpha = live, float(applied_alpha)
+        self.options = {k: v for k, v in (options or {}).items() if k != "alpha" and v is not None}
+        self.aligned, self.unaligned = aligned, unaligned
+
+    def methods(self, methods: tuple[str, ...]) -> tuple[str, ...]:
+        """The candidates' methods: the form the live weights carry when they carry one (a new ``α`` of it
+        never stacks; another form could not take it over), else ``methods``."""
+        if self.live is not None and self.live.carries:
+            return (self.live.method,)
+        return ("lssf",) if self.applied_alpha else methods
+
+    def form(self, method: str, alpha: float) -> LiveForms | None:
+        """The run's form for ``method`` at ``alpha`` (``None``: the paper's form on the scalar-α path)."""
+        if method == "lssf" and (self.live is None or not self.live.carries):
+            return None
+        return run_form(method, {**self.options, "alpha": alpha}, self.subspace, self.parameters,
+                        carried=self.live, aligned=self.aligned, unaligned=self.unaligned)
+
+    def __call__(self, method: str, alpha: float) -> contextlib.AbstractContextManager:
+        form = self.form(method, alpha)
+        if form is None:
+            return temporarily_fused(self.module, self.subspace, float(alpha) - self.applied_alpha)
+        return form.temporarily_applied(self.parameters)
+
+    def raw(self) -> contextlib.AbstractContextManager:
+        """The weights less the correction they carry."""
+        if self.live is not None and self.live.carries:
+            return temporarily_raw(self.live, self.parameters)
+        return temporarily_fused(self.module, self.subspace, -self.applied_alpha)

@@ -3,8 +3,9 @@
 :class:`SafetyProbe` holds what is measured — harmful and harmless prompts (refusal and over-refusal), the
 judge, the answer length, the utility texts whose perplexity is logged — and composes one measurement of the
 raw and the realigned model (:meth:`SafetyProbe.measure`). :class:`AlphaTuner` is ``alpha="auto"``: the
-target (the aligned model's own refusal rate minus a tolerance), the choice along the ``α`` curve with the
-utility budget (:func:`lssf_lightning.selection.tune_alpha`, the sweep's rule) and its state.
+target (the aligned model's own refusal rate minus a tolerance), the choice of form and strength over a
+small grid of candidates with the utility budget (:func:`lssf_lightning.selection.recommend`, the sweep's
+rule) and its state.
 
 Neither imports Lightning or transformers. A framework adapter (``LSSFCallback``, ``LSSFTrainerCallback``)
 only supplies the model, the tokenizer, how answers are gathered across processes (``answers``), how a rate
@@ -14,21 +15,25 @@ hooks and logging.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
 from torch import nn
 
 from lssf_lightning.config import AutoAlphaConfig
+from lssf_lightning.forms import check_method_options, low_rank_methods
 from lssf_lightning.metrics import generate_responses, load_prompts, resolve_judge
 from lssf_lightning.metrics.perplexity import CausalLMPerplexity, load_utility_texts, model_perplexity
-from lssf_lightning.selection import AlphaChoice, tune_alpha
+from lssf_lightning.selection import Recommendation, SelectionRule, SweepPoint, describe, recommend
 from lssf_lightning.training import FusionState
-from lssf_lightning.validation import SettingError, check_fraction, check_int
+from lssf_lightning.validation import SettingError, check_choice, check_fraction, check_int
 
-__all__ = ["AlphaTuner", "SafetyProbe", "check_min_refusal_rate", "fused_call", "needs_realignment"]
+__all__ = ["DEFAULT_AUTO_METHODS", "AlphaTuner", "FormChoice", "SafetyProbe", "auto_methods",
+           "check_min_refusal_rate", "fused_call", "needs_realignment"]
 
 T = TypeVar("T")
 Realigned = Callable[[Callable[[], T], T], T]
@@ -168,20 +173,86 @@ def needs_realignment(values: Mapping[str, Any], min_refusal_rate: float | None,
     return float(values["refusal_rate"]) < min_refusal_rate
 
 
+DEFAULT_AUTO_METHODS: tuple[str, ...] = ("lssf-reset", "lssf")
+"""``alpha="auto"``'s forms when none is given, in order of preference (ties go to the earlier one): the reset
+form first — on the demo's models it restored refusal at +2–3 % perplexity where the paper's additive form
+cost +29–36 % (docs/demo.md) — and the paper's form, which a LoRA or multi-device run falls back to."""
+
+
+def auto_methods(method: str | None, options: Mapping[str, Any], config: AutoAlphaConfig) -> tuple[str, ...]:
+    """The forms ``alpha="auto"`` chooses among: ``(method,)`` when the callback names one, else
+    ``config.methods`` or :data:`DEFAULT_AUTO_METHODS`; each a low-rank method, and ``add`` /
+    ``input_share`` only with a named method that takes them (one-line :class:`SettingError`)."""
+    if method is not None:
+        check_method_options(method, options)
+        return (method,)
+    extra = sorted(name for name, value in options.items() if name != "alpha" and value is not None)
+    if extra:
+        raise SettingError(f"{extra} belong to one method: pass method= with them (alpha='auto' chooses "
+                           f"among {list(config.methods or DEFAULT_AUTO_METHODS)})")
+    methods = tuple(config.methods or DEFAULT_AUTO_METHODS)
+    for name in methods:
+        check_choice("auto_alpha.methods", name, tuple(low_rank_methods()))
+    return methods
+
+
+Swap = Callable[[str, float], AbstractContextManager]
+"""``(method, α) ↦`` the context holding the live model with that candidate form applied (the exact live
+weights come back after)."""
+
+
+@dataclass(frozen=True)
+class FormChoice:
+    """What :meth:`AlphaTuner.choose` found: the form and strength to use, whether they are **recommended**
+    (the target reached within the budget), the measured ``curve`` (one :class:`SweepPoint` per candidate)
+    and :func:`~lssf_lightning.selection.recommend`'s whole answer."""
+
+    method: str
+    alpha: float
+    recommended: bool
+    curve: list[SweepPoint]
+    recommendation: Recommendation
+    reference_perplexity: float | None = None
+
+    reached = property(lambda self: self.recommended, doc="Alias of ``recommended``.")
+
+    def describe(self, target: float) -> str:
+        """One line: the recommendation, or "target not reached" with the best point of each side and the
+        fallback in use (never called recommended)."""
+        if self.recommended:
+            return (f"recommended {self.method} alpha={self.alpha:g}: reaches {target:.0%} refusal within "
+                    "the budget")
+        best = self.recommendation
+        safest = describe(best.safest) if best.safest is not None else "none"
+        cheapest = describe(best.cheapest_reaching) if best.cheapest_reaching is not None else "none"
+        return (f"target not reached ({target:.0%} refusal within the budget): safest within budget "
+                f"{safest}; cheapest reaching the target {cheapest}; using {self.method} "
+                f"alpha={self.alpha:g}, NOT a recommendation")
+
+
 class AlphaTuner:
-    """``alpha="auto"``: the target, the choice along the ``α`` curve within the utility budget, its state.
+    """``alpha="auto"``: the target, the choice of form and strength within the utility budget, its state.
+
+    The candidates are ``methods`` × ``config.alphas``, each measured on the live model with the candidate
+    applied (the callbacks' :data:`Swap`), each method's curve up to its first ``α`` reaching the target; the
+    choice is :func:`~lssf_lightning.selection.recommend` (the sweep's rule, ``prefer="utility"``: the lowest
+    perplexity among the candidates reaching the target within ``max_perplexity_increase``).
 
     Args:
         config: the grid, target, tolerance, tuning prompts and utility budget.
         probe: generates the answers and measures the perplexity (its texts; the bundled set when it has
             none and a budget is set).
+        methods: the forms (:func:`auto_methods`); default ``config.methods`` or :data:`DEFAULT_AUTO_METHODS`.
     """
 
-    def __init__(self, config: AutoAlphaConfig | None, probe: SafetyProbe) -> None:
+    def __init__(self, config: AutoAlphaConfig | None, probe: SafetyProbe,
+                 methods: Sequence[str] | None = None) -> None:
         self.config = config or AutoAlphaConfig()
         self.probe = probe
+        self.methods = tuple(methods) if methods else auto_methods(None, {}, self.config)
         self.target: float | None = self.config.target
-        self.curve: list[dict[str, float]] = []
+        self.curve: list[dict[str, Any]] = []
+        self.choice: FormChoice | None = None
         self._prompts: list[str] | None = None
 
     def prompts(self, shard: Callable[[list[str]], list[str]] = lambda prompts: prompts) -> list[str]:
@@ -196,34 +267,69 @@ class AlphaTuner:
             self.target = max(float(aligned_rate) - self.config.tolerance, 0.0)
         return self.target
 
-    def choose(
-        self, model: nn.Module, tokenizer, subspace, *, offset: float, prompts: list[str],
-        rate: Callable[[list[str]], float],
-    ) -> AlphaChoice:
-        """Measure the curve on the live ``model`` (carrying ``offset`` already); choose the total ``α``."""
-        target = self.target if self.target is not None else 1.0 - self.config.tolerance
-        budget = self.config.max_perplexity_increase
-        choice = tune_alpha(
-            model, tokenizer, subspace, self.config.alphas, prompts, target, offset=offset,
-            max_new_tokens=self.probe.max_new_tokens, rate=rate, max_perplexity_increase=budget,
-            perplexity=(lambda m: float(self.probe.perplexity(m, tokenizer, "bundled"))) if budget is not None
-            else None,
-        )
-        self.curve = [{"alpha": p.alpha, "refusal": p.harmful_refusal,
-                       **({"perplexity": p.perplexity} if p.perplexity is not None else {})}
-                      for p in choice.curve]
-        return choice
+    def current_target(self) -> float:
+        """The refusal rate to reach (``1 − tolerance`` until measured)."""
+        return self.target if self.target is not None else 1.0 - self.config.tolerance
 
-    def describe(self, choice: AlphaChoice) -> str:
+    def choose(
+        self, model: nn.Module, tokenizer, swap: Swap, *, prompts: list[str],
+        rate: Callable[[list[str]], float], raw: Callable[[], AbstractContextManager] | None = None,
+        methods: Sequence[str] | None = None,
+    ) -> FormChoice:
+        """Measure the candidates on the live ``model`` (``raw()``: the context holding the weights without
+        any correction, the utility baseline; default the live weights); choose the form and its total α."""
+        target, budget = self.current_target(), self.config.max_perplexity_increase
+        perplexity = None
+        if budget is not None:
+            def perplexity() -> float:
+                return float(self.probe.perplexity(model, tokenizer, "bundled"))
+        reference = None
+        if perplexity is not None:
+            with raw() if raw is not None else contextlib.nullcontext():
+                reference = perplexity()
+        points = []
+        for method in methods or self.methods:
+            for alpha in self.config.alphas:
+                with swap(method, alpha):
+                    refusal = float(rate(self.probe.generate(model, tokenizer, prompts)))
+                    utility = perplexity() if perplexity is not None else None
+                points.append(SweepPoint(method, {"alpha": float(alpha)}, refusal, None, utility))
+                if refusal >= target:
+                    break  # a larger α of this form only costs more utility
+        rule = SelectionRule(target_refusal=min(max(target, 0.0), 1.0), max_perplexity_increase=budget,
+                             max_over_refusal_margin=None, max_accuracy_drop=None, prefer="utility")
+        found = recommend(points, rule, reference=SweepPoint("raw", {}, 0.0, None, reference))
+        self.choice = FormChoice(found.point.method, found.point.params["alpha"], found.recommended, points,
+                                 found, reference)
+        self.curve = [{"method": p.method, "alpha": p.params["alpha"], "refusal": p.harmful_refusal,
+                       **({"perplexity": p.perplexity} if p.perplexity is not None else {})} for p in points]
+        return self.choice
+
+    def describe(self, choice: FormChoice) -> str:
         """One line on the choice (``"target not reached ..."`` when it was not)."""
-        target = self.target if self.target is not None else 1.0 - self.config.tolerance
-        return f"alpha='auto' over {self.config.alphas}: {choice.describe(target)}"
+        grid = f"{list(self.methods)} x {self.config.alphas}"
+        return f"alpha='auto' over {grid}: {choice.describe(self.current_target())}"
+
+    def logs(self, method: str, alpha: float) -> dict[str, float]:
+        """What both callbacks log (numbers only): ``lssf/alpha``, ``lssf/method/<name>`` (1 for the form in
+        use, 0 for the other candidates) and, after a choice, ``lssf/target_reached`` (1 when recommended);
+        the method's name is in the checkpoint's metadata (:meth:`state_dict`)."""
+        logs = {"lssf/alpha": float(alpha)}
+        logs.update({f"lssf/method/{name}": float(name == method) for name in self.methods})
+        if self.choice is not None:
+            logs["lssf/target_reached"] = float(self.choice.recommended)
+        return logs
 
     def state_dict(self) -> dict[str, Any]:
-        """The measured target and the last curve."""
-        return {"auto_target": self.target, "alpha_curve": self.curve}
+        """The measured target, the last curve and choice (``auto_method``, ``auto_recommended``,
+        ``auto_note``: "target not reached ..." when nothing reached it within the budget)."""
+        choice = self.choice
+        return {"auto_target": self.target, "alpha_curve": self.curve,
+                "auto_method": choice.method if choice else None,
+                "auto_recommended": choice.recommended if choice else None,
+                "auto_note": self.describe(choice) if choice else None}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
+        """Restore what :meth:`state_dict` returned (the curve and target; the choice is the caller's)."""
         self.target = state.get("auto_target", self.target)
         self.curve = list(state.get("alpha_curve") or [])

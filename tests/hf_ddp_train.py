@@ -23,8 +23,8 @@ args = TrainingArguments(output_dir=f"{out}/trainer", max_steps=2, save_steps=2,
                          eval_steps=2,
                          per_device_train_batch_size=2, per_device_eval_batch_size=2, learning_rate=1e-2,
                          report_to=[], use_cpu=True, ddp_backend="gloo", seed=0, disable_tqdm=True)
-callback = LSSFTrainerCallback(unaligned=base, alpha="auto", export_dir=f"{out}/export", verbose=False,
-                               monitor={"num_prompts": 4, "max_new_tokens": 3})
+callback = LSSFTrainerCallback(unaligned=base, alpha="auto", method="lssf", export_dir=f"{out}/export",
+                               verbose=False, monitor={"num_prompts": 4, "max_new_tokens": 3})
 trainer = Trainer(model=AutoModelForCausalLM.from_pretrained(aligned), args=args, train_dataset=rows,
                   eval_dataset=rows[:4], processing_class=tokenizer, callbacks=[callback])
 trainer.train()

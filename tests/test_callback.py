@@ -300,12 +300,13 @@ def test_auto_alpha_picks_the_smallest_alpha_reaching_the_aligned_rate(llama_tri
     # call 0: the aligned model at fit start (refuses: target 0.95); call 1: alpha 0.5 (no); call 2: alpha 1.0
     # (yes)
     judge = ScriptedJudge(refusing={0, 2})
-    auto = AutoAlpha(AutoAlphaConfig(alphas=[2.0, 0.5, 1.0]), RefusalMonitor(judge=judge))
+    auto = AutoAlpha(AutoAlphaConfig(alphas=[2.0, 0.5, 1.0], methods=["lssf"]), RefusalMonitor(judge=judge))
     callback = lssf(llama_trio, alpha="auto", auto_alpha=auto)
     trainer, module = fit(llama_trio, data_files, [callback, checkpoint_as_x(tmp_path)],
                           max_epochs=1, validate=True)
     assert judge.calls == 3 and callback.current_alpha == 1.0
-    assert callback.alpha_curve == [{"alpha": 0.5, "refusal": 0.0}, {"alpha": 1.0, "refusal": 1.0}]
+    assert callback.alpha_curve == [{"method": "lssf", "alpha": 0.5, "refusal": 0.0},
+                                    {"method": "lssf", "alpha": 1.0, "refusal": 1.0}]
     assert float(trainer.callback_metrics["lssf/alpha"]) == 1.0
     saved = load(tmp_path / "x.ckpt")
     assert saved["callbacks"][callback.state_key]["auto_target"] == pytest.approx(0.95)
@@ -315,9 +316,10 @@ def test_auto_alpha_picks_the_smallest_alpha_reaching_the_aligned_rate(llama_tri
 
 def test_auto_alpha_without_validation_tunes_once_at_the_end(llama_trio, data_files, tmp_path):
     judge = ScriptedJudge(refusing=set())  # nothing restores refusal: the highest-refusal (smallest tied) α
-    auto = AutoAlpha(AutoAlphaConfig(alphas=[0.5, 3.0], target=0.5), RefusalMonitor(judge=judge))
+    auto = AutoAlpha(AutoAlphaConfig(alphas=[0.5, 3.0], target=0.5, methods=["lssf"]),
+                     RefusalMonitor(judge=judge))
     callback = lssf(llama_trio, alpha="auto", auto_alpha=auto, export_dir=str(tmp_path / "export"))
-    with pytest.warns(UserWarning, match="no alpha in"):
+    with pytest.warns(UserWarning, match="target not reached"):
         fit(llama_trio, data_files, [callback], max_epochs=1)
     assert callback.current_alpha == 0.5 and len(callback.alpha_curve) == 2 and judge.calls == 2
 

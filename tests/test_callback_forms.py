@@ -188,7 +188,7 @@ def test_update_share_is_logged_and_matches_the_dense_share(llama_trio, data_fil
         ({"method": "lssf", "add": 0.5}, "method 'lssf' takes alpha; add belongs to lssf-reset"),
         ({"method": "lssf-reset", "input_share": 0.5}, "'lssf-reset' takes alpha, add; input_share belongs"),
         ({"method": "resta"}, "method"),
-        ({"method": "lssf-reset", "alpha": "auto"}, "alpha='auto'"),
+        ({"alpha": "auto", "add": 0.5}, "pass method= with them"),
         ({"method": "lssf-reset", "apply_on": "steps"}, "every_n_steps"),
         ({"method": "lssf-reset", "every_n_steps": 2}, "only used with apply_on='steps'"),
         ({"every_n_steps": 2}, "only used with apply_on='steps'"),

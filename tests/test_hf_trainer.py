@@ -260,6 +260,7 @@ def test_auto_alpha_is_chosen_logged_exported_and_kept_in_checkpoints(llama_trio
         tiny_tokenizer,
         tmp_path / "run",
         alpha="auto",
+        method="lssf",  # the paper's form only (the default grid tries the reset form first)
         auto_alpha=AutoAlphaConfig(alphas=[0.5, 2.0]),
         export_dir=tmp_path / "export",
     )

@@ -40,7 +40,7 @@ def hf_run(trio, tokenizer, output_dir, callback, model=None):
 def test_both_callbacks_choose_the_same_alpha_on_the_same_model(llama_trio, tiny_tokenizer, data_files,  # noqa: F811
                                                                 tuning_prompts, tmp_path):
     config = AutoAlphaConfig(alphas=[0.5, 1.0, 2.0, 4.0], tolerance=0.2, prompts=tuning_prompts,
-                             max_perplexity_increase=0.5)
+                             max_perplexity_increase=0.5, methods=["lssf"])
     # learning rates too small to move a float32 weight: both frameworks score the aligned weights
     lightning = LSSFCallback(unaligned=str(llama_trio.base), alpha="auto", auto_alpha=config, verbose=False,
                              monitor=RefusalMonitor(**PROBE), tokenizer=str(llama_trio.aligned))
@@ -72,7 +72,7 @@ def test_transformers_callback_logs_perplexity_and_honours_the_utility_budget(ll
             return [bool((model.state_dict()[Q] - raw).norm() > 1.5 * unit)] * len(responses)
 
         config = AutoAlphaConfig(alphas=[0.5, 2.0], target=0.5, prompts=tuning_prompts,
-                                 max_perplexity_increase=budget)
+                                 max_perplexity_increase=budget, methods=["lssf"])
         callback = LSSFTrainerCallback(unaligned=str(llama_trio.base), alpha="auto", auto_alpha=config,
                                        monitor={**PROBE, "judge": strongly_realigned}, checkpoint_subdir=None,
                                        verbose=False)

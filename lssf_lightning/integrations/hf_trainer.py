@@ -25,8 +25,10 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from lssf_lightning import training
+from lssf_lightning import forms, training
+from lssf_lightning.adapters import write_model_adapter
 from lssf_lightning.config import AutoAlphaConfig, SubspaceConfig
+from lssf_lightning.io.export import write_model_directory
 from lssf_lightning.io.guard import write_json
 from lssf_lightning.io.hub import resolve_model
 from lssf_lightning.io.schema import FormatError, field, load_json
@@ -35,6 +37,7 @@ from lssf_lightning.metrics.refusal import RefusalRate
 from lssf_lightning.monitoring import (
     AlphaTuner,
     SafetyProbe,
+    auto_methods,
     check_min_refusal_rate,
     fused_call,
     needs_realignment,
@@ -93,6 +96,16 @@ class LSSFTrainerCallback(TrainerCallback):
             lssf_lightning writes). Both are checked when the Trainer is created and again when training
             begins: an output that is, contains or lies inside an input (the model's source, ``aligned``,
             ``unaligned``, the Trainer's ``output_dir``, the cache) is refused.
+        method: the fusion form, as ``realign --method`` and ``LSSFCallback``: ``"lssf"`` (the paper's
+            additive form, the default with a numeric ``alpha``), ``"lssf-reset"``, ``"lssf-erosion"``,
+            ``"lssf-two-sided"`` (needs ``aligned=``) or any registered low-rank planner. Every output carries
+            it: each ``checkpoint-N/realigned/`` holds the form applied to the raw weights (the Trainer's own
+            files stay raw, so a resume is exact), ``export_dir``, ``export_adapter_dir`` (the form's
+            correction as a LoRA adapter), the monitor's ``*_realigned`` pass and ``min_refusal_rate`` (the
+            live weights get the form of (live − the correction they carry): applications never stack).
+            With ``alpha="auto"``: the one form to tune; ``None``: ``auto_alpha.methods`` (default the reset
+            form and the paper's). A form other than ``"lssf"`` needs a full (not peft LoRA) model.
+        add, input_share: the method's other parameters (a parameter it does not take is an error).
     """
 
     def __init__(
@@ -112,9 +125,19 @@ class LSSFTrainerCallback(TrainerCallback):
         verbose: bool = True,
         overwrite: bool = False,
         min_refusal_rate: float | None = None,
+        method: str | None = None,
+        add: float | None = None,
+        input_share: float | None = None,
     ) -> None:
         self.subspace_config = SubspaceConfig.coerce(subspace)
         self.alpha = alpha if alpha == "auto" else check_finite("alpha", alpha)
+        self.form_options = {"alpha": alpha, "add": add, "input_share": input_share}
+        if alpha == "auto":
+            methods = auto_methods(method, self.form_options, auto_alpha or AutoAlphaConfig())
+        else:
+            forms.check_form_settings(method or "lssf", self.form_options, "checkpoint", None)
+        self.method = method or "lssf"  # with alpha="auto": the chosen form once chosen
+        self._named_method, self._resumed = method, None
         if adapter_max_rank is not None:
             check_int("adapter_max_rank", adapter_max_rank)
         if checkpoint_subdir is not None and (
@@ -128,7 +151,8 @@ class LSSFTrainerCallback(TrainerCallback):
         self.monitor = bool(monitor)
         self.probe = SafetyProbe(**options)
         self.min_refusal_rate = check_min_refusal_rate(min_refusal_rate, self.monitor)
-        self.tuner = AlphaTuner(auto_alpha or AutoAlphaConfig(), self.probe) if alpha == "auto" else None
+        self.tuner = (AlphaTuner(auto_alpha or AutoAlphaConfig(), self.probe, methods) if alpha == "auto"
+                      else None)
         self.auto = self.tuner.config if self.tuner is not None else None
         self.unaligned, self.aligned = unaligned, aligned
         self.export_dir, self.export_adapter_dir, self.adapter_max_rank = (
@@ -142,6 +166,7 @@ class LSSFTrainerCallback(TrainerCallback):
         self._inputs: list[Any] = [*self._models, subspace_cache]
         self.fusion = training.FusionState(target=1.0 if alpha == "auto" else self.alpha)  # applied stays 0
         self.subspace = None
+        self.live_forms: forms.LiveForms | None = None  # the form on the live weights (None: "lssf")
         self._metric = RefusalRate(judge=self.probe.judge)
         self._tokenizer = None
         self._trainer: weakref.ref | None = None
@@ -164,6 +189,8 @@ class LSSFTrainerCallback(TrainerCallback):
         if state.global_step > 0:
             self._load_state(Path(args.output_dir) / f"checkpoint-{state.global_step}" / AUTO_STATE_FILE)
         if self.subspace is not None:
+            if self._resumed is not None:  # the form the resumed checkpoint's outputs were written with
+                self._start_form(model)
             return
         if self.aligned is None and state.global_step > 0:
             raise training.ResumeError(
@@ -184,7 +211,7 @@ class LSSFTrainerCallback(TrainerCallback):
                 f"LSSFTrainerCallback: no {checkpoint} to write the realigned model into", stacklevel=2
             )
             return
-        if self.tuner is not None or self.fusion.applied:
+        if self.tuner is not None or self.fusion.applied or self.live_forms is not None:
             self._save_state(checkpoint / AUTO_STATE_FILE)
         if self.checkpoint_subdir is not None:  # its own folder inside the checkpoint: replaced on a re-save
             self.export(model, checkpoint / self.checkpoint_subdir, processing_class=processing_class,
@@ -198,7 +225,7 @@ class LSSFTrainerCallback(TrainerCallback):
         logs = {}
         if self.tuner is not None:
             self.fusion.target = self.choose_alpha(model, tokenizer)
-            logs["lssf/alpha"] = self.fusion.target
+            logs.update(self.tuner.logs(self.method, self.fusion.target))
         if self.monitor:
             values = self.measure(model, tokenizer)
             logs.update({f"lssf/{k}": float(v) for k, v in values.items()})
@@ -251,12 +278,22 @@ class LSSFTrainerCallback(TrainerCallback):
         overwrite: bool | None = None,
         inputs: Any = None,
     ) -> Path:
-        """Write ``model``'s live weights + ``α·U'U'ᵀδ`` (default ``α``: the current one) as a HF directory; a
-        peft model is written merged. ``overwrite`` (default the callback's) and ``inputs`` (default the
-        run's inputs) go to the output guard."""
-        alpha = self.fusion.missing if alpha is None else check_finite("alpha", alpha)
+        """Write ``model``'s live weights + ``α·U'U'ᵀδ`` (default ``α``: the current one), or with a
+        ``method`` other than ``"lssf"`` that form applied to them, as a HF directory; a peft model is written
+        merged. ``overwrite`` (default the callback's) and ``inputs`` (default the run's inputs) go to the
+        output guard."""
         store = ModuleStore(model)
         support = training.hf_support_files(model, self.resolve_tokenizer(processing_class, required=False))
+        if self.live_forms is not None:  # the form of (live − the correction they carry)
+            live = self.live_forms if alpha is None else self._form(model, self.method, alpha)
+            write_model_directory(store, directory, edits=live.edits(store.keys()),
+                                  names=training.export_names(store.keys()), write_support_files=support,
+                                  inputs=self._inputs if inputs is None else inputs,
+                                  overwrite=self.overwrite if overwrite is None else overwrite,
+                                  progress=False)
+            self._info(f"LSSF: wrote the realigned model ({self.method}, {live.options}) to {directory}")
+            return Path(directory)
+        alpha = self.fusion.missing if alpha is None else check_finite("alpha", alpha)
         path = training.export_realigned(
             store,
             directory,
@@ -272,8 +309,16 @@ class LSSFTrainerCallback(TrainerCallback):
         return path
 
     def export_adapter(self, model: nn.Module, directory: str | os.PathLike, alpha: float | None = None):
-        """Write the correction as a peft LoRA adapter for ``model``'s live weights; for a peft LoRA
-        ``model``, ONE adapter with the task LoRA and the correction, to load on the aligned model."""
+        """Write the correction (the chosen form's) as a peft LoRA adapter for ``model``'s live weights; for a
+        peft LoRA ``model``, ONE adapter with the task LoRA and the correction, to load on the aligned
+        model."""
+        if self.live_forms is not None:  # what the live weights miss to carry the form
+            live = self.live_forms if alpha is None else self._form(model, self.method, alpha)
+            report = write_model_adapter(model, live.missing_planner(), directory,
+                                         max_rank=self.adapter_max_rank, overwrite=self.overwrite,
+                                         inputs=self._inputs)
+            self._info(f"LSSF: wrote the {report}")
+            return report
         alpha = self.fusion.missing if alpha is None else check_finite("alpha", alpha)
         return training.export_adapter(
             model, self.subspace, directory, alpha, self.adapter_max_rank, info=self._info,
@@ -289,26 +334,39 @@ class LSSFTrainerCallback(TrainerCallback):
         def answers() -> dict[str, list[str]]:
             return {kind: self.probe.generate(model, tokenizer, prompts) for kind, prompts in shares.items()}
 
-        swap = fused_call(
-            self.fusion, lambda: training.temporarily_fused(model, self.subspace, self.fusion.missing)
-        )
+        if self.live_forms is not None:  # the form of (live − what they carry)
+            def swap(measure, raw):
+                with self.live_forms.temporarily_applied(training.named_tensors(model)):
+                    return measure()
+        else:
+            swap = fused_call(
+                self.fusion, lambda: training.temporarily_fused(model, self.subspace, self.fusion.missing)
+            )
         perplexity = lambda: self.probe.perplexity(model, tokenizer)  # noqa: E731
         values = self.probe.measure(answers, self._rate, perplexity, swap)
         return {name: float(value) for name, value in values.items()}
 
     def choose_alpha(self, model: nn.Module, tokenizer) -> float:
-        """``alpha="auto"``'s choice (:class:`lssf_lightning.monitoring.AlphaTuner`, within the utility budget
-        ``auto_alpha.max_perplexity_increase``) on the live model."""
-        choice = self.tuner.choose(model, tokenizer, self.subspace, offset=self.fusion.applied,
-                                   prompts=self.tuner.prompts(_shard), rate=self._rate)
-        if not choice.reached:
-            warnings.warn(f"LSSFTrainerCallback: no alpha in {self.auto.alphas} reaches the target: "
-                          f"{self.tuner.describe(choice)}", stacklevel=2)
+        """``alpha="auto"``'s choice of form and strength (:class:`lssf_lightning.monitoring.AlphaTuner`,
+        within the utility budget ``auto_alpha.max_perplexity_increase``) on the live model, each candidate
+        applied in turn; becomes the run's form. "target not reached" is warned."""
+        candidates = self._candidates(model)
+        choice = self.tuner.choose(model, tokenizer, candidates, prompts=self.tuner.prompts(_shard),
+                                   rate=self._rate, raw=candidates.raw,
+                                   methods=candidates.methods(self.tuner.methods))
+        if not choice.recommended:
+            warnings.warn(f"LSSFTrainerCallback: {self.tuner.describe(choice)}", stacklevel=2)
+        self.live_forms = candidates.form(choice.method, choice.alpha)
+        self.method = choice.method
         return choice.alpha
 
     def realign_live(self, model: nn.Module) -> None:
-        """Bring the live weights to the current fusion strength, adding only what they miss."""
-        training.realign_in_place(training.named_tensors(model), self.subspace, self.fusion.missing)
+        """Bring the live weights to the current form: the additive fusion adds only what they miss; another
+        form is applied to (live − the correction already in them)."""
+        if self.live_forms is not None:
+            self.live_forms.apply_(training.named_tensors(model))
+        else:
+            training.realign_in_place(training.named_tensors(model), self.subspace, self.fusion.missing)
         self.fusion.applied = self.fusion.target
 
     @property
@@ -363,14 +421,44 @@ class LSSFTrainerCallback(TrainerCallback):
             progress=self.verbose and state.is_world_process_zero,
         )
         self._device = device
+        self._start_form(model)
         if self.tuner is not None and self.tuner.target is None and state.global_step == 0:  # aligned model
             prompts, tokenizer = self.tuner.prompts(_shard), self.resolve_tokenizer(processing_class)
             self.tuner.set_target(self._rate(self.probe.generate(model, tokenizer, prompts)))
+
+    def _start_form(self, model: nn.Module) -> None:
+        """The run's form (``method``; with ``alpha="auto"`` the first candidate at ``α = 1`` until chosen, or
+        what a resumed ``lssf_state.json`` names); on a peft LoRA model, the paper's form only (auto's default
+        grid falls back to it, warned)."""
+        methods = self.tuner.methods if self.tuner is not None else (self.method,)
+        if hasattr(model, "peft_config") and methods != ("lssf",):
+            if self.tuner is None or self._named_method is not None or self.tuner.config.methods is not None:
+                raise SettingError(f"LSSFTrainerCallback: {list(methods)} on a peft LoRA model is not "
+                                   "supported yet: use method='lssf', or realign the merged model")
+            warnings.warn("LSSFTrainerCallback: alpha='auto' on a peft LoRA model chooses the strength of "
+                          "the paper's form only (method='lssf')", stacklevel=3)
+            self.tuner.methods = methods = ("lssf",)
+        if self._resumed is None:
+            self.method = methods[0]
+        alpha = self.fusion.target
+        self.live_forms = self._form(model, self.method, alpha) if self.method != "lssf" else None
+
+    def _form(self, model: nn.Module, method: str, alpha: float) -> forms.LiveForms:
+        return forms.run_form(method, {**self.form_options, "alpha": alpha}, self.subspace,
+                              training.named_tensors(model), carried=self.live_forms, aligned=self.aligned,
+                              unaligned=self.unaligned)
+
+    def _candidates(self, model: nn.Module) -> forms.Candidates:
+        return forms.Candidates(model, training.named_tensors(model), self.subspace, live=self.live_forms,
+                                applied_alpha=0.0 if self.live_forms is not None else self.fusion.applied,
+                                options=self.form_options, aligned=self.aligned, unaligned=self.unaligned)
 
     def _save_state(self, path: Path) -> None:
         record = {
             "alpha": self.fusion.target,
             "applied_alpha": self.fusion.applied,
+            "method": self.method,
+            **({"options": dict(self.live_forms.options)} if self.live_forms is not None else {}),
             **(self.tuner.state_dict() if self.tuner is not None else {}),
             "fingerprint": self.subspace.metadata.get("fingerprint"),
         }
@@ -390,8 +478,15 @@ class LSSFTrainerCallback(TrainerCallback):
         field(path, record, "fingerprint", (str, type(None)), default=None)
         if auto_target is not None and not 0.0 <= auto_target <= 1.0:
             raise FormatError(path, f"field 'auto_target' must be a rate in [0, 1], got {auto_target!r}")
+        method = field(path, record, "method", str, default="lssf")
+        if applied and method != "lssf":
+            raise training.ResumeError(f"{path}: the live weights carry a {method} correction, whose factors "
+                                       "a checkpoint of the transformers Trainer does not keep; resume is "
+                                       "refused")
         self.fusion.target = float(alpha)
         self.fusion.applied = float(applied)
+        if self.tuner is not None:
+            self.method, self._resumed = method, method
         if self.tuner is not None:
             self.tuner.load_state_dict({"auto_target": auto_target, "alpha_curve": curve})
 

@@ -1,41 +1,47 @@
 """``alpha="auto"`` in Lightning: :class:`~lssf_lightning.monitoring.AlphaTuner` driven by callback hooks.
 
 :class:`LSSFCallback` calls :meth:`AutoAlpha.measure_target` at fit start and :meth:`AutoAlpha.choose` at
-each validation epoch end (or once at the end of training without validation). The target, the choice
-(:func:`lssf_lightning.selection.tune_alpha`, the sweep's rule along the ``α`` curve, with the utility
-budget ``max_perplexity_increase`` on the monitor's utility texts) and the state are the framework-neutral
-:class:`~lssf_lightning.monitoring.AlphaTuner`, which the transformers callback uses too.
+each validation epoch end (or once at the end of training without validation). The target, the choice of
+form and strength (:func:`lssf_lightning.selection.recommend`, the sweep's rule over the candidate grid,
+with the utility budget ``max_perplexity_increase`` on the monitor's utility texts) and the state are the
+framework-neutral :class:`~lssf_lightning.monitoring.AlphaTuner`, which the transformers callback uses too.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lssf_lightning.config import AutoAlphaConfig
-from lssf_lightning.lightning.monitor import Realigner, RefusalMonitor
-from lssf_lightning.monitoring import AlphaTuner
+from lssf_lightning.forms import Candidates
+from lssf_lightning.lightning.monitor import RefusalMonitor
+from lssf_lightning.monitoring import AlphaTuner, FormChoice
 
 __all__ = ["AutoAlpha"]
 
 
 class AutoAlpha:
-    """Choose ``α``: the smallest of ``config.alphas`` whose realigned model refuses at least the target share
-    of the tuning prompts (``config.target``, or the aligned model's own rate at fit start minus
-    ``config.tolerance``) within the utility budget; when none does, "target not reached" with the best
-    ``α`` of each side, and the safest within the budget is used.
+    """Choose the form and ``α``: among ``methods`` × ``config.alphas``, the candidate with the lowest
+    perplexity whose realigned model refuses at least the target share of the tuning prompts
+    (``config.target``, or the aligned model's own rate at fit start minus ``config.tolerance``) within the
+    utility budget (without a budget: the smallest ``α`` of the first form reaching it); when none does,
+    "target not reached" with the best point of each side, and the safest within the budget is used (never
+    called recommended).
 
     Args:
-        config: the grid, target, tolerance, tuning prompts and budget; default ``AutoAlphaConfig()``.
+        config: the grid, target, tolerance, tuning prompts, budget and forms; default ``AutoAlphaConfig()``.
         monitor: generates and judges the answers (its judge and ``max_new_tokens``; under DDP its
             :meth:`~RefusalMonitor.rate` sums the counts over ranks); default: a ``RefusalMonitor()``.
+        methods: the forms (default ``config.methods`` or ``monitoring.DEFAULT_AUTO_METHODS``).
     """
 
-    def __init__(self, config: AutoAlphaConfig | None = None, monitor: RefusalMonitor | None = None) -> None:
+    def __init__(self, config: AutoAlphaConfig | None = None, monitor: RefusalMonitor | None = None,
+                 methods: Sequence[str] | None = None) -> None:
         self.monitor = monitor or RefusalMonitor()
-        self.tuner = AlphaTuner(config, self.monitor.probe)
+        self.tuner = AlphaTuner(config, self.monitor.probe, methods)
 
     config = property(lambda self: self.tuner.config, doc="The grid, target, tolerance, prompts, budget.")
     curve = property(lambda self: self.tuner.curve, doc="The last measured curve.")
@@ -56,20 +62,22 @@ class AutoAlpha:
                                f"prompts; alpha='auto' aims at {self.tuner.target:.0%}")
         return self.tuner.target
 
-    def choose(self, trainer: Trainer, pl_module: LightningModule, lssf: Realigner) -> float:
-        """Measure the grid on the live model (which already carries ``lssf.fusion.applied``); returns the
-        total α."""
+    def choose(self, trainer: Trainer, pl_module: LightningModule, candidates: Candidates,
+               verbose: bool = False) -> FormChoice:
+        """Measure the candidate forms and strengths on the live model, each applied in turn by
+        ``candidates`` (:class:`~lssf_lightning.forms.Candidates`); returns the choice ("target not
+        reached" is warned)."""
         choice = self.tuner.choose(
             self.monitor.model(trainer, pl_module), self.monitor.tokenizer_for(trainer, pl_module),
-            lssf.subspace, offset=lssf.fusion.applied, prompts=self.prompts(trainer),
-            rate=lambda answers: float(self.monitor.rate(pl_module, answers)),
+            candidates, prompts=self.prompts(trainer),
+            rate=lambda answers: float(self.monitor.rate(pl_module, answers)), raw=candidates.raw,
+            methods=candidates.methods(self.tuner.methods),
         )
-        if not choice.reached:
-            rank_zero_warn(f"LSSFCallback: no alpha in {self.config.alphas} reaches the target: "
-                           f"{self.tuner.describe(choice)}")
-        elif getattr(lssf, "verbose", False):
+        if not choice.recommended:
+            rank_zero_warn(f"LSSFCallback: {self.tuner.describe(choice)}")
+        elif verbose:
             rank_zero_info(f"LSSF: {self.tuner.describe(choice)} (curve {self.curve})")
-        return choice.alpha
+        return choice
 
     def state_dict(self) -> dict[str, Any]:
         """The measured target and the last curve (stored in the LSSF callback's state)."""

@@ -16,6 +16,7 @@ from torch import nn
 from typing_extensions import override
 
 from lssf_lightning import distributed, forms, training
+from lssf_lightning.adapters import write_model_adapter
 from lssf_lightning.config import AutoAlphaConfig, SubspaceConfig
 from lssf_lightning.io.export import write_model_directory
 from lssf_lightning.io.names import is_adapter_key
@@ -23,7 +24,7 @@ from lssf_lightning.lightning import strategy
 from lssf_lightning.lightning.auto_alpha import AutoAlpha
 from lssf_lightning.lightning.hf import find_tokenizer, hf_model, hf_model_attribute
 from lssf_lightning.lightning.monitor import RefusalMonitor
-from lssf_lightning.monitoring import check_min_refusal_rate, needs_realignment
+from lssf_lightning.monitoring import auto_methods, check_min_refusal_rate, needs_realignment
 from lssf_lightning.stability import UpdateShare, metric_names
 from lssf_lightning.subspace import SafetySubspace
 from lssf_lightning.training import CHECKPOINT_INFO_KEY, RAW_FIXUPS_KEY, FusionState
@@ -111,7 +112,7 @@ class LSSFCallback(Callback):
         export_adapter_dir: str | None = None,
         overwrite: bool = False,
         min_refusal_rate: float | None = None,
-        method: str = "lssf",
+        method: str | None = None,
         add: float | None = None,
         input_share: float | None = None,
         every_n_steps: int | None = None,
@@ -121,12 +122,16 @@ class LSSFCallback(Callback):
         try:
             self.subspace_config = SubspaceConfig.coerce(subspace)
             self.alpha = training.check_alpha(alpha, allow_auto=True)
-            self.method, self.every_n_steps = method, every_n_steps
             self.form_options = {"alpha": alpha, "add": add, "input_share": input_share}
-            if forms.uses_forms(method, apply_on):
-                forms.check_form_settings(method, self.form_options, apply_on, every_n_steps)
+            methods = None
+            if alpha == "auto":
+                config = auto_alpha.config if isinstance(auto_alpha, AutoAlpha) else auto_alpha
+                methods = auto_methods(method, self.form_options, config or AutoAlphaConfig())
+            self.method, self.every_n_steps, self._named_method = method or "lssf", every_n_steps, method
+            if forms.uses_forms(self.method, apply_on):
+                forms.check_form_settings(self.method, self.form_options, apply_on, every_n_steps)
             else:
-                forms.check_method_options(method, self.form_options)
+                forms.check_method_options(self.method, self.form_options)
                 if every_n_steps is not None:
                     raise SettingError(f"every_n_steps is only used with apply_on='steps', not {apply_on!r}")
             self.apply_on = check_choice("apply_on", apply_on, (*training.APPLY_ON, "steps"))
@@ -143,7 +148,9 @@ class LSSFCallback(Callback):
         self.model_attribute, self.tokenizer, self.verbose = model_attribute, tokenizer, verbose
         self.monitor: RefusalMonitor | None = RefusalMonitor() if monitor is True else monitor or None
         self.auto: AutoAlpha | None = None if self.alpha != "auto" else auto_alpha if isinstance(
-            auto_alpha, AutoAlpha) else AutoAlpha(auto_alpha, self.monitor)
+            auto_alpha, AutoAlpha) else AutoAlpha(auto_alpha, self.monitor, methods)
+        if self.auto is not None and method is not None:  # a named method narrows an AutoAlpha's grid
+            self.auto.tuner.methods = methods
         for owned in (self.monitor, self.auto.monitor if self.auto else None):
             if owned is not None:
                 owned.owner = self
@@ -160,6 +167,7 @@ class LSSFCallback(Callback):
         self.live_forms: forms.LiveForms | forms.LoraHoldOut | None = None
         self.log_update_share, self.update_share = log_update_share, None
         self._last_guard_step = -1
+        self._restored: dict[str, Any] | None = None  # alpha='auto': the resumed form's applied corrections
 
     @property
     @override
@@ -208,6 +216,8 @@ class LSSFCallback(Callback):
         self._resume_subspaces = [cached] if cached is not None and cached is not self.subspace else []
         trainer.strategy.barrier("lssf_subspace")  # the cache is written: several ranks read factors from it
         self.subspace = training.disk_backed(self.subspace, self.subspace_cache, trainer.world_size)
+        if self.auto is not None:
+            self.method = _auto_start(self, trainer, pl_module)
         if forms.uses_forms(self.method, self.apply_on):
             self.live_forms = _live_forms(self, trainer, pl_module)
 
@@ -266,6 +276,7 @@ class LSSFCallback(Callback):
         auto = self.auto.state_dict() if self.auto is not None else {"auto_target": None, "alpha_curve": []}
         applied = {"applied_corrections": self.live_forms.state_dict()} if self.live_forms is not None else {}
         return {"applied_alpha": self.fusion.applied, "current_alpha": self.fusion.target, **auto, **applied,
+                "method": self.method,
                 "applied_epochs": sorted(self.applied_epochs),
                 "fingerprint": self.subspace.metadata.get("fingerprint") if self.subspace else None}
 
@@ -277,7 +288,10 @@ class LSSFCallback(Callback):
         if self.auto is not None:
             self.auto.load_state_dict(state_dict)
         self.applied_epochs = set(state_dict.get("applied_epochs", []))
-        if state_dict.get("applied_corrections"):
+        if self.auto is not None and state_dict.get("method"):  # the chosen form: rebuilt at train start
+            self.method = state_dict["method"]
+            self._restored = dict(state_dict.get("applied_corrections") or {})
+        elif state_dict.get("applied_corrections"):
             if self.live_forms is None:
                 raise MisconfigurationException(
                     "LSSFCallback: the checkpoint's live weights carry a correction of another form "
@@ -316,6 +330,13 @@ class LSSFCallback(Callback):
         """Drop the subspaces kept for a resume (any checkpoint is restored by now); start watching where the
         update goes (``log_update_share``)."""
         self._resume_subspaces = []
+        if self._restored is not None:  # alpha='auto' resumed: the form it had chosen, with what it applied
+            self.live_forms = None
+            self.live_forms = _live_forms(self, trainer, pl_module) if forms.uses_forms(
+                self.method, self.apply_on) else None
+            if self._restored:
+                self.live_forms.load_state_dict(self._restored)
+            self._restored = None
         if self.log_update_share and self.subspace is not None:
             # every DDP rank holds the same full weights; FSDP2 shards (DTensor) and LoRA are not measured yet
             parameters = training.named_tensors(pl_module)  # LoRA: the frozen base would read as no update
@@ -347,8 +368,8 @@ class LSSFCallback(Callback):
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
         if self.auto is not None:
-            self.fusion.target = self.auto.choose(trainer, pl_module, self)
-            pl_module.log("lssf/alpha", self.fusion.target, on_epoch=True)
+            self.choose_form(trainer, pl_module)
+            pl_module.log_dict(self.auto.tuner.logs(self.method, self.fusion.target), on_epoch=True)
         if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
             self._maybe_apply(trainer, pl_module)
         if self.monitor is not None and self.monitor not in trainer.callbacks:
@@ -382,6 +403,24 @@ class LSSFCallback(Callback):
         self._info(f"LSSF: realigned the live weights at the end of epoch {epoch} "
                    f"(alpha={self.fusion.applied:g})")
 
+    def choose_form(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """``alpha="auto"``: measure the candidate forms and strengths on the live model and make the choice
+        the run's form (:class:`AutoAlpha`; the live weights keep any form they carry)."""
+        live = self.live_forms if isinstance(self.live_forms, forms.LiveForms) else None
+        candidates = forms.Candidates(
+            self.hf_model(pl_module), training.named_tensors(pl_module), self.subspace, live=live,
+            applied_alpha=self.fusion.applied, options=self.form_options, aligned=self.aligned,
+            unaligned=self.unaligned)
+        choice = self.auto.choose(trainer, pl_module, candidates, verbose=self.verbose)
+        self.fusion.target = choice.alpha
+        if forms.uses_forms(choice.method, self.apply_on):
+            if choice.method != self.method and not (live is not None and live.carries):
+                self.live_forms = None
+            self.method = choice.method
+            self.live_forms = _live_forms(self, trainer, pl_module)
+        else:
+            self.method, self.live_forms = choice.method, None
+
     def realign_live(self, pl_module: LightningModule, target_alpha: float | None = None) -> None:
         """Bring the live weights to a fusion strength of ``target_alpha`` (default ``current_alpha``), adding
         only the difference to what earlier applications added."""
@@ -407,10 +446,16 @@ class LSSFCallback(Callback):
         if self.subspace is None:
             return
         if self.auto is not None and not self.auto.curve:
-            self.fusion.target = self.auto.choose(trainer, pl_module, self)
+            self.choose_form(trainer, pl_module)
         if self.export_dir:
             self.export(trainer, pl_module, self.export_dir)
-        if self.export_adapter_dir and trainer.is_global_zero:
+        live = self.live_forms if isinstance(self.live_forms, forms.LiveForms) else None
+        if self.export_adapter_dir and trainer.is_global_zero and live is not None:  # the form's correction
+            planner = live.missing_planner(hf_model_attribute(pl_module, self.model_attribute))
+            report = write_model_adapter(self.hf_model(pl_module), planner, self.export_adapter_dir,
+                                         overwrite=self.overwrite, inputs=self._inputs)
+            self._info(f"LSSF: wrote the {report}")
+        elif self.export_adapter_dir and trainer.is_global_zero:
             training.export_adapter(self.hf_model(pl_module), self.subspace, self.export_adapter_dir,
                                     self.fusion.missing, info=self._info, overwrite=self.overwrite,
                                     inputs=self._inputs)
@@ -502,14 +547,31 @@ def _live_forms(callback: LSSFCallback, trainer: Trainer, pl_module: LightningMo
                 raise MisconfigurationException(f"LSSFCallback: {err}") from None
         problem = ("on a peft LoRA model is not supported yet: there the guard is method='lssf-reset' with "
                    "alpha=1 and subspace alpha_1=1 (B <- B - U'U'^T B), without export_dir")
-    elif callback.export_adapter_dir:
-        problem = "with export_adapter_dir is not supported yet (export_dir is)"
     elif callback.method == "lssf-two-sided" and callback.aligned is None:
         problem = "reads the aligned weights: pass aligned= (the aligned model's path)"
     if problem:
         raise MisconfigurationException(f"LSSFCallback: {what} {problem}")
     try:
-        return forms.LiveForms(callback.method, callback.form_options, callback.subspace, parameters,
-                               aligned=callback.aligned, unaligned=callback.unaligned)
+        options = {**callback.form_options, "alpha": callback.fusion.target}  # alpha='auto': the chosen one
+        carried = callback.live_forms if isinstance(callback.live_forms, forms.LiveForms) else None
+        return forms.run_form(callback.method, options, callback.subspace, parameters, carried=carried,
+                              aligned=callback.aligned, unaligned=callback.unaligned)
     except SettingError as err:
         raise MisconfigurationException(f"LSSFCallback: {err}") from None
+
+
+def _auto_start(callback: LSSFCallback, trainer: Trainer, pl_module: LightningModule) -> str:
+    """``alpha="auto"``'s form until the first choice: the first candidate (at ``α = 1``). Where the forms
+    do not run yet (several devices, a peft LoRA model) the default grid falls back to the paper's form
+    (warned); forms named there are refused."""
+    methods = callback.auto.tuner.methods
+    lora = any(is_adapter_key(k) for k in training.named_tensors(pl_module))
+    if methods != ("lssf",) and (trainer.world_size > 1 or lora):
+        where = "several devices" if trainer.world_size > 1 else "a peft LoRA model"
+        if callback._named_method is not None or callback.auto.config.methods is not None:
+            raise MisconfigurationException(f"LSSFCallback: alpha='auto' over {list(methods)} on {where} is "
+                                            "not supported yet: use method='lssf'")
+        rank_zero_warn(f"LSSFCallback: alpha='auto' on {where} chooses the strength of the paper's form only "
+                       "(method='lssf')")
+        callback.auto.tuner.methods = methods = ("lssf",)
+    return methods[0]
