@@ -503,6 +503,9 @@ class MissingCorrection:
     def plan(self, target) -> dict[str, Callable[[Tensor], Tensor]]:
         return self.live.edits(target.keys(), self.prefix[:-1])
 
+    def summary(self) -> dict[str, Any]:
+        return {"method": self.live.method, "options": dict(self.live.options)}
+
 
 @contextlib.contextmanager
 def temporarily_raw(live: LiveForms, parameters: Mapping[str, Tensor]) -> Iterator[None]:
