@@ -205,3 +205,70 @@ def test_the_candidate_grid_and_its_settings():
         AutoAlphaConfig(methods="lssf")
     with pytest.raises(SettingError, match="pass method= with them"):
         AlphaTuner(AutoAlphaConfig(), SafetyProbe(), auto_methods(None, {"add": 0.5}, AutoAlphaConfig()))
+
+
+def test_lightning_resume_keeps_the_chosen_form_and_is_exact(llama_trio, data_files, tmp_path):  # noqa: F811
+    judge = Edited()
+    seen = []
+
+    class Hold(Callback):
+        def __init__(self, lssf):
+            self.lssf = lssf
+
+        def on_fit_start(self, trainer, pl_module):
+            judge.weight = lambda: pl_module.get_parameter("model." + Q)
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            seen.append((trainer.current_epoch, self.lssf.method, self.lssf.current_alpha))
+
+    def callbacks(directory):
+        config = AutoAlphaConfig(alphas=[0.5, 1.0], target=0.5, max_perplexity_increase=0.01,
+                                 methods=["lssf", "lssf-reset"])
+        lssf = LSSFCallback(unaligned=str(llama_trio.base), alpha="auto", auto_alpha=config,
+                            monitor=RefusalMonitor(**PROBE, judge=judge), tokenizer=str(llama_trio.aligned),
+                            verbose=False, log_update_share=False)
+        checkpoint = ModelCheckpoint(dirpath=directory, save_last=True)
+        return [Hold(lssf), LightningSnapshot(judge), lssf, checkpoint]
+
+    _, straight = fit(llama_trio, data_files, callbacks(tmp_path / "a"), max_epochs=2, validate=True, lr=LR)
+    fit(llama_trio, data_files, callbacks(tmp_path / "b"), max_epochs=1, validate=True, lr=LR)
+    seen.clear()
+    _, resumed = fit(llama_trio, data_files, callbacks(tmp_path / "c"), max_epochs=2, validate=True, lr=LR,
+                     ckpt_path=tmp_path / "b" / "last.ckpt")
+    assert seen == [(1, "lssf-reset", 0.5)]  # the form chosen before the checkpoint, before any new choice
+    ours, theirs = dict(resumed.state_dict()), dict(straight.state_dict())
+    assert all(torch.equal(ours[k], v) for k, v in theirs.items())
+
+
+def test_transformers_resume_keeps_the_chosen_form(llama_trio, tiny_tokenizer, tmp_path):
+    judge = Edited()
+    config = AutoAlphaConfig(alphas=[0.5, 1.0], target=0.5, max_perplexity_increase=0.01,
+                             methods=["lssf", "lssf-reset"])
+    _, first = hf_run(llama_trio, tiny_tokenizer, tmp_path / "run", judge, auto_alpha=config)
+    assert first.method == "lssf-reset"
+    seen = []
+
+    class After(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            seen.append((lssf.method, lssf.fusion.target, dict(lssf.live_forms.options)))
+
+    model = AutoModelForCausalLM.from_pretrained(llama_trio.aligned, dtype=torch.float32)
+    judge.weight = lambda: model.get_parameter(Q)
+    lssf = LSSFTrainerCallback(unaligned=str(llama_trio.base), alpha="auto", auto_alpha=config,
+                               monitor={**PROBE, "judge": judge}, verbose=False)
+    data = rows(tiny_tokenizer)
+    args = trainer_args(tmp_path / "run", max_steps=4, eval_steps=4, save_steps=2, learning_rate=LR)
+    trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data[:2],
+                      processing_class=tiny_tokenizer, callbacks=[Snapshot(judge), lssf, After()])
+    trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    assert seen == [("lssf-reset", 0.5, {"alpha": 0.5})]
+    # checkpoint-4's realigned folder holds the reset form of its raw weights
+    checkpoint = tmp_path / "run" / "checkpoint-4"
+    def weight(path):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).state_dict()[Q].double()
+
+    raw, written, aligned = weight(checkpoint), weight(checkpoint / "realigned"), weight(llama_trio.aligned)
+    u = lssf.subspace[Q].left.double()
+    alpha = lssf.fusion.target
+    assert lssf.method == "lssf-reset"
+    torch.testing.assert_close(written, raw - alpha * u @ (u.T @ (raw - aligned)), rtol=1e-4, atol=1e-6)
