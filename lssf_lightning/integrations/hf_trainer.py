@@ -70,9 +70,12 @@ class LSSFTrainerCallback(TrainerCallback):
         aligned: the aligned model; ``None``: the model's own weights when the Trainer is created (before any
             checkpoint is loaded; pass the callback in ``Trainer(callbacks=[...])``).
         subspace: the subspace settings (``SubspaceConfig`` or a mapping of its fields).
-        alpha: fusion strength ``α``, or ``"auto"``: the smallest of ``auto_alpha.alphas`` whose realigned
-            model refuses the tuning prompts about as often as the aligned model did (chosen at each
-            evaluation).
+        alpha: fusion strength ``α``, or ``"auto"``: at each evaluation, the form and strength among
+            ``auto_alpha.methods`` × ``auto_alpha.alphas`` whose realigned model refuses the tuning prompts
+            about as often as the aligned model did, with the lowest perplexity within
+            ``auto_alpha.max_perplexity_increase`` (the sweep's rule); logged as ``lssf/alpha``,
+            ``lssf/method/<name>`` and ``lssf/target_reached``; ``lssf_state.json`` records ``method``,
+            ``auto_recommended`` and ``auto_note`` ("target not reached ..." when nothing reached it).
         export_dir: a realigned HF model directory written at the end of training.
         export_adapter_dir: the correction as a peft LoRA adapter, written at the end of training (a LoRA run
             gets the combined task + correction adapter, to load on the aligned model).

@@ -56,7 +56,12 @@ class LSSFCallback(Callback):
         unaligned: the unaligned counterpart of the aligned model (HF directory or safetensors file(s)).
         aligned: the aligned model (same forms); ``None``: the LightningModule's weights when fit starts.
         subspace: the subspace settings (η, α₁, source, modules, ranks; see :class:`SubspaceConfig`).
-        alpha: fusion strength ``α``, or ``"auto"`` (:class:`AutoAlpha` chooses it; ``1.0`` until then).
+        alpha: fusion strength ``α``, or ``"auto"``: :class:`AutoAlpha` chooses the form and its strength at
+            each validation epoch end among ``auto_alpha.methods`` × ``auto_alpha.alphas`` (the sweep's rule,
+            within ``max_perplexity_increase``; the first candidate at ``1.0`` until then); logged as
+            ``lssf/alpha``, ``lssf/method/<name>`` and ``lssf/target_reached``, the method's name and
+            "target not reached" in the checkpoint's callback state (``method``, ``auto_recommended``,
+            ``auto_note``).
         apply_on: ``"checkpoint"``, ``"epochs"`` or ``"train_end"`` (see above).
         apply_epochs: for ``"epochs"``: 0-based epoch indices, or a share of ``max_epochs`` in ``(0, 1]``.
         export_dir: write a realigned HF model directory here at the end of fit (needed for ``"train_end"``).
@@ -84,6 +89,9 @@ class LSSFCallback(Callback):
             ``"lssf-reset"``, ``"lssf-erosion"``, ``"lssf-two-sided"`` or any registered low-rank planner; a
             form other than ``"lssf"`` (or ``apply_on="steps"``) tracks the correction the live weights carry
             as rank-``r`` factors per matrix (:mod:`lssf_lightning.forms`), on a single device for now.
+            ``None``: ``"lssf"`` with a numeric ``alpha``; with ``alpha="auto"`` the forms of
+            ``auto_alpha.methods`` (default the reset form and the paper's; the paper's alone on several
+            devices or a LoRA model), while a named method narrows ``"auto"`` to that form.
         add, input_share: the method's other parameters (a parameter it does not take is an error).
         every_n_steps: for ``apply_on="steps"``: apply the form after every N-th optimizer step (the guard).
         log_update_share: log ``lssf/update_in_subspace`` (the share of the update since fit start inside the
