@@ -1,0 +1,127 @@
+"""LSSFCallback(method=...) on 2 CPU gloo processes, for tests/test_forms_distributed.py.
+
+Usage: python -m torch.distributed.run --standalone --nproc-per-node 2 forms_dist_fit.py STRATEGY ALIGNED \
+       UNALIGNED TRAIN_JSONL OUT
+STRATEGY:
+  ddp    the per-step guard (lssf-reset, alpha 1, every step) under DDP: every rank the same edit
+  fsdp2  the same guard under ModelParallelStrategy (FSDP2, shard-local with one all-reduce per matrix); then
+         checkpoint mode for lssf-reset (alpha 2), lssf-erosion and lssf-two-sided, and an exact resume
+Rank 0 writes the gathered live weights after each step (``steps_<i>.safetensors``), at each fit's end and
+at the resume's start, the checkpoints as safetensors, and OUT/results.json (the all-reduce cost).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from fsdp2_fit import ShardedLM, gathered, load_distributed_checkpoint, trainer_for
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from safetensors.torch import save_file
+
+from lssf_lightning.lightning.callback import LSSFCallback
+from lssf_lightning.lightning.data import ChatDataModule
+from lssf_lightning.lightning.module import CausalLMModule
+
+torch.set_num_threads(1)
+
+
+class Probe(Callback):
+    """Rank 0 writes the gathered live weights after every optimizer step, at train start and at train end."""
+
+    def __init__(self, out: Path, tag: str, steps: bool = False):
+        self.out, self.tag, self.steps = out, tag, steps
+
+    def _write(self, trainer, pl_module, name):
+        weights = gathered(pl_module)
+        if trainer.is_global_zero:
+            path = self.out / f"{self.tag}_{name}.safetensors"
+            save_file({k: v.contiguous() for k, v in weights.items()}, str(path))
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        if self.steps:
+            self._write(trainer, pl_module, f"step{trainer.global_step}")
+
+    def on_train_start(self, trainer, pl_module):
+        self._write(trainer, pl_module, "start")
+
+    def on_train_end(self, trainer, pl_module):
+        self._write(trainer, pl_module, "end")
+
+
+def lssf(unaligned, **kwargs):
+    return LSSFCallback(unaligned=unaligned, monitor=False, verbose=False, log_update_share=False, **kwargs)
+
+
+def ddp_trainer(callbacks, out):
+    return Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, callbacks=callbacks,
+                   logger=False, enable_progress_bar=False, enable_model_summary=False,
+                   num_sanity_val_steps=0, enable_checkpointing=False, default_root_dir=str(out))
+
+
+def data(train):
+    return ChatDataModule(train, None, batch_size=2, shuffle=False)
+
+
+def guard(strategy, aligned, unaligned, train, out: Path) -> dict:
+    callback = lssf(unaligned, method="lssf-reset", alpha=1.0, apply_on="steps", every_n_steps=1)
+    torch.manual_seed(0)
+    if strategy == "ddp":
+        module, trainer = CausalLMModule(aligned, learning_rate=1e-2), ddp_trainer
+    else:
+        module, trainer = ShardedLM(aligned, learning_rate=1e-2), trainer_for
+    callbacks = [callback, Probe(out, "guard", steps=True)]
+    run = trainer(callbacks, out) if strategy == "ddp" else trainer(callbacks, out, max_epochs=1)
+    run.fit(module, data(train))
+    forms = callback.live_forms.forms
+    cost = getattr(forms, "cost", None)
+    steps = run.global_step
+    matched = callback.subspace.match(callback.live_forms.keys)
+    left = {key: callback.subspace[name].left for key, name in matched.items()}
+    if run.is_global_zero:
+        save_file({k: v.contiguous() for k, v in left.items()}, str(out / "subspace_left.safetensors"))
+    shapes = {key: list(forms.blocks[key].right.shape) for key in forms.blocks} if cost else {}
+    return {"steps": steps, "type": type(forms).__name__, "cost": cost, "right_shapes": shapes}
+
+
+def checkpoint_mode(aligned, unaligned, train, out: Path, method: str, alpha: float) -> dict:
+    extra = {"aligned": aligned} if method == "lssf-two-sided" else {}
+    callback = lssf(unaligned, method=method, alpha=alpha, **extra)
+    directory = out / f"ckpt_{method}"
+    torch.manual_seed(0)
+    module = ShardedLM(aligned, learning_rate=1e-2)
+    checkpoints = ModelCheckpoint(dirpath=directory, filename="last", every_n_epochs=1)
+    run = trainer_for([callback, Probe(out, method), checkpoints], out, max_epochs=1)
+    run.fit(module, data(train))
+    final = gathered(module)
+    if run.is_global_zero:
+        load_distributed_checkpoint(directory / "last.ckpt", final, out / f"ckpt_{method}.safetensors")
+        meta = torch.load(directory / "last.ckpt" / "meta.pt", weights_only=True)
+        return {"corrections_world": meta["lssf_corrections"]["world_size"],
+                "fixups_world": meta["lssf_raw_fixups"]["world_size"], "info": meta["lssf"]["method"]}
+    return {}
+
+
+def resume(aligned, unaligned, train, out: Path, method: str) -> None:
+    callback = lssf(unaligned, method=method, alpha=1.0, aligned=aligned)
+    torch.manual_seed(0)
+    module = ShardedLM(aligned, learning_rate=1e-2)
+    run = trainer_for([callback, Probe(out, "resume")], out, max_epochs=2)
+    run.fit(module, data(train), ckpt_path=str(out / f"ckpt_{method}" / "last.ckpt"))
+
+
+def main(strategy, aligned, unaligned, train, out):
+    out = Path(out)
+    results = {"guard": guard(strategy, aligned, unaligned, train, out)}
+    if strategy == "fsdp2":
+        for method, alpha in (("lssf-reset", 2.0), ("lssf-erosion", 1.0), ("lssf-two-sided", 1.0)):
+            results[method] = checkpoint_mode(aligned, unaligned, train, out, method, alpha)
+        resume(aligned, unaligned, train, out, "lssf-two-sided")
+    if dist.get_rank() == 0:
+        (out / "results.json").write_text(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:6])
