@@ -6,6 +6,8 @@ STRATEGY:
   ddp    the per-step guard (lssf-reset, alpha 1, every step) under DDP: every rank the same edit
   fsdp2  the same guard under ModelParallelStrategy (FSDP2, shard-local with one all-reduce per matrix); then
          checkpoint mode for lssf-reset (alpha 2), lssf-erosion and lssf-two-sided, and an exact resume
+  fsdp2-epochs  epochs mode (lssf-reset, alpha 2, epochs 0 and 1) on the live shards, and a resume after
+         epoch 0 that carries every rank's applied corrections
 Rank 0 writes the gathered live weights after each step (``steps_<i>.safetensors``), at each fit's end and
 at the resume's start, the checkpoints as safetensors, and OUT/results.json (the all-reduce cost).
 """
@@ -112,8 +114,39 @@ def resume(aligned, unaligned, train, out: Path, method: str) -> None:
     run.fit(module, data(train), ckpt_path=str(out / f"ckpt_{method}" / "last.ckpt"))
 
 
+class EpochProbe(Probe):
+    """Rank 0 writes the gathered live weights at each train epoch end."""
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._write(trainer, pl_module, f"epoch{trainer.current_epoch}")
+
+
+def epochs(aligned, unaligned, train, out: Path) -> dict:
+    """The reset at α 2 (a reflection) on the live shards at the end of epochs 0 and 1; then the same run
+    stopped after epoch 0 and resumed from its checkpoint (the applied corrections of every rank)."""
+    def run(max_epochs, tag, ckpt_path=None, checkpoint=False):
+        callback = lssf(unaligned, method="lssf-reset", alpha=2.0, apply_on="epochs", apply_epochs=[0, 1])
+        torch.manual_seed(0)
+        module = ShardedLM(aligned, learning_rate=1e-2)
+        callbacks = [EpochProbe(out, f"{tag}_before"), callback, EpochProbe(out, f"{tag}_after")]
+        if checkpoint:
+            callbacks.append(ModelCheckpoint(dirpath=out / "ckpt_epochs", filename="last", every_n_epochs=1))
+        trainer_for(callbacks, out, max_epochs=max_epochs).fit(module, data(train), ckpt_path=ckpt_path)
+        return callback
+
+    straight = run(2, "straight")
+    run(1, "first", checkpoint=True)
+    run(2, "resumed", ckpt_path=str(out / "ckpt_epochs" / "last.ckpt"))
+    return {"type": type(straight.live_forms.forms).__name__, "applied": len(straight.live_forms.forms.applied)}
+
+
 def main(strategy, aligned, unaligned, train, out):
     out = Path(out)
+    if strategy == "fsdp2-epochs":
+        results = {"epochs": epochs(aligned, unaligned, train, out)}
+        if dist.get_rank() == 0:
+            (out / "results.json").write_text(json.dumps(results))
+        return
     results = {"guard": guard(strategy, aligned, unaligned, train, out)}
     if strategy == "fsdp2":
         for method, alpha in (("lssf-reset", 2.0), ("lssf-erosion", 1.0), ("lssf-two-sided", 1.0)):

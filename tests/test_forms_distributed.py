@@ -57,8 +57,8 @@ def test_fsdp2_guard_is_shard_local_with_one_all_reduce_per_matrix(fsdp2_run, ll
     guard = results["guard"]
     assert guard["type"] == "ShardedForms"
     check_guard(out, results, llama_trio)
-    # rank 0's count: one r × d_in float64 all-reduce per matrix and application
-    sizes = [r * d_in * 8 for r, d_in in guard["right_shapes"].values()]
+    # rank 0's count: one r × d_in float32 all-reduce per matrix and application
+    sizes = [r * d_in * 4 for r, d_in in guard["right_shapes"].values()]
     assert guard["cost"]["calls"] == 2 * len(sizes) == 28
     assert guard["cost"]["bytes"] == 2 * sum(sizes)
 
@@ -98,3 +98,31 @@ def test_fsdp2_resume_from_a_form_checkpoint_is_exact(fsdp2_run):
     raw, resumed = weights(out / "lssf-two-sided_end.safetensors"), weights(out / "resume_start.safetensors")
     assert raw.keys() == resumed.keys()
     assert all(torch.equal(resumed[k], raw[k]) for k in raw)  # bit for bit: per-shard factors and fix-ups
+
+
+def test_fsdp2_epochs_mode_applies_the_form_of_live_minus_applied_and_resumes(llama_trio, tmp_path_factory):
+    from lssf_lightning.config import SubspaceConfig
+    from lssf_lightning.training import build_subspace
+
+    out, results = run("fsdp2-epochs", llama_trio, tmp_path_factory)
+    assert results["epochs"] == {"type": "ShardedForms", "applied": 14}
+    subspace = build_subspace(str(llama_trio.aligned), str(llama_trio.base), SubspaceConfig())
+    applied = {}
+    for epoch in range(2):
+        before = weights(out / f"straight_before_epoch{epoch}.safetensors")
+        after = weights(out / f"straight_after_epoch{epoch}.safetensors")
+        for key, weight in before.items():
+            if not key.endswith("proj.weight"):
+                assert torch.equal(after[key], weight), key
+                continue
+            aligned, base = references(llama_trio, key)
+            raw = weight.double() - applied.get(key, 0.0)
+            expected = dense_form("lssf-reset", raw, aligned, base, subspace[key.removeprefix("model.")], 2.0)
+            assert torch.allclose(after[key].double(), expected, atol=2e-5), (epoch, key)
+            applied[key] = expected - raw
+    # a reflection: without the tracked corrections, epoch 1 would undo epoch 0's reset
+    key = "model.model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(after[key], before[key], atol=1e-4)
+    # stopped after epoch 0 and resumed: every rank's applied corrections came back, the same weights
+    straight, resumed = (weights(out / f"{tag}_after_epoch1.safetensors") for tag in ("straight", "resumed"))
+    assert all(torch.equal(resumed[k], v) for k, v in straight.items())

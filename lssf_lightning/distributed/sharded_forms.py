@@ -64,6 +64,10 @@ class BlockFactors:
             else:
                 self.coordinates = aligned_coordinates(entry.left.double(), self.right, full)
         self.mesh = tensor.device_mesh if is_dtensor(tensor) else None
+        device = local_tensor(tensor).device  # the factors live where the shard does
+        for name in ("left", "right", "coordinates", "aligned_q", "q"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to(device))
 
     def block(self, local: Tensor) -> Tensor:
         """The local data in entry layout (a view)."""
@@ -133,7 +137,9 @@ class ShardedForms:
         """``W − A`` on the block (entry layout, float64)."""
         block, applied = self.blocks[key], self.applied.get(key)
         raw = block.block(local).double()
-        return raw if applied is None else raw - applied.left.double() @ applied.right.double()
+        if applied is None:
+            return raw
+        return raw - applied.left.to(raw.device, torch.float64) @ applied.right.to(raw.device, torch.float64)
 
     def correction(self, key: str, raw: Tensor) -> Correction | None:
         """The block's factors ``(L[rows], R[:, cols])`` of the form's correction of ``raw`` (entry-layout
@@ -160,15 +166,38 @@ class ShardedForms:
         return Correction(left, right[:, block.cols], block.conv1d, torch.float64)
 
     def apply_(self, parameters: Mapping[str, Tensor]) -> None:
-        """Each block ← the form of (block − what it carries); every rank calls it (collectives)."""
+        """Each block ← the form of (block − what it carries); every rank calls it (collectives). The reset
+        and the erosion are rank-``r`` updates in place (no copy of the shard): with ``A = U'a`` applied,
+        ``U'ᵀ(W − A) = U'ᵀW − (U'ᵀU')a`` and ``W ← W + U'(a' − a)``."""
         with torch.no_grad():
             for key, block in self.blocks.items():
                 local = local_tensor(parameters[key])
+                if self.form in ("reset", "erosion"):
+                    self._coordinate_step(key, block, block.block(local))
+                    continue
                 raw = self._raw(key, local)
                 correction = self.correction(key, raw)
                 new = raw + correction.left @ correction.right
                 block.block(local).copy_(new.to(local.dtype))
                 self.applied[key] = correction
+
+    def _coordinate_step(self, key: str, block: BlockFactors, matrix: Tensor) -> None:
+        dtype = torch.promote_types(matrix.dtype, torch.float32)
+        left = block.left.to(device=matrix.device, dtype=dtype)
+        partial = left.T @ matrix.to(dtype)  # U'[rows]ᵀW[rows, cols]
+        applied = self.applied.get(key)
+        if applied is not None:
+            previous = applied.right.to(device=matrix.device, dtype=dtype)
+            partial = partial - (left.T @ left) @ previous
+        task = self._coordinates(block, partial) - block.coordinates.to(device=matrix.device, dtype=dtype)
+        new = coordinate_right(self.form, task, block.right.to(device=matrix.device, dtype=dtype), self.alpha,
+                               self.add)[:, block.cols]
+        step = new if applied is None else new - previous
+        if matrix.dtype == dtype:
+            matrix.addmm_(left, step)
+        else:
+            matrix.copy_(torch.addmm(matrix.to(dtype), left, step).to(matrix.dtype))
+        self.applied[key] = Correction(block.left, new, block.conv1d, dtype)
 
     def fused(self, state: MutableMapping[str, Tensor], keep_fixups: bool) -> tuple[dict, dict]:
         """Replace each planned DTensor of ``state`` by one holding the form of (it − what it carries) on
@@ -180,9 +209,10 @@ class ShardedForms:
             correction = self.correction(key, self._raw(key, local))
             applied = self.applied.get(key)
             difference = correction if applied is None else Correction(
-                torch.cat([correction.left, applied.left.double()], dim=1),
-                torch.cat([correction.right, -applied.right.double()], dim=0), block.conv1d, torch.float64)
-            product = _stored(difference)
+                torch.cat([correction.left, applied.left.to(local.device, torch.float64)], dim=1),
+                torch.cat([correction.right, -applied.right.to(local.device, torch.float64)], dim=0),
+                block.conv1d, torch.float64)
+            product = _stored(difference, local.device)
             fused = add_correction(local, product) if local.numel() else local.clone()
             state[key] = _with_local(tensor, fused)
             added[key] = difference
@@ -209,9 +239,9 @@ def _rows_total(block: BlockFactors) -> int:
     return int(block.region.global_shape[1 if block.conv1d else 0])
 
 
-def _stored(correction: Correction) -> Tensor:
-    """The block's ``L·R`` in the stored layout (float64)."""
-    product = correction.left.double() @ correction.right.double()
+def _stored(correction: Correction, device: torch.device) -> Tensor:
+    """The block's ``L·R`` in the stored layout (float64, on ``device``: where a resume recomputes it)."""
+    product = correction.left.to(device, torch.float64) @ correction.right.to(device, torch.float64)
     return product.T if correction.conv1d else product
 
 
@@ -262,7 +292,7 @@ def restore_raw_blocks(parameters: Mapping[str, Tensor], record: Mapping[str, An
             local = local_tensor(parameters[key])
             if not local.numel():
                 continue
-            raw = add_correction(local, _stored(correction), -1.0)
+            raw = add_correction(local, _stored(correction, local.device), -1.0)
             fixup = None if fixups is None else fixups.get(key)
             if fixups is not None and (fixup is None or not apply_shard_fixup(raw, shard_region(
                     parameters[key]), fixup)):
