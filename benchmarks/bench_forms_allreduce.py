@@ -45,18 +45,22 @@ def worker(layers: int, ranks: list[int], repeats: int) -> None:
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     generator = torch.Generator().manual_seed(0)
     keys = [f"layers.{i}.{name}.weight" for i in range(layers) for name in SHAPES]
-    weights = {key: distribute_tensor(torch.randn(SHAPES[key.split(".")[2]], generator=generator) * 0.02, mesh,
-                                      [Shard(0)]) for key in keys}
+    def shape(key):
+        return SHAPES[key.split(".")[2]]
+
+    weights = {key: distribute_tensor(torch.randn(shape(key), generator=generator) * 0.02, mesh, [Shard(0)])
+               for key in keys}
     rows = []
     for r in ranks:
         entries = {}
         for key in keys:
-            d_out, d_in = SHAPES[key.split(".")[2]]
+            d_out, d_in = shape(key)
             left, _ = torch.linalg.qr(torch.randn(d_out, r, generator=generator))
             entries[key] = SubspaceEntry(left, torch.randn(r, d_in, generator=generator) * 0.01,
                                          torch.ones(r), 0.0, float(r))
-        reference = {key: torch.randn(SHAPES[key.split(".")[2]], generator=generator) * 0.02 for key in keys}
-        forms = ShardedForms("reset", weights, entries, reference.__getitem__, {k: k for k in keys}, alpha=1.0)
+        reference = {key: torch.randn(shape(key), generator=generator) * 0.02 for key in keys}
+        names = {k: k for k in keys}
+        forms = ShardedForms("reset", weights, entries, reference.__getitem__, names, alpha=1.0)
         times = []
         for _ in range(repeats + 1):  # the first application warms up
             forms.cost.update(calls=0, bytes=0, seconds=0.0)
@@ -65,7 +69,7 @@ def worker(layers: int, ranks: list[int], repeats: int) -> None:
             forms.apply_(weights)
             times.append((time.perf_counter() - start, dict(forms.cost)))
         measured = times[1:]
-        buffers = [torch.zeros(r, SHAPES[key.split(".")[2]][1]) for key in keys]
+        buffers = [torch.zeros(r, shape(key)[1]) for key in keys]
         alone = []
         for _ in range(repeats):  # the same all-reduces back to back: the wire alone, no waiting on a peer
             dist.barrier()
@@ -99,10 +103,10 @@ def main() -> None:
     done = subprocess.run(command, capture_output=True, text=True, check=True, env=env)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     matrices = result["layers"] * len(SHAPES)
-    print(f"ShardedForms.apply_ (lssf-reset, alpha 1), 2 gloo processes, {result['layers']} SmolLM2-135M layers "
-          f"({matrices} matrices), per application, median of {args.repeats}:")
-    print("(all-reduce s: inside apply_, waiting on the slower rank included; alone: the same all-reduces back "
-          "to back)")
+    print(f"ShardedForms.apply_ (lssf-reset, alpha 1), 2 gloo processes, {result['layers']} SmolLM2-135M "
+          f"layers ({matrices} matrices), per application, median of {args.repeats}:")
+    print("(all-reduce s: inside apply_, waiting on the slower rank included; alone: the same all-reduces "
+          "back to back)")
     print(f"{'r':>5} {'all-reduces':>12} {'MB':>8} {'all-reduce s':>13} {'alone s':>8} {'apply s':>8}")
     for row in result["rows"]:
         print(f"{row['r']:>5} {row['calls']:>12} {row['bytes'] / 1e6:>8.2f} {row['allreduce_s']:>13.4f} "

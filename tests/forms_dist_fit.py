@@ -137,7 +137,8 @@ def epochs(aligned, unaligned, train, out: Path) -> dict:
     straight = run(2, "straight")
     run(1, "first", checkpoint=True)
     run(2, "resumed", ckpt_path=str(out / "ckpt_epochs" / "last.ckpt"))
-    return {"type": type(straight.live_forms.forms).__name__, "applied": len(straight.live_forms.forms.applied)}
+    forms = straight.live_forms.forms
+    return {"type": type(forms).__name__, "applied": len(forms.applied)}
 
 
 def main(strategy, aligned, unaligned, train, out):
