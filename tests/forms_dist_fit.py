@@ -6,6 +6,7 @@ STRATEGY:
   ddp    the per-step guard (lssf-reset, alpha 1, every step) under DDP: every rank the same edit
   fsdp2  the same guard under ModelParallelStrategy (FSDP2, shard-local with one all-reduce per matrix); then
          checkpoint mode for lssf-reset (alpha 2), lssf-erosion and lssf-two-sided, and an exact resume
+  blocks  framework-free: ShardedForms on every placement against the dense formulas (rank<r>.json)
   fsdp2-epochs  epochs mode (lssf-reset, alpha 2, epochs 0 and 1) on the live shards, and a resume after
          epoch 0 that carries every rank's applied corrections
 Rank 0 writes the gathered live weights after each step (``steps_<i>.safetensors``), at each fit's end and
@@ -141,8 +142,80 @@ def epochs(aligned, unaligned, train, out: Path) -> dict:
     return {"type": type(forms).__name__, "applied": len(forms.applied)}
 
 
+def blocks(out: Path) -> None:
+    """Framework-free: ShardedForms on DTensors of every placement (Shard(0), Shard(1); stored as is or
+    transposed like GPT-2's Conv1D; 7 rows over 2 ranks: uneven) against the dense formulas, two applications
+    with a step between, then a checkpoint fusion and its exact restore. Each rank writes rank<r>.json."""
+    from test_forms import dense_form
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from lssf_lightning.core.factors import SubspaceEntry
+    from lssf_lightning.distributed.sharded_forms import SHARDED_CORRECTIONS, ShardedForms, restore_raw_blocks
+
+    dist.init_process_group("gloo")
+    mesh = init_device_mesh("cpu", (2,))
+    results = []
+    methods = {"additive": "lssf", "reset": "lssf-reset", "erosion": "lssf-erosion",
+               "two_sided": "lssf-two-sided"}
+    for form, method in methods.items():
+        for conv1d in (False, True):
+            for dim in (0, 1):
+                g = torch.Generator().manual_seed(0)
+                d_out, d_in, r = 7, 6, 3
+                left = torch.linalg.qr(torch.randn(d_out, r, generator=g, dtype=torch.float64))[0]
+                unaligned = torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+                aligned = unaligned + 0.5 * torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+                entry = SubspaceEntry(left, left.T @ (aligned - unaligned), torch.ones(r), 0.0, 1.0, conv1d)
+                live = aligned + 0.3 * torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+                noise = 0.1 * torch.randn(d_out, d_in, generator=g, dtype=torch.float64)
+
+                def stored(m, conv1d=conv1d):
+                    return (m.T if conv1d else m).contiguous()
+
+                def entry_layout(t, conv1d=conv1d):
+                    full = t.full_tensor()
+                    return full.T if conv1d else full
+
+                reference = stored(aligned if form == "two_sided" else unaligned)
+                param = distribute_tensor(stored(live), mesh, [Shard(dim)])
+                forms = ShardedForms(form, {"w": param}, {"w": entry}, lambda _, ref=reference: ref,
+                                     {"w": "w"}, alpha=2.0, add=0.5, input_share=0.7)
+
+                def expected(raw, method=method, entry=entry, aligned=aligned, unaligned=unaligned):
+                    return dense_form(method, raw, aligned, unaligned, entry, 2.0, 0.5, 0.7)
+
+                forms.apply_({"w": param})
+                first, want = entry_layout(param), expected(live)
+                applied = want - live
+                stepped = first + noise
+                param.to_local().copy_(distribute_tensor(stored(stepped), mesh, [Shard(dim)]).to_local())
+                forms.apply_({"w": param})
+                second, want2 = entry_layout(param), expected(stepped - applied)
+                applied = want2 - (stepped - applied)
+                state = {"w": param}
+                added, fixups = forms.fused(state, keep_fixups=True)
+                fused = entry_layout(state["w"])
+                want3 = expected(second - applied)
+                own = {"w": {"left": added["w"].left, "right": added["w"].right, "conv1d": conv1d,
+                             "region": forms.blocks["w"].region.as_json()}}
+                record = {"format": SHARDED_CORRECTIONS, "world_size": 2, "ranks": [own, own]}
+                inexact = restore_raw_blocks(state, record, fixups)
+                results.append({
+                    "form": form, "conv1d": conv1d, "dim": dim, "calls": forms.cost["calls"],
+                    "first": torch.allclose(first, want, atol=1e-10),
+                    "second": torch.allclose(second, want2, atol=1e-10),
+                    "fused": torch.allclose(fused, want3, atol=1e-10),
+                    "restored": inexact == [] and torch.equal(entry_layout(state["w"]), second),
+                })
+    (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
 def main(strategy, aligned, unaligned, train, out):
     out = Path(out)
+    if strategy == "blocks":
+        return blocks(out)
     if strategy == "fsdp2-epochs":
         results = {"epochs": epochs(aligned, unaligned, train, out)}
         if dist.get_rank() == 0:

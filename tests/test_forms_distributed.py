@@ -126,3 +126,17 @@ def test_fsdp2_epochs_mode_applies_the_form_of_live_minus_applied_and_resumes(ll
     # stopped after epoch 0 and resumed: every rank's applied corrections came back, the same weights
     straight, resumed = (weights(out / f"{tag}_after_epoch1.safetensors") for tag in ("straight", "resumed"))
     assert all(torch.equal(resumed[k], v) for k, v in straight.items())
+
+
+def test_sharded_forms_on_every_placement_equal_the_dense_formulas(tmp_path):
+    # Shard(0) and Shard(1) of a stored and of a transposed (Conv1D) weight, 7 rows over 2 ranks; α 2, β 0.5,
+    # ρ 0.7: two applications with a step between, then a checkpoint fusion and its bit-exact restore
+    torchrun("forms_dist_fit.py", "blocks", "-", "-", "-", tmp_path, timeout=300)
+    for rank in range(2):
+        cases = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert len(cases) == 16
+        for case in cases:
+            assert case["first"] and case["second"] and case["fused"] and case["restored"], (rank, case)
+            # one all-reduce per application (and fusion); two-sided: one more where the columns are sharded
+            reads_columns = case["form"] == "two_sided" and case["conv1d"] != (case["dim"] == 1)
+            assert case["calls"] == (0 if case["form"] == "additive" else 6 if reads_columns else 3), case
