@@ -140,3 +140,24 @@ def test_sharded_forms_on_every_placement_equal_the_dense_formulas(tmp_path):
             # one all-reduce per application (and fusion); two-sided: one more where the columns are sharded
             reads_columns = case["form"] == "two_sided" and case["conv1d"] != (case["dim"] == 1)
             assert case["calls"] == (0 if case["form"] == "additive" else 6 if reads_columns else 3), case
+
+
+def test_forms_are_refused_in_one_line_where_they_cannot_run_yet():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy, ModelParallelStrategy
+
+    from lssf_lightning.lightning.strategy import forms_problem
+
+    def on(strategy):
+        return SimpleNamespace(strategy=strategy)
+
+    sharded = on(ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1))
+    assert forms_problem(on(DDPStrategy()), "steps", exports=True, lora=True) is None
+    assert forms_problem(sharded, "steps", exports=False, lora=False) is None
+    assert forms_problem(sharded, "checkpoint", exports=False, lora=False) is None
+    assert "export_dir" in forms_problem(sharded, "epochs", exports=True, lora=False)
+    assert "LoRA" in forms_problem(sharded, "steps", exports=False, lora=True)
+    whole = on(ModelParallelStrategy(save_distributed_checkpoint=False))
+    assert "save_distributed_checkpoint=True" in forms_problem(whole, "checkpoint", exports=False, lora=False)
+    assert "FSDP1" in forms_problem(on(FSDPStrategy()), "checkpoint", exports=False, lora=False)
