@@ -26,11 +26,19 @@ from lssf_lightning.core.basis import add_correction, low_rank_product
 from lssf_lightning.core.checks import all_finite
 from lssf_lightning.core.hold import hold_out_adapter_
 from lssf_lightning.core.variants import aligned_coordinates, coordinate_right
+from lssf_lightning.distributed import fixups_of_rank, gather_fixups, global_rank, is_dtensor
+from lssf_lightning.distributed.collectives import agreed_count
+from lssf_lightning.distributed.sharded_forms import (
+    SHARDED_FORMS,
+    ShardedForms,
+    is_sharded_record,
+    restore_raw_blocks,
+)
 from lssf_lightning.io.weights import open_weights
 from lssf_lightning.methods.base import Correction, LowRankPlanner
 from lssf_lightning.methods.registry import METHODS, check_options, make_planner
 from lssf_lightning.methods.spec import MethodInputs
-from lssf_lightning.training import RAW_FIXUPS_KEY, apply_fixup, make_fixup, temporarily_fused
+from lssf_lightning.training import RAW_FIXUPS_KEY, ResumeError, apply_fixup, make_fixup, temporarily_fused
 from lssf_lightning.validation import SettingError, check_choice, check_finite, check_int
 
 __all__ = [
@@ -293,7 +301,8 @@ def uses_forms(method: str, apply_on: str) -> bool:
 
 class LiveForms:
     """A low-rank form on a module's weights: checkpoint fusion with an exact resume, and live applications
-    that never stack (:class:`AppliedForms`).
+    that never stack (:class:`AppliedForms`; on DTensor shards, FSDP2, :class:`ShardedForms`: shard-local,
+    one ``r × d_in`` all-reduce per matrix for the forms that read the weight).
 
     Args:
         method: a low-rank method (:func:`low_rank_methods`).
@@ -309,14 +318,18 @@ class LiveForms:
         planner = make_low_rank_planner(method, subspace, self.options, aligned=aligned, unaligned=unaligned)
         store = open_weights({k: v.detach() for k, v in parameters.items()}, name="the module's weights")
         plan = planner.low_rank_plan(store)
-        form = getattr(planner, "form", None) if method in ("lssf-reset", "lssf-erosion") else None
-        self.forms = _coordinate_forms(planner, plan, subspace, form) if form else AppliedForms(plan)
+        self.sharded = any(is_dtensor(parameters[key]) for key in plan)
+        if self.sharded:
+            self.forms = _sharded_forms(planner, method, plan, subspace, parameters)
+        else:
+            form = getattr(planner, "form", None) if method in ("lssf-reset", "lssf-erosion") else None
+            self.forms = _coordinate_forms(planner, plan, subspace, form) if form else AppliedForms(plan)
         self.fingerprint = subspace.metadata.get("fingerprint")
 
     @property
     def keys(self) -> list[str]:
         """The state-dict keys the form edits."""
-        return list(self.forms.plan)
+        return self.forms.keys if self.sharded else list(self.forms.plan)
 
     def info(self, config) -> dict[str, Any]:
         """What a checkpoint records about the fusion (method, parameters, subspace fingerprint and
@@ -327,8 +340,20 @@ class LiveForms:
     def fuse_checkpoint(self, checkpoint: MutableMapping[str, Any], *, keep_fixups: bool = True) -> None:
         """Replace ``checkpoint["state_dict"]``'s weights by the form of (them − what they carry; new tensors:
         the live weights stay as they are) and store the corrections (:data:`CORRECTIONS_KEY`, what a resume
-        subtracts) and the fix-ups that make the live weights come back exactly."""
+        subtracts) and the fix-ups that make the live weights come back exactly. Sharded: every rank fuses
+        its blocks; rank 0 gets every rank's factors and fix-ups (collectives)."""
         state = checkpoint["state_dict"]
+        if self.sharded:
+            added, fixups = self.forms.fused(state, keep_fixups)
+            bad = [key for key in added if not all_finite(state[key].to_local())]
+            if agreed_count(len(bad)):
+                raise ValueError(f"LSSF: a fused checkpoint shard ({bad[0] if bad else 'of another rank'}) "
+                                 f"holds NaN or inf ({self.method}, {self.options}); the checkpoint is not "
+                                 "written")
+            checkpoint[CORRECTIONS_KEY] = self.forms.gather(added)
+            if keep_fixups:
+                checkpoint[RAW_FIXUPS_KEY] = gather_fixups(fixups)
+            return
         raw = {key: state[key] for key in self.forms.plan}
         added = self.forms.fused(state)
         for key in added:
@@ -360,7 +385,8 @@ class LiveForms:
         """The form applied to the live weights for the ``with`` block (e.g. the monitor's realigned pass);
         the exact live weights and the tracked corrections come back after (the edited weights wait on the
         CPU meanwhile)."""
-        saved = {key: parameters[key].detach().to("cpu", copy=True) for key in self.keys}
+        local = {key: parameters[key].to_local() if self.sharded else parameters[key] for key in self.keys}
+        saved = {key: tensor.detach().to("cpu", copy=True) for key, tensor in local.items()}
         applied = dict(self.forms.applied)
         try:
             self.apply_(parameters)
@@ -368,7 +394,7 @@ class LiveForms:
         finally:
             with torch.no_grad():
                 for key, raw in saved.items():
-                    parameters[key].copy_(raw)
+                    local[key].copy_(raw)
             self.forms.applied = applied
 
     def missing_planner(self, attribute: str = "") -> MissingCorrection:
@@ -383,12 +409,17 @@ class LiveForms:
         """Whether the live weights carry a correction of this form."""
         return bool(self.forms.applied)
 
-    def state_dict(self) -> dict[str, Any]:
-        """The corrections the live weights carry."""
+    def state_dict(self) -> dict[str, Any] | None:
+        """The corrections the live weights carry (sharded: every rank's blocks, on rank 0; a
+        collective)."""
         return self.forms.state_dict()
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`."""
+        """Restore :meth:`state_dict` (sharded: this rank's blocks, refused on another layout)."""
+        if self.sharded != is_sharded_record(state):
+            saved = "per shard (FSDP2)" if is_sharded_record(state) else "for full weights"
+            raise SettingError(f"the checkpoint's applied corrections were saved {saved}: resume with the "
+                               "strategy they were saved with")
         self.forms.load_state_dict(state)
 
 
@@ -401,6 +432,17 @@ def restore_raw(parameters: Mapping[str, Tensor], checkpoint: Mapping[str, Any])
         warnings.warn("LSSF: the checkpoint holds no raw-weight fix-ups (keep_raw_fixups=False); resuming "
                       "from the fused weights minus the correction, equal to the raw ones up to rounding.",
                       stacklevel=2)
+    if is_sharded_record(checkpoint[CORRECTIONS_KEY]):  # FSDP2: each rank its own blocks
+        shard_fixups = None if fixups is None else fixups_of_rank(fixups, global_rank())
+        try:
+            inexact = restore_raw_blocks(parameters, checkpoint[CORRECTIONS_KEY], shard_fixups)
+        except ValueError as err:
+            raise ResumeError(f"LSSF cannot resume exactly: {err}; resume with the number of processes and "
+                              "sharding it was written with") from None
+        if inexact:
+            warnings.warn(f"LSSF: {len(inexact)} weight shards (e.g. {inexact[0]}) came back close to, not "
+                          "exactly, their raw values.", stacklevel=2)
+        return inexact
     inexact = []
     with torch.no_grad():
         for key, stored in checkpoint[CORRECTIONS_KEY].items():
@@ -432,6 +474,21 @@ def _coordinate_forms(planner, plan: Mapping[str, PlanFn], subspace, form: str) 
         coordinates = aligned_coordinates(entry.left, entry.right, unaligned)
         factors[key] = (entry.left, entry.right, coordinates, entry.conv1d)
     return CoordinateForms(plan, factors, form, planner.alpha, planner.add)
+
+
+def _sharded_forms(planner, method: str, plan: Mapping[str, PlanFn], subspace,
+                   parameters: Mapping[str, Tensor]) -> ShardedForms:
+    """:class:`ShardedForms` of a built-in form on DTensor shards (a one-line refusal for another form)."""
+    form = getattr(planner, "form", "additive")
+    if form not in SHARDED_FORMS:
+        raise SettingError(f"method={method!r} has no shard-local form: under FSDP2 use one of "
+                           "lssf, lssf-reset, lssf-erosion, lssf-two-sided")
+    names = subspace.match(list(plan))
+    reference = None if form == "additive" else planner._reference_weight
+    return ShardedForms(form, {key: parameters[key] for key in names},
+                        {key: subspace[name] for key, name in names.items()}, reference, names,
+                        alpha=planner.alpha, add=getattr(planner, "add", 0.0),
+                        input_share=getattr(planner, "input_share", 1.0))
 
 
 class LoraHoldOut:

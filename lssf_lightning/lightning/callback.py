@@ -88,10 +88,12 @@ class LSSFCallback(Callback):
         method: the fusion form, as ``realign --method``: ``"lssf"`` (the paper's additive form),
             ``"lssf-reset"``, ``"lssf-erosion"``, ``"lssf-two-sided"`` or any registered low-rank planner; a
             form other than ``"lssf"`` (or ``apply_on="steps"``) tracks the correction the live weights carry
-            as rank-``r`` factors per matrix (:mod:`lssf_lightning.forms`), on a single device for now.
-            ``None``: ``"lssf"`` with a numeric ``alpha``; with ``alpha="auto"`` the forms of
-            ``auto_alpha.methods`` (default the reset form and the paper's; the paper's alone on several
-            devices or a LoRA model), while a named method narrows ``"auto"`` to that form.
+            as rank-``r`` factors per matrix (:mod:`lssf_lightning.forms`): on one device, under DDP (every
+            rank the same edit) and under FSDP2 (shard-local; the forms that read the weight all-reduce one
+            ``r × d_in`` matrix per weight). ``None``: ``"lssf"`` with a numeric ``alpha``; with
+            ``alpha="auto"`` the forms of ``auto_alpha.methods`` (default the reset form and the paper's; the
+            paper's alone on several devices or a LoRA model), while a named method narrows ``"auto"`` to
+            that form.
         add, input_share: the method's other parameters (a parameter it does not take is an error).
         every_n_steps: for ``apply_on="steps"``: apply the form after every N-th optimizer step (the guard).
         log_update_share: log ``lssf/update_in_subspace`` (the share of the update since fit start inside the
@@ -226,7 +228,7 @@ class LSSFCallback(Callback):
         self.subspace = training.disk_backed(self.subspace, self.subspace_cache, trainer.world_size)
         if self.auto is not None:
             self.method = _auto_start(self, trainer, pl_module)
-        if forms.uses_forms(self.method, self.apply_on):
+        if forms.uses_forms(self.method, self.apply_on) and not strategy.shards_in_configure_model(trainer):
             self.live_forms = _live_forms(self, trainer, pl_module)
 
     def check_outputs(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -305,7 +307,10 @@ class LSSFCallback(Callback):
                     "LSSFCallback: the checkpoint's live weights carry a correction of another form "
                     f"(method={self.method!r} here); resume with the method it was written with"
                 )
-            self.live_forms.load_state_dict(state_dict["applied_corrections"])
+            try:
+                self.live_forms.load_state_dict(state_dict["applied_corrections"])
+            except (SettingError, ValueError) as err:
+                raise MisconfigurationException(f"LSSFCallback: {err}") from None
         stored = state_dict.get("fingerprint")
         ours = self.subspace and self.subspace.metadata.get("fingerprint")
         if self.fusion.applied and stored and ours and stored != ours:  # epochs mode: live weights hold it
@@ -318,7 +323,11 @@ class LSSFCallback(Callback):
     @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Warn when no validation loop will run the monitor; ``alpha="auto"``: measure the aligned model's
-        own refusal rate (the target) on a fresh run."""
+        own refusal rate (the target) on a fresh run. FSDP2: the form on the shards ``configure_model`` made
+        (before a checkpoint is restored)."""
+        if self.live_forms is None and self.subspace is not None and forms.uses_forms(self.method,
+                                                                                      self.apply_on):
+            self.live_forms = _live_forms(self, trainer, pl_module)
         if self.monitor is not None or self.auto is not None:
             reason = _no_validation_loop(trainer)
             if reason is not None:
@@ -537,14 +546,15 @@ def _no_validation_loop(trainer: Trainer) -> str | None:
 
 
 def _live_forms(callback: LSSFCallback, trainer: Trainer, pl_module: LightningModule):
-    """The callback's :class:`~lssf_lightning.forms.LiveForms`: single device, full weights, and the
-    reference weights the form reads (one-line errors otherwise)."""
+    """The callback's :class:`~lssf_lightning.forms.LiveForms` (single device, DDP, FSDP2 shards; see
+    :func:`~lssf_lightning.lightning.strategy.forms_problem`) with the reference weights the form reads
+    (one-line errors otherwise)."""
     what = f"method={callback.method!r} with apply_on={callback.apply_on!r}"
-    if trainer.world_size > 1:
-        raise MisconfigurationException(f"LSSFCallback: {what} runs on a single device for now")
     parameters = training.named_tensors(pl_module)
-    problem = None
-    if any(is_adapter_key(k) for k in parameters):
+    problem = strategy.forms_problem(trainer, callback.apply_on,
+                                     bool(callback.export_dir or callback.export_adapter_dir),
+                                     any(is_adapter_key(k) for k in parameters))
+    if problem is None and any(is_adapter_key(k) for k in parameters):
         options = forms.check_method_options(callback.method, callback.form_options)
         if (callback.apply_on == "steps" and callback.method == "lssf-reset" and options.get("alpha") == 1
                 and not options.get("add") and callback.subspace_config.alpha_1 == 1
@@ -555,7 +565,7 @@ def _live_forms(callback: LSSFCallback, trainer: Trainer, pl_module: LightningMo
                 raise MisconfigurationException(f"LSSFCallback: {err}") from None
         problem = ("on a peft LoRA model is not supported yet: there the guard is method='lssf-reset' with "
                    "alpha=1 and subspace alpha_1=1 (B <- B - U'U'^T B), without export_dir")
-    elif callback.method == "lssf-two-sided" and callback.aligned is None:
+    elif problem is None and callback.method == "lssf-two-sided" and callback.aligned is None:
         problem = "reads the aligned weights: pass aligned= (the aligned model's path)"
     if problem:
         raise MisconfigurationException(f"LSSFCallback: {what} {problem}")

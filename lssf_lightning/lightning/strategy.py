@@ -18,8 +18,8 @@ from torch import nn
 from lssf_lightning.distributed import gathered_store
 from lssf_lightning.io.weights import MappingStore, ModuleStore, WeightStore
 
-__all__ = ["check_checkpoint_callbacks", "check_strategy", "export_store", "full_parameters",
-           "monitor_supported", "sharded_checkpoints"]
+__all__ = ["check_checkpoint_callbacks", "check_strategy", "export_store", "forms_problem", "full_parameters",
+           "monitor_supported", "sharded_checkpoints", "shards_in_configure_model"]
 
 
 def _setting(strategy, attribute: str, default):
@@ -71,6 +71,34 @@ def sharded_checkpoints(trainer: Trainer) -> bool:
     return isinstance(strategy, ModelParallelStrategy) and _setting(
         strategy, "_save_distributed_checkpoint", True
     )
+
+
+def forms_problem(trainer: Trainer, apply_on: str, exports: bool, lora: bool) -> str | None:
+    """Why a form tracked per matrix (:mod:`lssf_lightning.forms`) cannot run under this strategy, else
+    ``None``. Single device and DDP: every rank applies the same edit to its full weights. FSDP2
+    (``ModelParallelStrategy``): shard-local, each rank writing its own shards."""
+    strategy = trainer.strategy
+    if isinstance(strategy, FSDPStrategy):
+        return ("is not supported under FSDPStrategy (FSDP1, flat parameters): use ModelParallelStrategy "
+                "(FSDP2)")
+    if not isinstance(strategy, ModelParallelStrategy):
+        return None
+    if exports:
+        return ("cannot write export_dir or export_adapter_dir under ModelParallelStrategy (FSDP2) yet: the "
+                "corrections are held per shard; export from a saved checkpoint")
+    if lora:
+        return ("on a peft LoRA model is not supported under ModelParallelStrategy (FSDP2) yet (the adapters "
+                "are sharded)")
+    if apply_on == "checkpoint" and not sharded_checkpoints(trainer):
+        return ("needs ModelParallelStrategy(save_distributed_checkpoint=True): each rank fuses and stores "
+                "its own shards")
+    return None
+
+
+def shards_in_configure_model(trainer: Trainer) -> bool:
+    """Whether the weights become DTensor shards after the ``setup`` hook (``ModelParallelStrategy``: in
+    ``configure_model``; its checkpoints are restored after ``on_fit_start``)."""
+    return isinstance(trainer.strategy, ModelParallelStrategy)
 
 
 def monitor_supported(trainer: Trainer) -> bool:
