@@ -1,4 +1,4 @@
-"""The recommendation rule of the safety–utility sweep and ``alpha="auto"``, and the ``α`` curve it reads.
+"""The recommendation rule of the safety–utility sweep and ``alpha="auto"``.
 
 A scored setting is a :class:`SweepPoint`; :func:`recommend` picks one under a :class:`SelectionRule`:
 
@@ -18,37 +18,20 @@ A scored setting is a :class:`SweepPoint`; :func:`recommend` picks one under a :
    that reach it, over budget). ``Recommendation.point`` is then the safest within the budget (the cheapest
    point when none is acceptable), for callers that must use something.
 
-:func:`tune_alpha` is the same rule along the ``α`` curve of the paper's form (:func:`refusal_curve`); the
-sweep (:mod:`lssf_lightning.sweep`) and both training callbacks use these functions, nothing else.
+The sweep (:mod:`lssf_lightning.sweep`) and ``alpha="auto"`` in both training callbacks
+(:class:`lssf_lightning.monitoring.AlphaTuner`, over forms and strengths) use this rule, nothing else.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from torch import nn
-
-from lssf_lightning.methods.base import temporarily_edited
-from lssf_lightning.methods.lssf import LSSF
-from lssf_lightning.metrics import generate_responses, refusal_rate
 from lssf_lightning.validation import check_choice, check_fraction, check_range
 
-__all__ = [
-    "AlphaChoice",
-    "AlphaPoint",
-    "Recommendation",
-    "SelectionRule",
-    "SweepPoint",
-    "describe",
-    "recommend",
-    "refusal_curve",
-    "smallest_alpha_reaching",
-    "tune_alpha",
-]
-
+__all__ = ["Recommendation", "SelectionRule", "SweepPoint", "describe", "recommend"]
 
 
 @dataclass(frozen=True)
@@ -270,157 +253,3 @@ def describe(point: SweepPoint) -> str:
     if point.task_accuracy is not None:
         parts.append(f"task {point.task_accuracy:.2f}")
     return f"{point.label}: " + ", ".join(parts) + f" ({point.seconds:.1f} s)"
-
-
-
-# -- alpha="auto": the same rule along one α curve -----------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class AlphaPoint:
-    """The model realigned with one total ``α``: refusal rates and, with a utility budget, its perplexity."""
-
-    alpha: float
-    harmful_refusal: float
-    harmless_refusal: float | None = None
-    perplexity: float | None = None
-
-
-@dataclass(frozen=True)
-class AlphaChoice:
-    """What :func:`tune_alpha` found: ``alpha`` (the recommendation when ``reached``: the target within the
-    budget; otherwise the safest ``α`` within the budget, to use for want of better), the measured ``curve``
-    (``reference_perplexity``: the raw weights', when a utility budget was given) and, when the target is not
-    reached, ``safest`` (within the budget) and ``cheapest_reaching`` (over it), each ``None`` when absent."""
-
-    alpha: float
-    reached: bool
-    curve: list[AlphaPoint]
-    reference_perplexity: float | None = None
-    safest: float | None = None
-    cheapest_reaching: float | None = None
-
-    def describe(self, target: float) -> str:
-        """One line: the choice, or "target not reached" with the best ``α`` of each side."""
-        if self.reached:
-            return f"alpha={self.alpha:g} reaches {target:.0%} refusal within the budget"
-        safest = f"alpha={self.safest:g}" if self.safest is not None else "none"
-        cheapest = f"alpha={self.cheapest_reaching:g}" if self.cheapest_reaching is not None else "none"
-        return (f"target not reached ({target:.0%} refusal within the budget): safest within budget "
-                f"{safest}, cheapest reaching the target {cheapest}; using alpha={self.alpha:g}")
-
-
-def refusal_curve(
-    model: nn.Module,
-    tokenizer,
-    subspace,
-    alphas: Sequence[float],
-    harmful_prompts: Sequence[str],
-    harmless_prompts: Sequence[str] | None = None,
-    *,
-    judge=None,
-    target: float | None = None,
-    max_new_tokens: int = 16,
-    batch_size: int = 16,
-    rate: Callable[[list[str]], float] | None = None,
-    perplexity: Callable[[nn.Module], float] | None = None,
-) -> list[AlphaPoint]:
-    """Rates of ``model`` realigned with each ``α`` of the paper's form (ascending); the raw weights come back
-    after each.
-
-    Args:
-        model: the fine-tuned HF causal LM (a peft model works too).
-        tokenizer: its tokenizer.
-        subspace: the :class:`~lssf_lightning.subspace.SafetySubspace` to fuse.
-        alphas: the grid, measured in ascending order.
-        harmful_prompts: validation prompts whose refusal should be restored.
-        harmless_prompts: optional prompts whose refusal (over-refusal) is measured too.
-        judge: refusal judge (see :func:`lssf_lightning.metrics.resolve_judge`).
-        target: stop after the first ``α`` whose harmful refusal reaches it.
-        max_new_tokens: tokens generated per answer.
-        batch_size: prompts per generation batch.
-        rate: turns answers into a rate; default the refusal rate with ``judge`` (distributed callers pass one
-            that sums counts over ranks).
-        perplexity: ``model ↦ perplexity`` measured at every point too (a utility budget needs it).
-    """
-    if rate is None:
-        def rate(responses):
-            return float(refusal_rate(responses, judge=judge))
-
-    def answers(prompts):
-        return generate_responses(
-            model, tokenizer, list(prompts), max_new_tokens=max_new_tokens, batch_size=batch_size
-        )
-
-    curve = []
-    for alpha in sorted(float(a) for a in alphas):
-        with temporarily_edited(model, LSSF(subspace, alpha)):
-            harmful = rate(answers(harmful_prompts))
-            harmless = rate(answers(harmless_prompts)) if harmless_prompts else None
-            utility = perplexity(model) if perplexity is not None else None
-        curve.append(AlphaPoint(alpha, harmful, harmless, utility))
-        if target is not None and harmful >= target:
-            break
-    return curve
-
-
-def smallest_alpha_reaching(curve: Sequence[AlphaPoint], target: float) -> tuple[float, bool]:
-    """``(α, reached)``: the smallest ``α`` whose harmful refusal is ``≥ target``; when none is, the ``α``
-    with the highest refusal (the smallest of ties) and ``False``. (:func:`recommend` without a utility
-    budget.)"""
-    if not curve:
-        raise ValueError("the refusal curve is empty")
-    ordered = sorted(curve, key=lambda p: p.alpha)
-    points = [SweepPoint("lssf", {"alpha": p.alpha}, p.harmful_refusal) for p in ordered]
-    rule = SelectionRule(target_refusal=min(max(target, 0.0), 1.0), max_perplexity_increase=None,
-                         max_over_refusal_margin=None, max_accuracy_drop=None, prefer="utility")
-    chosen = recommend(points, rule)
-    return chosen.point.params["alpha"], chosen.reached
-
-
-def tune_alpha(
-    model: nn.Module,
-    tokenizer,
-    subspace,
-    alphas: Sequence[float],
-    prompts: Sequence[str],
-    target: float,
-    *,
-    offset: float = 0.0,
-    max_new_tokens: int = 16,
-    judge=None,
-    rate: Callable[[list[str]], float] | None = None,
-    max_perplexity_increase: float | None = None,
-    perplexity: Callable[[nn.Module], float] | None = None,
-) -> AlphaChoice:
-    """The rule of ``alpha="auto"``: :func:`recommend` along the ``α`` curve of the paper's form.
-
-    The curve is measured up to the first ``α`` reaching ``target`` (a larger ``α`` only costs more utility).
-    With ``max_perplexity_increase`` (and ``perplexity``, ``model ↦ perplexity`` on utility texts) a point
-    must also keep the perplexity within that relative increase over the raw weights'; the rest of the rule
-    is :func:`recommend`'s. ``offset``: the strength ``model`` already carries (``alphas`` and the result are
-    totals).
-    """
-    if max_perplexity_increase is not None and perplexity is None:
-        raise ValueError("a utility budget (max_perplexity_increase) needs a perplexity function")
-    measure = perplexity if max_perplexity_increase is not None else None
-    reference = None
-    if measure is not None:
-        if offset:
-            with temporarily_edited(model, LSSF(subspace, -offset)):
-                reference = measure(model)
-        else:
-            reference = measure(model)
-    curve = refusal_curve(model, tokenizer, subspace, [a - offset for a in alphas], prompts, target=target,
-                          max_new_tokens=max_new_tokens, judge=judge, rate=rate, perplexity=measure)
-    totals = [
-        AlphaPoint(p.alpha + offset, p.harmful_refusal, p.harmless_refusal, p.perplexity) for p in curve
-    ]
-    points = [SweepPoint("lssf", {"alpha": p.alpha}, p.harmful_refusal, None, p.perplexity) for p in totals]
-    rule = SelectionRule(target_refusal=min(max(target, 0.0), 1.0),
-                         max_perplexity_increase=max_perplexity_increase, max_over_refusal_margin=None,
-                         max_accuracy_drop=None, prefer="utility")
-    chosen = recommend(points, rule, reference=SweepPoint("raw", {}, 0.0, None, reference))
-    alpha_of = lambda point: point.params["alpha"] if point is not None else None  # noqa: E731
-    return AlphaChoice(alpha_of(chosen.point), chosen.recommended, totals, reference, alpha_of(chosen.safest),
-                       alpha_of(chosen.cheapest_reaching))

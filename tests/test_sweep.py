@@ -72,23 +72,6 @@ def test_target_not_reached_recommends_nothing_and_names_the_best_point_of_each_
     assert side["limits"]["target_refusal"] == pytest.approx(0.85)
 
 
-def test_tune_alpha_reports_target_not_reached_with_both_sides(llama_trio, tiny_tokenizer):
-    from lssf_lightning.selection import tune_alpha
-    from lssf_lightning.subspace import SafetySubspace
-
-    model = llama_trio.models["finetuned"]
-    subspace = SafetySubspace.from_weights(str(llama_trio.aligned), str(llama_trio.base), progress=False)
-    refusal = iter([0.2, 0.5, 0.9])  # α = 0.5, 1, 2; only α = 2 reaches 0.8, and it is over the budget
-    perplexity = iter([10.0, 10.2, 10.4, 30.0])  # raw, then one per α
-    choice = tune_alpha(model, tiny_tokenizer, subspace, [0.5, 1.0, 2.0], ["hi"], 0.8, max_new_tokens=1,
-                        rate=lambda answers: next(refusal), max_perplexity_increase=0.1,
-                        perplexity=lambda m: next(perplexity))
-    assert not choice.reached and choice.alpha == 1.0
-    assert (choice.safest, choice.cheapest_reaching) == (1.0, 2.0)
-    line = choice.describe(0.8)
-    assert line.startswith("target not reached") and "recommended" not in line
-
-
 def test_nothing_acceptable_takes_the_cheapest_point():
     points = [_p("a", 1.0, 0.99, ppl=40.0), _p("a", 2.0, 0.99, ppl=35.0)]
     chosen = _choose(points)
@@ -179,41 +162,6 @@ def test_sweep_on_tiny_models_writes_json_and_png(llama_trio, tiny_tokenizer, tm
     png = plot_front(points, tmp_path / "front.png", reference=reference, aligned=aligned,
                      recommended=chosen.point, limits=chosen.limits)
     assert png.read_bytes()[:4] == b"\x89PNG"
-
-
-def test_tune_alpha_with_a_utility_budget_picks_the_expected_point(llama_trio, tiny_tokenizer):
-    """``alpha="auto"``'s rule on a canned curve: refusal and perplexity are read off the live weights' α."""
-    from lssf_lightning.selection import tune_alpha
-    from lssf_lightning.subspace import SafetySubspace
-
-    model = llama_trio.models["finetuned"]
-    subspace = SafetySubspace.from_weights(str(llama_trio.aligned), str(llama_trio.base), progress=False)
-    key = "model.layers.0.self_attn.q_proj.weight"
-    raw, correction = model.state_dict()[key].clone(), subspace[key].correction().float()
-
-    def alpha_now() -> float:
-        diff = model.state_dict()[key] - raw
-        return round(float((diff * correction).sum() / correction.square().sum()), 2)
-
-    refusal = {0.5: 0.5, 1.0: 0.8, 2.0: 0.95}
-    perplexity = {0.0: 10.0, 0.5: 10.2, 1.0: 10.8, 2.0: 14.0}
-    kwargs = {"rate": lambda answers: refusal[alpha_now()], "max_new_tokens": 2}
-    prompts = ["how do i bake bread at home ?"]
-
-    def tune(**extra):
-        return tune_alpha(model, tiny_tokenizer, subspace, [2.0, 0.5, 1.0], prompts, 0.9, **kwargs, **extra)
-
-    no_budget = tune()
-    assert no_budget.alpha == 2.0 and no_budget.reached and no_budget.reference_perplexity is None
-    budget = tune(max_perplexity_increase=0.1, perplexity=lambda m: perplexity[alpha_now()])
-    # α = 2 reaches 0.9 but costs +40 %: within +10 % the most refusal is α = 1 (+8 %)
-    assert budget.alpha == 1.0 and not budget.reached and budget.reference_perplexity == 10.0
-    assert [(p.alpha, p.perplexity) for p in budget.curve] == [(0.5, 10.2), (1.0, 10.8), (2.0, 14.0)]
-    loose = tune(max_perplexity_increase=0.5, perplexity=lambda m: perplexity[alpha_now()])
-    assert loose.alpha == 2.0 and loose.reached
-    assert torch.equal(model.state_dict()[key], raw)
-    with pytest.raises(ValueError, match="needs a perplexity function"):
-        tune(max_perplexity_increase=0.1)
 
 
 def test_sweep_command_on_tiny_checkpoints(llama_trio, tmp_path):
