@@ -17,6 +17,7 @@ from lssf_lightning.core.entropy import safety_critical_rank
 from lssf_lightning.lightning.callback import LSSFCallback
 from lssf_lightning.lightning.data import ChatDataModule, write_chat_jsonl
 from lssf_lightning.lightning.module import CausalLMModule
+from lssf_lightning.stability import UpdateShare
 
 ROWS = [
     ("how do i bake bread at home ?", "sure , here is a simple answer ."),
@@ -35,13 +36,14 @@ def data_files(tmp_path_factory):
     return (write_chat_jsonl(root / "train.jsonl", [{"prompt": p, "response": r} for p, r in ROWS]),)
 
 
-def fit(trio, data_files, callbacks, *, max_epochs=1, ckpt_path=None):
+def fit(trio, data_files, callbacks, *, max_epochs=1, ckpt_path=None, **trainer_kwargs):
     torch.manual_seed(0)
     module = CausalLMModule(str(trio.aligned), learning_rate=1e-2)
     data = ChatDataModule(str(data_files[0]), None, batch_size=2, shuffle=False)
     trainer = Trainer(max_epochs=max_epochs, accelerator="cpu", devices=1, callbacks=callbacks, logger=False,
                       enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                      enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks))
+                      enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+                      **trainer_kwargs)
     trainer.fit(module, data, ckpt_path=ckpt_path)
     return trainer, module
 
@@ -147,7 +149,7 @@ def test_epochs_mode_applies_the_form_of_live_minus_applied(llama_trio, data_fil
 def test_steps_guard_keeps_the_subspace_at_the_aligned_state(llama_trio, data_files):
     after = Record(batches=True)
     callback = lssf(llama_trio, method="lssf-reset", alpha=1.0, apply_on="steps", every_n_steps=1)
-    trainer, module = fit(llama_trio, data_files, [callback, after], max_epochs=1)
+    trainer, module = fit(llama_trio, data_files, [callback, after], max_epochs=1, log_every_n_steps=1)
     assert len(after.seen) == 3
     moved = False
     for weights in after.seen:
@@ -360,3 +362,23 @@ def test_steps_mode_counts_optimizer_steps_under_gradient_accumulation(llama_tri
                if not all(torch.equal(pre[k], post[k]) for k in pre)]
     assert [step for step, _ in after.seen] == [0, 1, 1, 2, 2, 3]
     assert changed == [1, 2, 3]  # once per optimizer step, never before the first
+
+
+def test_step_share_is_measured_on_logged_steps_only(llama_trio, data_files, monkeypatch):
+    calls = []
+    since_mark = UpdateShare.since_mark
+    monkeypatch.setattr(UpdateShare, "since_mark", lambda self, p: calls.append(1) or since_mark(self, p))
+    before, after = Around(), Around()
+    callback = lssf(llama_trio, method="lssf-reset", alpha=1.0, apply_on="steps", every_n_steps=1)
+    trainer, _ = fit(llama_trio, data_files, [before, callback, after], log_every_n_steps=2)
+    assert [step for step, _ in after.seen] == [1, 2, 3] and len(calls) == 1  # step 2 only, not 1 or 3
+    inside = total = 0.0
+    for key, weight in before.seen[1][1].items():  # step 2's update: from after step 1's guard to before 2's
+        aligned, base = references(llama_trio, key)
+        u, s, _ = torch.linalg.svd(aligned - base, full_matrices=False)
+        update = weight.double() - after.seen[0][1][key].double()
+        inside += (u[:, : safety_critical_rank(s, 0.9)].T @ update).square().sum().item()
+        total += update.square().sum().item()
+    assert 0 < inside < total
+    assert float(trainer.callback_metrics["lssf/update_in_subspace_step"]) == pytest.approx(inside / total,
+                                                                                          rel=1e-4)

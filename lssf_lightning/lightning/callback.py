@@ -98,7 +98,8 @@ class LSSFCallback(Callback):
         every_n_steps: for ``apply_on="steps"``: apply the form after every N-th optimizer step (the guard).
         log_update_share: log ``lssf/update_in_subspace`` (the share of the update since fit start inside the
             safety subspace, overall and per layer group, at each train epoch end; in steps mode also
-            ``lssf/update_in_subspace_step``, the optimizer's update since the previous application) and
+            ``lssf/update_in_subspace_step``, the optimizer's update since the previous application, measured
+            only for the applications on a logged step, ``log_every_n_steps``) and
             ``lssf/subspace_drift``; single device or DDP, full weights (not LoRA, not FSDP2 shards yet);
             keeps a CPU copy of the targeted weights.
     """
@@ -371,13 +372,14 @@ class LSSFCallback(Callback):
             return
         self._last_guard_step = step
         parameters = training.named_tensors(pl_module)
-        if self.update_share is not None:
-            shares = self.update_share.since_mark(parameters)
-            if shares is not None:
-                pl_module.log_dict(metric_names(shares, "lssf/update_in_subspace_step"), on_step=True)
+        share = self.update_share  # measured only over the windows that end on a logged step: a copy of the
+        if share is not None and share.previous is not None:  # weights and a GEMM per matrix each time
+            pl_module.log_dict(metric_names(share.since_mark(parameters), "lssf/update_in_subspace_step"),
+                               on_step=True)
+            share.previous = None
         self.live_forms.apply_(parameters)
-        if self.update_share is not None:
-            self.update_share.mark(parameters)
+        if share is not None and _logs_step(trainer, step + self.every_n_steps):
+            share.mark(parameters)
 
     @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -533,6 +535,12 @@ def _trainer_folders(trainer: Trainer) -> list[str]:
     if trainer.loggers:
         folders.append(trainer.log_dir)
     return [os.fspath(f) for f in folders if f]
+
+
+def _logs_step(trainer: Trainer, step: int) -> bool:
+    """Whether the Trainer's loggers receive the ``on_step`` metrics of optimizer step ``step`` (every
+    ``log_every_n_steps``-th)."""
+    return bool(trainer.log_every_n_steps) and step % trainer.log_every_n_steps == 0
 
 
 def _no_validation_loop(trainer: Trainer) -> str | None:
