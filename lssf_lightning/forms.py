@@ -221,16 +221,7 @@ class CoordinateForms(AppliedForms):
                  form: str, alpha: float, add: float) -> None:
         super().__init__(plan)
         self.factors, self.form, self.alpha, self.add = dict(factors), form, float(alpha), float(add)
-        self.grams: dict[str, Tensor | None] = {}
-
-    def gram(self, key: str, left: Tensor) -> Tensor | None:
-        """``U'ᵀU'`` of ``key``, computed once (``None`` when it is the identity to float32 precision:
-        orthonormal ``U'``, ``α₁ = 1``, where ``U'ᵀ(W − U'a) = U'ᵀW − a``)."""
-        if key not in self.grams:
-            gram = left.T @ left
-            identity = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-            self.grams[key] = None if torch.allclose(gram, identity, rtol=0.0, atol=1e-5) else gram
-        return self.grams[key]
+        self.grams = {key: f[0].T.double() @ f[0].double() for key, f in self.factors.items()}  # U'ᵀU', once
 
     def apply_(self, parameters: Mapping[str, Tensor]) -> None:
         with torch.no_grad():
@@ -243,8 +234,9 @@ class CoordinateForms(AppliedForms):
                 applied = self.applied.get(key)
                 if applied is not None:
                     previous = applied.right.to(device=weight.device, dtype=dtype)
-                    gram = self.gram(key, left_d)
-                    current = current - (previous if gram is None else gram @ previous)  # U'ᵀ(W − A)
+                    gram = self.grams[key].to(device=weight.device, dtype=dtype)  # skipped when orthonormal
+                    orthonormal = torch.allclose(gram, gram.new_ones(len(gram)).diag(), rtol=0.0, atol=1e-5)
+                    current = current - (previous if orthonormal else gram @ previous)  # U'ᵀ(W − A)
                 erosion = current - coordinates.to(device=weight.device, dtype=dtype)
                 new = coordinate_right(self.form, erosion, right.to(device=weight.device, dtype=dtype),
                                        self.alpha, self.add)
