@@ -84,6 +84,9 @@ class Preset:
     batch_size: int = 8
     etas: tuple[float, ...] = (0.8, 0.9)
     guard_etas: tuple[float, ...] = (0.8, 0.9)
+    # "weights": SVD of δ (data-free); "activations": SVD of δ·X̂ on the bundled harmful calibration prompts
+    sources: tuple[str, ...] = ("weights", "activations")
+    guard_sources: tuple[str, ...] = ("weights", "activations")
     points: dict = field(
         default_factory=lambda: {
             "lssf": ((1.0,),),
@@ -116,6 +119,8 @@ class Preset:
             lora_steps=24,
             etas=(0.8, 0.9),
             guard_etas=(0.8,),
+            sources=("weights",),
+            guard_sources=("weights",),
             points={
                 "lssf": ((1.0,),),
                 "lssf-reset": ((1.0,), (2.0,)),
@@ -237,20 +242,20 @@ def finetune(assets: Assets, rows: list[dict], preset: Preset, lora: bool, workd
     return model, module.tokenizer
 
 
-def guard_callback(assets: Assets, eta: float, workdir: Path):
+def guard_callback(assets: Assets, subspace: SubspaceConfig, workdir: Path):
     from lssf_lightning.lightning.callback import LSSFCallback
 
     return LSSFCallback(
         unaligned=str(assets.base),
         aligned=str(assets.aligned),
-        subspace=SubspaceConfig(eta=eta),
+        subspace=subspace,
         method="lssf-reset",
         alpha=1.0,
         apply_on="steps",
         every_n_steps=1,
         monitor=False,
         verbose=False,
-        subspace_cache=str(workdir / f"subspace-eta{eta:g}.safetensors"),
+        subspace_cache=str(workdir / f"subspace-{subspace.source}-eta{subspace.eta:g}.safetensors"),
     )
 
 
@@ -343,8 +348,9 @@ def run_recipe(
         sizes=recipe.sizes(),
     )
     started = time.perf_counter()
-    grid = SweepGrid(subspaces=tuple(SubspaceConfig(eta=e) for e in preset.etas), points=preset.points)
-    candidates = list(grid_candidates(grid, str(assets.aligned), str(assets.base)))
+    subspaces = tuple(SubspaceConfig(eta=e, source=s) for s in preset.sources for e in preset.etas)
+    grid = SweepGrid(subspaces=subspaces, points=preset.points)
+    candidates = list(grid_candidates(grid, str(assets.aligned), str(assets.base), tokenizer=tokenizer))
     run.points = [
         _point(p.method, dict(p.params), p.extra | _scores_of(p), ft_val)
         for p in run_sweep(
@@ -357,24 +363,45 @@ def run_recipe(
     ]
     run.planners = {p.label: c.planner for p, c in zip(run.points, candidates)}
     seconds["post_hoc_sweep"] = time.perf_counter() - started
-    for eta in preset.guard_etas:
-        started = time.perf_counter()
-        guarded, _ = finetune(
-            assets, recipe.train, preset, lora, workdir, [guard_callback(assets, eta, workdir)]
-        )
-        label = SweepPoint("guard", {"eta": eta, "alpha": 1.0}, 0.0).label
-        run.points.append(_point("guard", {"eta": eta, "alpha": 1.0}, score(guarded, assets.val), ft_val))
-        run.test[label] = score(guarded, assets.test)
-        _log(f"{name}: {label} val {_short(run.points[-1].extra | _scores_of(run.points[-1]))}")
-        del guarded
-        gc.collect()
-        seconds[f"guard_eta{eta:g}"] = time.perf_counter() - started
+    for source in preset.guard_sources:
+        for eta in preset.guard_etas:
+            _guard(
+                run, SubspaceConfig(eta=eta, source=source), recipe, preset, assets, score, ft_val, workdir
+            )
+    seconds.update(run.seconds)
     shown = decide(run, rule)
     _log(f"{name}: {run.outcome['said']}")
     for label in [p for p in shown.values() if p] + [_label(*PAPER), _label(*DEMO_DEFAULT)]:
         _test_point(run, label, model, score, assets)
     run.model, run.score, run.seconds = model, score, {k: round(v, 1) for k, v in seconds.items()}
     return run
+
+
+def _guard(
+    run: RecipeRun,
+    subspace: SubspaceConfig,
+    recipe,
+    preset: Preset,
+    assets: Assets,
+    score,
+    ft_val,
+    workdir: Path,
+) -> None:
+    """The fine-tune again with the per-step guard; its validation point and test scores go into ``run``."""
+    started = time.perf_counter()
+    lora = run.name.endswith("-lora")
+    guarded, _ = finetune(
+        assets, recipe.train, preset, lora, workdir, [guard_callback(assets, subspace, workdir)]
+    )
+    params = {"eta": subspace.eta, **({"source": subspace.source} if subspace.source != "weights" else {})}
+    params["alpha"] = 1.0
+    label = SweepPoint("guard", params, 0.0).label
+    run.points.append(_point("guard", params, score(guarded, assets.val), ft_val))
+    run.test[label] = score(guarded, assets.test)
+    _log(f"{run.name}: {label} val {_short(run.points[-1].extra | _scores_of(run.points[-1]))}")
+    del guarded
+    gc.collect()
+    run.seconds[label] = time.perf_counter() - started
 
 
 def decide(run: RecipeRun, rule: SelectionRule) -> dict:

@@ -49,7 +49,8 @@ def test_wilson_interval():
 def test_smoke_run_on_a_tiny_model(llama_trio, tmp_path):
     preset = bench_efficacy.Preset(
         recipes=("classification", "instruct-lora"), train=8, val=3, test=3, steps=2, lora_steps=2,
-        batch_size=4, lora_rank=2, etas=(0.8,), guard_etas=(0.8,),
+        batch_size=4, lora_rank=2, etas=(0.8,), guard_etas=(0.8,), sources=("weights", "activations"),
+        guard_sources=("weights",),
         points={"lssf": ((1.0,),), "lssf-reset": ((2.0,),)}, refusal_tokens=4, instruct_tokens=4,
         precision="32-true", eval_dtype="",
     )
@@ -63,7 +64,8 @@ def test_smoke_run_on_a_tiny_model(llama_trio, tmp_path):
     for name, recipe in report["recipes"].items():
         labels = [p["label"] for p in recipe["validation"]]
         assert labels == ["aligned", "finetuned", "lssf(eta=0.8, alpha=1)", "lssf-reset(eta=0.8, alpha=2)",
-                          "guard(eta=0.8, alpha=1)"], name
+                          "lssf(eta=0.8, source=activations, alpha=1)",
+                          "lssf-reset(eta=0.8, source=activations, alpha=2)", "guard(eta=0.8, alpha=1)"], name
         outcome = recipe["outcome"]
         assert ("point" in outcome) != ("safest_within_budget" in outcome)  # recommended xor not reached
         assert {"aligned", "finetuned", "guard(eta=0.8, alpha=1)"} <= set(recipe["test"])
