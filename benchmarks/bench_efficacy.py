@@ -105,7 +105,7 @@ class Preset:
     def quick(cls) -> Preset:
         return cls(
             recipes=("instruct", "classification"),
-            train=96,
+            train=64,
             val=12,
             test=24,
             harmful_val=16,
