@@ -151,7 +151,7 @@ def _classification(train: int, val: int, test: int, seed: int) -> RecipeData:
         [e.to_row() for e in val_set],
         [e.to_row() for e in test_set],
         {k: [e.prompt for e in v] for k, v in sets.items()},
-        task_tokens=4,
+        task_tokens=6,
         score=score,
     )
 
