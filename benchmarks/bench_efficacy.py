@@ -100,6 +100,7 @@ class Preset:
     precision: str = "bf16-mixed"
     eval_dtype: str = "bfloat16"
     seed: int = 0
+    alignment: str = "full"  # the demo preset whose cached aligned model is used ("full" or "quick")
 
     @classmethod
     def quick(cls) -> Preset:
@@ -125,6 +126,7 @@ class Preset:
             points={"lssf": ((1.0,),), "lssf-reset": ((2.0,),), "lssf-two-sided": ((1.0, 0.5),)},
             refusal_tokens=12,
             instruct_tokens=32,
+            alignment="quick",
         )
 
 
@@ -161,7 +163,8 @@ def demo_assets(preset: Preset) -> Assets:
     from lssf_lightning.demo.state import Progress
     from lssf_lightning.metrics.perplexity import load_utility_texts
 
-    demo = DemoConfig.full()  # the demo's full safety pass: one cached aligned model for every preset
+    # the demo's safety pass of that preset: the aligned model is cached and shared with the demo
+    demo = DemoConfig.quick() if preset.alignment == "quick" else DemoConfig.full()
     base = base_model_dir(log=_log)
     aligned = aligned_model_dir(
         base, load_demo_prompts(demo.sizes, seed=demo.seed), demo, Progress(), cache_dir()
