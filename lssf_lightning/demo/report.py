@@ -83,9 +83,9 @@ def report_stage(run: Run, subspace) -> dict:
     print("\n" + table, flush=True)
     lssf = report["lssf"]
     choice = lssf["sweep_choice"]["label"]
+    found = "recommends" if lssf["reached"] else "reaches no target; its best is"
     verdict = ("the sweep's rule on validation agrees" if lssf["sweep_agrees"] else
-               f"the sweep's rule on validation {'recommends' if lssf['reached'] else 'reaches no target; best'}"
-               f" {choice}")
+               f"the sweep's rule on validation {found} {choice}")
     form = lssf["callback"]
     print(f"\nrealigned by the callback with {form['method']} α={form['alpha']:g}; {verdict}"
           + f"; subspace mean rank {lssf['mean_rank']:.1f}; sweep cost "
