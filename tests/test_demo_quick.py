@@ -63,7 +63,8 @@ def test_quick_demo_recommendation_keeps_refusal_up_and_perplexity_within_budget
     budget = 1.0 + report["config"]["max_perplexity_increase"]
     assert chosen["perplexity"] <= finetuned["perplexity"] * budget + 1e-9, "the utility budget (validation)"
     assert sweep["recommended"]["acceptable"]
-    assert len(sweep["points"]) == len(report["config"]["grid"]["alphas"]) + 2
+    grid = report["config"]["grid"]["points"]
+    assert len(sweep["points"]) == sum(len(values) for values in grid.values())
     assert sweep["cost"]["seconds_per_point"] > 0
 
 
@@ -77,9 +78,15 @@ def test_quick_demo_models_and_report_are_usable(demo):
         assert model.config.num_hidden_layers == 30 and tokenizer.chat_template
     report = json.loads((output / "report.json").read_text())
     assert report["mode"] == "quick" and report["results"] == results
-    assert report["lssf"]["recommended"] == report["sweep"]["recommended"]["point"]
-    for figure in ("scores.png", "front.png", "subspace_ranks.png"):
+    assert report["lssf"]["sweep_choice"] == report["sweep"]["recommended"]["point"]
+    assert report["lssf"]["callback"] == {"method": "lssf-reset", "alpha": 2.0}  # the realigned row's form
+    for figure in ("scores.png", "front.png", "subspace_ranks.png", "training_curves.png"):
         assert (output / figure).read_bytes()[:4] == b"\x89PNG"
+    for run in ("finetuned", "guarded"):  # the monitor's curves, measured during each fine-tune
+        rows = report["training_curves"][run]
+        assert rows[0]["step"] == 0 and rows[-1]["step"] == report["config"]["finetune_steps"]
+        assert all("refusal_rate" in r and "refusal_rate_realigned" in r for r in rows)
+        assert all(0.0 <= r["update_in_subspace"] <= 1.0 for r in rows[1:])
     lines = (output / "responses" / "realigned.jsonl").read_text().splitlines()
     answers = [json.loads(line) for line in lines]
     assert {row["set"] for row in answers} >= {"harmful", "harmless", "harmful_ood", "task"}

@@ -13,8 +13,8 @@ from lssf_lightning.sweep import SweepGrid
 
 __all__ = ["FULL_GRID", "LORA_GRID", "MODEL_NAMES", "QUICK_GRID", "SAVED_MODELS", "DemoConfig"]
 
-MODEL_NAMES = ("base", "aligned", "finetuned", "realigned", "lssf_paper", "resta")
-SAVED_MODELS = ("base", "aligned", "finetuned", "realigned", "resta")  # written under models/
+MODEL_NAMES = ("base", "aligned", "finetuned", "realigned", "guarded", "lssf_paper", "resta")
+SAVED_MODELS = ("base", "aligned", "finetuned", "realigned", "guarded", "resta")  # written under models/
 ALIGN_VERSION = 2  # bump when the alignment recipe changes, to invalidate cached aligned models
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -43,11 +43,13 @@ LORA_GRID = SweepGrid(subspaces=(SubspaceConfig(eta=0.8),),
 class DemoConfig:
     """Every setting of the demo. :meth:`full` and :meth:`quick` are the two presets.
 
-    The LSSF settings (``eta``, ``alpha_1``, ``source``, the sweep ``grid``, the refusal target and the
-    utility budget) were chosen on the validation split; see the README's demo section. ``alpha="auto"``
-    realigns with the setting :func:`lssf_lightning.selection.recommend` picks from ``grid`` on validation; a
-    number fuses the
-    paper's additive form with that ``α`` instead.
+    The LSSF settings (``eta``, ``alpha_1``, ``source``, the callback's ``method`` and ``method_alpha``, the
+    sweep ``grid``, the refusal target and the utility budget) were chosen on the validation split; see
+    docs/demo.md. The realigned model is the fine-tune's own :class:`~lssf_lightning.LSSFCallback` export
+    with ``method`` at ``method_alpha``; the sweep scores ``grid`` on validation beside it and the report says
+    whether its rule agrees. ``alpha`` set to a number makes the callback fuse the paper's additive form with
+    that ``α`` instead. ``guard``: a second fine-tune with the per-step guard (``method`` at ``α = 1`` after
+    every ``guard_every`` optimizer steps). ``curve_every``: the training curves' interval (steps).
     """
 
     sizes: SplitSizes = field(default_factory=lambda: SplitSizes(
@@ -79,6 +81,11 @@ class DemoConfig:
     alpha_1: float = 1.0
     source: str = "weights"
     alpha: float | str = "auto"
+    method: str = "lssf-reset"
+    method_alpha: float = 2.0
+    guard: bool = True
+    guard_every: int = 1
+    curve_every: int = 12
     grid: SweepGrid = field(default_factory=lambda: FULL_GRID)
     lora_grid: SweepGrid = field(default_factory=lambda: LORA_GRID)
     alpha_target_margin: float = 0.05
@@ -111,6 +118,7 @@ class DemoConfig:
             lora=False,
             grid=QUICK_GRID,
             eval_new_tokens=12,
+            curve_every=8,
         )
         return replace(quick, **overrides)
 

@@ -8,7 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from lssf_lightning.demo.config import MODEL_NAMES
-from lssf_lightning.demo.figures import plot_scores
+from lssf_lightning.demo.figures import plot_scores, plot_training_curves
 from lssf_lightning.demo.state import Run, save_responses, score_summary
 from lssf_lightning.io.guard import write_json
 from lssf_lightning.plots import plot_front, plot_subspace
@@ -42,8 +42,9 @@ COLUMNS = (
 def report_stage(run: Run, subspace) -> dict:
     config, log, output, report = run.config, run.log, run.output, run.report
     log.stage("6/6 report")
-    results = {name: score_summary(run.evaluations[name]) for name in MODEL_NAMES}
-    for name in MODEL_NAMES:
+    names = [name for name in MODEL_NAMES if name in run.evaluations]  # "guarded": with config.guard
+    results = {name: score_summary(run.evaluations[name]) for name in names}
+    for name in names:
         save_responses(output, name, run.evaluations[name])
     write_json(output / "results.json", results)
     figures = {"scores": plot_scores(results, output / "scores.png", "full fine-tune"),
@@ -54,6 +55,8 @@ def report_stage(run: Run, subspace) -> dict:
         figures["scores_lora"] = plot_scores(rows, output / "scores_lora.png", "LoRA fine-tune")
         figures["front_lora"] = plot_sweep(lora["sweep"], output / "front_lora.png", "LoRA fine-tune")
     figures["subspace"] = plot_subspace(subspace, output / "subspace_ranks.png")
+    if run.curves:
+        figures["training"] = plot_training_curves(run.curves, output / "training_curves.png")
     timings = log.finish()
     report.update(
         mode="quick" if run.quick else "full",
@@ -62,6 +65,7 @@ def report_stage(run: Run, subspace) -> dict:
                "task_train": len(run.task_train)},
         aligned_validation=run.aligned_val,
         results=results,
+        training_curves=run.curves,
         figures={k: str(v) for k, v in figures.items()},
         timings_s=timings,
         judge="RefusalPhraseJudge (refusal phrases near the start of the answer)",
@@ -78,9 +82,12 @@ def report_stage(run: Run, subspace) -> dict:
     (output / "results.md").write_text(table + "\n", encoding="utf-8")
     print("\n" + table, flush=True)
     lssf = report["lssf"]
-    outcome = "recommended on validation" if lssf["reached"] else (
-        "refusal target not reached on validation; used the safest setting within the budget")
-    print(f"\n{outcome}: {lssf['recommended']['label']}"
+    choice = lssf["sweep_choice"]["label"]
+    found = "recommends" if lssf["reached"] else "reaches no target; its best is"
+    verdict = ("the sweep's rule on validation agrees" if lssf["sweep_agrees"] else
+               f"the sweep's rule on validation {found} {choice}")
+    form = lssf["callback"]
+    print(f"\nrealigned by the callback with {form['method']} α={form['alpha']:g}; {verdict}"
           + f"; subspace mean rank {lssf['mean_rank']:.1f}; sweep cost "
           f"{report['sweep']['cost']['seconds_per_point']:.0f} s per point", flush=True)
     print(f"done in {timings['total'] / 60:.1f} min; results in {output}", flush=True)

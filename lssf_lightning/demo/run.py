@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, replace
@@ -40,6 +41,7 @@ from lssf_lightning.demo.adapters import lora_adapters
 from lssf_lightning.demo.align import alignment_rows
 from lssf_lightning.demo.assets import base_model_dir, cache_dir, load_demo_prompts
 from lssf_lightning.demo.config import LORA_TARGETS, DemoConfig
+from lssf_lightning.demo.curves import TrainingCurves
 from lssf_lightning.demo.evaluate import EvalSets, evaluate_model
 from lssf_lightning.demo.report import report_stage
 from lssf_lightning.demo.state import Progress, Run, load_model, save_responses, score_summary
@@ -178,16 +180,32 @@ def _evaluate(model, tokenizer, sets: EvalSets, config: DemoConfig, log: Progres
     return result
 
 
+def _curve_files(directory: Path, harmful: list[str], harmless: list[str]) -> tuple[Path, Path, str]:
+    """The training curves' validation prompt files (JSONL ``{"prompt": ...}``) and general text (the
+    bundled set: a monitor's default)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    files = []
+    for name, prompts in (("curve_harmful", harmful), ("curve_harmless", harmless)):
+        path = directory / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts), encoding="utf-8")
+        files.append(path)
+    return files[0], files[1], "bundled"
+
+
 def _task_rows_file(output: Path, name: str, examples) -> Path:
     return write_chat_jsonl(output / "data" / f"task_{name}.jsonl", [e.to_row() for e in examples])
 
 
-def _finetune(run, lora: bool):
-    """Fine-tune the aligned model on the task with the LSSF callback; returns (module, callback, trainer).
+def _finetune(run, lora: bool, guard: bool = False):
+    """Fine-tune the aligned model on the task with the LSSF callback; returns ``(module, callback, trainer,
+    curves)``.
 
-    The callback builds (or loads from the cache) the safety subspace at fit start; ``apply_on="checkpoint"``
-    leaves the live weights raw, so ``α`` can be chosen on validation afterwards and the callback's
-    :meth:`~lssf_lightning.LSSFCallback.export` writes the realigned model.
+    The callback builds (or loads from the cache) the safety subspace at fit start and carries the demo's
+    form (``config.method`` at ``config.method_alpha``; the paper's additive form when ``config.alpha`` is a
+    number) in ``apply_on="checkpoint"``: the live weights stay raw, so the sweep can score its grid on them
+    afterwards, and :meth:`~lssf_lightning.LSSFCallback.export` writes the realigned model. ``guard``: the
+    form at ``α = 1`` after every ``config.guard_every`` optimizer steps instead (``apply_on="steps"``).
+    The :class:`~lssf_lightning.demo.curves.TrainingCurves` of the run come back too.
     """
     config = run.config
     if lora:
@@ -203,22 +221,40 @@ def _finetune(run, lora: bool):
     subspace_file = run.aligned_dir.parent / (
         f"{run.aligned_dir.name}.subspace-{config.source}-eta{config.eta:g}-a1{config.alpha_1:g}.safetensors"
     )
+    form = _callback_form(config, guard, lora)
     callback = LSSFCallback(
         unaligned=str(run.base_dir), subspace=SubspaceConfig(eta=config.eta, alpha_1=config.alpha_1,
                                                              source=config.source),
-        alpha=1.0, apply_on="checkpoint", subspace_cache=str(subspace_file), monitor=False, verbose=True,
+        subspace_cache=str(subspace_file), monitor=False, verbose=True, **form,
     )
+    curves = TrainingCurves(callback, config.curve_every, steps, harmful_prompts=str(run.curve_files[0]),
+                            harmless_prompts=str(run.curve_files[1]), num_prompts=16, max_new_tokens=8,
+                            utility_texts=run.curve_files[2])
     data = ChatDataModule(str(run.train_file), batch_size=config.finetune_batch_size, max_length=256,
                           seed=config.seed)
     kind = f"LoRA r={config.lora_rank}" if lora else "full"
+    shown = ", ".join(f"{k}={v!r}" for k, v in form.items())
     run.log.info(f"{kind} fine-tune: {steps} steps of batch {config.finetune_batch_size}, with "
-                 f"LSSFCallback(unaligned=<base>, eta={config.eta}, source={config.source!r})")
-    trainer = _trainer(steps, config.precision, [callback])
+                 f"LSSFCallback(unaligned=<base>, eta={config.eta}, source={config.source!r}, {shown})")
+    trainer = _trainer(steps, config.precision, [callback, curves])
     with _quiet_warnings():
         trainer.fit(module, datamodule=data)
     trainer.strategy.optimizers = []  # the AdamW state (2x the trainable weights) is no longer needed
     module.model.eval()
-    return module, callback, trainer
+    return module, callback, trainer, curves
+
+
+def _callback_form(config: DemoConfig, guard: bool, lora: bool = False) -> dict:
+    """The LSSFCallback arguments of the demo's form: the guard, the paper's form at a fixed ``alpha`` (and
+    for the LoRA run, whose forms are chosen by the sweep afterwards: the callback's forms on LoRA models are
+    the per-step guard only so far), or ``method`` at ``method_alpha`` (checkpoint mode)."""
+    if guard:
+        return {"method": config.method, "alpha": 1.0, "apply_on": "steps",
+                "every_n_steps": config.guard_every}
+    if config.alpha != "auto" or lora:
+        return {"method": "lssf", "alpha": 1.0 if config.alpha == "auto" else float(config.alpha),
+                "apply_on": "checkpoint"}
+    return {"method": config.method, "alpha": config.method_alpha, "apply_on": "checkpoint"}
 
 
 def _pooled(result: dict, sets: EvalSets) -> dict:
@@ -310,6 +346,7 @@ def _assets_stage(run: Run) -> None:
                             extra_harmful={"ood": prompts.val_ood_harmful} if prompts.val_ood_harmful else {},
                             utility=load_utility_texts(config.utility_texts, "validation"))
     run.train_file = _task_rows_file(run.output, "train", run.task_train)
+    run.curve_files = _curve_files(run.output / "data", prompts.val_harmful, prompts.val_harmless)
     _task_rows_file(run.output, "val", task_val)  # for configs/demo.yaml
     log.info(f"base: {run.base_dir}")
     splits = ", ".join(f"{k} {len(v)}" for k, v in prompts.to_dict().items() if isinstance(v, list))
@@ -328,20 +365,28 @@ def _aligned_stage(run: Run) -> None:
 
 
 def _full_finetune_stage(run: Run):
-    """Full fine-tune; the sweep on validation; the recommended realignment, the paper's form and RESTA on
-    test; writes the models. Returns the subspace."""
+    """Full fine-tune; the callback's realigned model, the paper's form and RESTA on test; the sweep on
+    validation beside them; writes the models. Returns the subspace."""
     config, log = run.config, run.log
     log.stage("4/6 full fine-tune on the task, with LSSFCallback")
-    module, callback, trainer = _finetune(run, lora=False)
+    module, callback, trainer, curves = _finetune(run, lora=False)
+    run.curves["finetuned"] = curves.rows
     tokenizer, finetuned, subspace = module.tokenizer, module.model, callback.subspace
     run.evaluations["finetuned"] = _evaluate(finetuned, tokenizer, run.test_sets, config, log, "finetuned")
-    chosen, planner, sweep = _sweep("LSSF", finetuned, tokenizer, subspace, run, config.grid)
     models = run.output / "models"
-    with temporarily_edited(finetuned, planner()):
-        run.evaluations["realigned"] = _evaluate(finetuned, tokenizer, run.test_sets, config, log,
-                                                 f"realigned ({chosen.point.label})")
-        if config.save_models and chosen.point.method != "lssf":
-            _save_model(finetuned, tokenizer, models / "realigned")
+    with tempfile.TemporaryDirectory(prefix="lssf-demo-") as scratch:
+        exported = (models if config.save_models else Path(scratch)) / "realigned"
+        callback.export(trainer, module, exported, overwrite=True)  # the callback's own realigned model
+        realigned, _ = load_model(exported, config.eval_dtype)
+        label = f"realigned by the callback ({callback.method}, α={callback.current_alpha:g})"
+        run.evaluations["realigned"] = _evaluate(realigned, tokenizer, run.test_sets, config, log, label)
+        del realigned
+    chosen, _, sweep = _sweep("LSSF", finetuned, tokenizer, subspace, run, config.grid)
+    used = {"method": callback.method, "alpha": callback.current_alpha}
+    agrees = chosen.recommended and chosen.point.method == used["method"] and \
+        chosen.point.params.get("alpha") == used["alpha"]
+    log.info(f"the callback's form {used}: the sweep's rule on validation "
+             f"{'agrees' if agrees else 'picks otherwise: ' + str(chosen)}")
     paper = LSSF(subspace, config.paper_alpha)
     with temporarily_edited(finetuned, paper):
         label = f"LSSF, the paper's additive form (α={config.paper_alpha:g})"
@@ -358,15 +403,18 @@ def _full_finetune_stage(run: Run):
         _link_tree(run.base_dir, models / "base")
         _link_tree(run.aligned_dir, models / "aligned", skip=("align_train.jsonl", "align_meta.json"))
         _save_model(finetuned, tokenizer, models / "finetuned")
-        if chosen.point.method == "lssf":  # the paper's form: the callback exports it
-            callback.export(trainer, module, models / "realigned", alpha=chosen.point.params["alpha"])
         log.info(f"models written to {models}")
+    del module, trainer, finetuned
+    gc.collect()
+    if config.guard:
+        _guard_stage(run)
     ranks = list(subspace.ranks.values())
     run.report.update(
-        lssf={"recommended": chosen.point.to_dict(), "reached": chosen.recommended,
-              "acceptable": chosen.acceptable, "limits": dict(chosen.limits), "eta": config.eta,
-              "alpha_1": config.alpha_1, "source": config.source, "mean_rank": sum(ranks) / len(ranks),
-              "min_rank": min(ranks), "max_rank": max(ranks), "matrices": len(ranks)},
+        lssf={"callback": used, "sweep_agrees": agrees, "sweep_choice": chosen.point.to_dict(),
+              "reached": chosen.recommended, "acceptable": chosen.acceptable, "limits": dict(chosen.limits),
+              "eta": config.eta, "alpha_1": config.alpha_1, "source": config.source,
+              "mean_rank": sum(ranks) / len(ranks), "min_rank": min(ranks), "max_rank": max(ranks),
+              "matrices": len(ranks)},
         sweep=sweep,
         lssf_paper={"alpha": config.paper_alpha},
         resta={"beta": config.resta_beta},
@@ -374,12 +422,27 @@ def _full_finetune_stage(run: Run):
     return subspace
 
 
+def _guard_stage(run: Run) -> None:
+    """A second full fine-tune with the per-step guard: the live weights are the realigned model."""
+    config, log = run.config, run.log
+    log.stage(f"4c/6 full fine-tune with the guard ({config.method} α=1 every {config.guard_every} step(s))")
+    module, callback, trainer, curves = _finetune(run, lora=False, guard=True)
+    run.curves["guarded"] = curves.rows
+    label = f"guarded during training ({config.method}, α=1, every {config.guard_every} step(s))"
+    run.evaluations["guarded"] = _evaluate(module.model, module.tokenizer, run.test_sets, config, log, label)
+    if config.save_models:
+        _save_model(module.model, module.tokenizer, run.output / "models" / "guarded")
+    del module, callback, trainer
+    gc.collect()
+
+
 def _lora_stage(run: Run) -> None:
     """LoRA fine-tune; the sweep (LSSF forms on the merged weights, SafeLoRA on the adapters); scores go to
     ``report.json``."""
     config, log = run.config, run.log
     log.stage("4b/6 LoRA fine-tune on the task, with LSSFCallback")
-    module, callback, _ = _finetune(run, lora=True)
+    module, callback, _, curves = _finetune(run, lora=True)
+    run.curves["lora"] = curves.rows
     tokenizer, peft_model, subspace = module.tokenizer, module.model, callback.subspace
     scores = {"finetuned": _evaluate(peft_model, tokenizer, run.test_sets, config, log, "LoRA finetuned")}
     # The reset and erosion forms read the effective weight W + s·B·A: sweep a merged copy (135M: cheap).

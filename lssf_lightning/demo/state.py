@@ -89,3 +89,5 @@ class Run:
     train_file: Path | None = None
     evaluations: dict = field(default_factory=dict)
     report: dict = field(default_factory=dict)
+    curve_files: tuple = ()  # the training curves' validation prompts (harmful, harmless) and general text
+    curves: dict = field(default_factory=dict)  # {run name: TrainingCurves rows}
