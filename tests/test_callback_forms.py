@@ -10,11 +10,11 @@ from conftest import load_dir, state
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from test_callback import lssf
 from test_forms import dense_form
 
 from lssf_lightning import forms
 from lssf_lightning.core.entropy import safety_critical_rank
-from lssf_lightning.lightning.callback import LSSFCallback
 from lssf_lightning.lightning.data import ChatDataModule, write_chat_jsonl
 from lssf_lightning.lightning.module import CausalLMModule
 from lssf_lightning.stability import UpdateShare
@@ -46,12 +46,6 @@ def fit(trio, data_files, callbacks, *, max_epochs=1, ckpt_path=None, **trainer_
                       **trainer_kwargs)
     trainer.fit(module, data, ckpt_path=ckpt_path)
     return trainer, module
-
-
-def lssf(trio, **kwargs):
-    kwargs.setdefault("monitor", False)
-    kwargs.setdefault("verbose", False)
-    return LSSFCallback(unaligned=str(trio.base), **kwargs)
 
 
 def references(trio, key):
