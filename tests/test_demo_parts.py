@@ -291,3 +291,43 @@ def test_lora_adapters_written_sized_served_and_capped(llama_trio, tmp_path):
     assert report["combined"]["max_rank"] > 6 and report["rank_caps"]["6"]["max_rank"] == 6
     assert "realigned_adapter_r6" in scores
     assert all(torch.equal(v, before[k]) for k, v in peft_model.state_dict().items())
+
+
+# -- training curves -----------------------------------------------------------------------------------------
+
+
+def test_training_curves_measure_raw_and_realigned_and_the_update_share(llama_trio, tmp_path):
+    """The demo's curves on a real tiny fit: step 0, every ``every`` steps and the last step; the realigned
+    numbers come from the run's LSSFCallback (found among the Trainer's callbacks), the update share from its
+    monitor of where the update goes."""
+    from lightning.pytorch import Trainer
+
+    from lssf_lightning.demo.curves import TrainingCurves
+    from lssf_lightning.demo.figures import plot_training_curves
+    from lssf_lightning.lightning.callback import LSSFCallback
+    from lssf_lightning.lightning.data import ChatDataModule, write_chat_jsonl
+    from lssf_lightning.lightning.module import CausalLMModule
+
+    rows = [{"prompt": p, "response": "sure , here is a simple answer ."} for p in
+            ("how do i bake bread ?", "what is the capital of france ?", "explain a bicycle .")] * 2
+    train = write_chat_jsonl(tmp_path / "train.jsonl", rows)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in rows[:3]))
+    lssf = LSSFCallback(unaligned=str(llama_trio.base), method="lssf-reset", alpha=2.0, monitor=False,
+                        verbose=False)
+    curves = TrainingCurves(2, harmful_prompts=str(prompts), harmless_prompts=str(prompts), num_prompts=3,
+                            max_new_tokens=2)
+    trainer = Trainer(max_steps=5, accelerator="cpu", devices=1, callbacks=[lssf, curves], logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(CausalLMModule(str(llama_trio.aligned), learning_rate=1e-2),
+                ChatDataModule(str(train), batch_size=2, shuffle=False))
+    assert [r["step"] for r in curves.rows] == [0.0, 2.0, 4.0, 5.0]
+    assert all({"refusal_rate", "refusal_rate_realigned", "perplexity", "perplexity_realigned"} <= set(r)
+               for r in curves.rows)
+    # at step 0 the live weights are the aligned model: nothing to realign yet (up to float rounding)
+    assert curves.rows[0]["perplexity"] == pytest.approx(curves.rows[0]["perplexity_realigned"], rel=1e-5)
+    assert any(r["perplexity"] != r["perplexity_realigned"] for r in curves.rows[1:])
+    assert "update_in_subspace" not in curves.rows[0]
+    assert all(0.0 < r["update_in_subspace"] < 1.0 for r in curves.rows[1:])
+    png = plot_training_curves({"finetuned": curves.rows}, tmp_path / "curves.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"

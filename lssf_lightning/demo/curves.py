@@ -16,7 +16,6 @@ from lightning.pytorch import LightningModule, Trainer
 from typing_extensions import override
 
 from lssf_lightning import training
-from lssf_lightning.lightning.callback import LSSFCallback
 from lssf_lightning.lightning.monitor import RefusalMonitor
 
 __all__ = ["TrainingCurves"]
@@ -25,16 +24,17 @@ __all__ = ["TrainingCurves"]
 class TrainingCurves(RefusalMonitor):
     """Rows ``{"step", "refusal_rate", "refusal_rate_realigned", …, "update_in_subspace"}`` in ``rows``.
 
+    The run's LSSF callback (realigned weights, update share) is the one the monitor finds among the
+    Trainer's callbacks.
+
     Args:
-        lssf: the run's LSSF callback (its subspace, realigned weights and update share).
-        every: measure after every ``every``-th optimizer step (and at step 0 and the last step).
-        max_steps: the run's last step.
+        every: measure after every ``every``-th optimizer step (and at step 0 and the Trainer's last step).
         monitor: the :class:`RefusalMonitor` settings (``harmful_prompts``, ``num_prompts`` …).
     """
 
-    def __init__(self, lssf: LSSFCallback, every: int, max_steps: int, **monitor: Any) -> None:
+    def __init__(self, every: int, **monitor: Any) -> None:
         super().__init__(**monitor)
-        self.lssf_callback, self.every, self.max_steps = lssf, every, max_steps
+        self.every = every
         self.rows: list[dict[str, float]] = []
 
     @override
@@ -47,7 +47,7 @@ class TrainingCurves(RefusalMonitor):
                            batch_idx: int) -> None:
         """Every ``every`` optimizer steps, and at the last one (after the LSSF callback's own hook)."""
         step = trainer.global_step
-        if step and (step % self.every == 0 or step == self.max_steps) and step != self.rows[-1]["step"]:
+        if step and (step % self.every == 0 or step == trainer.max_steps) and step != self.rows[-1]["step"]:
             self._record(trainer, pl_module)
 
     @override
@@ -59,7 +59,7 @@ class TrainingCurves(RefusalMonitor):
         pl_module.eval()
         row = {"step": float(trainer.global_step)}
         row.update({name: float(value) for name, value in self.measure(trainer, pl_module).items()})
-        share = self.lssf_callback.update_share
+        share = getattr(self.lssf(trainer), "update_share", None)
         if share is not None and trainer.global_step:
             row["update_in_subspace"] = share.since_start(training.named_tensors(pl_module))["all"]
         self.rows.append(row)

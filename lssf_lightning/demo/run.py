@@ -227,7 +227,7 @@ def _finetune(run, lora: bool, guard: bool = False):
                                                              source=config.source),
         subspace_cache=str(subspace_file), monitor=False, verbose=True, **form,
     )
-    curves = TrainingCurves(callback, config.curve_every, steps, harmful_prompts=str(run.curve_files[0]),
+    curves = TrainingCurves(config.curve_every, harmful_prompts=str(run.curve_files[0]),
                             harmless_prompts=str(run.curve_files[1]), num_prompts=16, max_new_tokens=8,
                             utility_texts=run.curve_files[2])
     data = ChatDataModule(str(run.train_file), batch_size=config.finetune_batch_size, max_length=256,

@@ -490,7 +490,6 @@ class LSSFTrainerCallback(TrainerCallback):
         self.fusion.applied = float(applied)
         if self.tuner is not None:
             self.method, self._resumed = method, method
-        if self.tuner is not None:
             self.tuner.load_state_dict({"auto_target": auto_target, "alpha_curve": curve})
 
     def _rate(self, answers: list[str]) -> float:
