@@ -5,7 +5,8 @@ Usage: python -m torch.distributed.run --standalone --nproc-per-node 2 forms_dis
 STRATEGY:
   ddp    the per-step guard (lssf-reset, alpha 1, every step) under DDP: every rank the same edit
   fsdp2  the same guard under ModelParallelStrategy (FSDP2, shard-local with one all-reduce per matrix); then
-         checkpoint mode for lssf-reset (alpha 2), lssf-erosion and lssf-two-sided, and an exact resume
+         checkpoint mode for lssf-reset (alpha 2), lssf-erosion and lssf-two-sided (with export_dir and
+         export_adapter_dir), and an exact resume
   blocks  framework-free: ShardedForms on every placement against the dense formulas (rank<r>.json)
   fsdp2-epochs  epochs mode (lssf-reset, alpha 2, epochs 0 and 1) on the live shards, and a resume after
          epoch 0 that carries every rank's applied corrections
@@ -91,6 +92,9 @@ def guard(strategy, aligned, unaligned, train, out: Path) -> dict:
 
 def checkpoint_mode(aligned, unaligned, train, out: Path, method: str, alpha: float) -> dict:
     extra = {"aligned": aligned} if method == "lssf-two-sided" else {}
+    if method == "lssf-two-sided":  # and its exports, gathered from the shards at train end
+        extra.update(export_dir=str(out / "export_two_sided"),
+                     export_adapter_dir=str(out / "adapter_two_sided"))
     callback = lssf(unaligned, method=method, alpha=alpha, **extra)
     directory = out / f"ckpt_{method}"
     torch.manual_seed(0)

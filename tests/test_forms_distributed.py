@@ -93,6 +93,35 @@ def test_fsdp2_checkpoint_holds_the_dense_form_and_live_weights_stay_raw(fsdp2_r
     assert changed  # the form did edit the checkpoint
 
 
+def test_fsdp2_exports_of_a_form_hold_the_dense_form_of_the_gathered_weights(fsdp2_run, llama_trio):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lssf_lightning.config import SubspaceConfig
+    from lssf_lightning.training import build_subspace
+
+    out, _ = fsdp2_run
+    live = weights(out / "lssf-two-sided_end.safetensors")  # the raw weights at train end (gathered)
+    exported = weights(out / "export_two_sided" / "model.safetensors")
+    model = AutoModelForCausalLM.from_pretrained(llama_trio.aligned, dtype=torch.float32)
+    model.load_state_dict({k.removeprefix("model."): v for k, v in live.items()})
+    merged = PeftModel.from_pretrained(model, out / "adapter_two_sided").merge_and_unload().state_dict()
+    subspace = build_subspace(str(llama_trio.aligned), str(llama_trio.base), SubspaceConfig())
+    left = weights(out / "subspace_left.safetensors")
+    for key, value in live.items():
+        hf_key = key.removeprefix("model.")
+        expected = value.double()
+        if key in left:
+            aligned, base = references(llama_trio, key)
+            expected = dense_form("lssf-two-sided", expected, aligned, base, subspace[hf_key], 1.0)
+            assert not torch.allclose(expected, value.double(), atol=1e-4), key
+        if hf_key in exported:
+            assert torch.allclose(exported[hf_key].double(), expected, atol=1e-5), key
+        # the adapter holds the form's correction: merged onto the live model it gives the same weights
+        assert torch.allclose(merged[hf_key].double(), expected, atol=1e-5), key
+    assert {k.removeprefix("model.") for k in left} <= exported.keys()
+
+
 def test_fsdp2_resume_from_a_form_checkpoint_is_exact(fsdp2_run):
     out, _ = fsdp2_run
     raw, resumed = weights(out / "lssf-two-sided_end.safetensors"), weights(out / "resume_start.safetensors")
@@ -156,7 +185,8 @@ def test_forms_are_refused_in_one_line_where_they_cannot_run_yet():
     assert forms_problem(on(DDPStrategy()), "steps", exports=True, lora=True) is None
     assert forms_problem(sharded, "steps", exports=False, lora=False) is None
     assert forms_problem(sharded, "checkpoint", exports=False, lora=False) is None
-    assert "export_dir" in forms_problem(sharded, "epochs", exports=True, lora=False)
+    assert forms_problem(sharded, "epochs", exports=True, lora=False) is None
+    assert "export_dir" in forms_problem(sharded, "steps", exports=True, lora=True)
     assert "LoRA" in forms_problem(sharded, "steps", exports=False, lora=True)
     whole = on(ModelParallelStrategy(save_distributed_checkpoint=False))
     assert "save_distributed_checkpoint=True" in forms_problem(whole, "checkpoint", exports=False, lora=False)

@@ -221,6 +221,19 @@ class ShardedForms:
                 fixups[key] = shard_fixup(local, recovered, block.region)
         return added, fixups
 
+    def missing(self, parameters: Mapping[str, Tensor]) -> dict[str, Correction]:
+        """``{key: the block's factors of C(W − A) − A}``: what each block misses to carry the form (an
+        export's adapter); every rank calls it (collectives)."""
+        out = {}
+        for key, block in self.blocks.items():
+            local = local_tensor(parameters[key]).detach()
+            new, applied = self.correction(key, self._raw(key, local)), self.applied.get(key)
+            out[key] = new if applied is None else Correction(
+                torch.cat([new.left, applied.left.to(local.device, torch.float64)], dim=1),
+                torch.cat([new.right, -applied.right.to(local.device, torch.float64)], dim=0),
+                block.conv1d, torch.float64)
+        return out
+
     # -- records of every rank's factors (rank 0 writes them) ------------------------------------------
     def gather(self, factors: Mapping[str, Correction]) -> dict[str, Any] | None:
         """Every rank's block factors, for rank 0 to store (other ranks get ``None``). A collective."""

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from lssf_lightning.core.checks import all_finite
+from lssf_lightning.core.factors import ShardRegion
 from lssf_lightning.core.hold import hold_out_adapter_
 from lssf_lightning.core.variants import aligned_coordinates
 from lssf_lightning.distributed import fixups_of_rank, gather_fixups, global_rank, is_dtensor
@@ -28,6 +29,7 @@ from lssf_lightning.forms.applied import (
     CoordinateForms,
     PlanFn,
     check_method_options,
+    correction_product,
     difference,
     make_low_rank_planner,
     unfuse,
@@ -167,6 +169,13 @@ class LiveForms:
         (:func:`~lssf_lightning.adapters.write_lora_adapter`) of the model at ``attribute`` of the module
         (its keys lack ``"<attribute>."``)."""
         return MissingCorrection(self, attribute)
+
+    def gathered_missing_planner(self, parameters: Mapping[str, Tensor],
+                                 attribute: str = "") -> GatheredCorrection | None:
+        """Sharded (FSDP2): :meth:`missing_planner`'s corrections from every rank's blocks, whole on rank 0
+        (``None`` elsewhere). A collective: every rank calls it."""
+        record = self.forms.gather(self.forms.missing(parameters))
+        return None if record is None else GatheredCorrection(whole_factors(record), self, attribute)
 
     @property
     def carries(self) -> bool:
@@ -326,6 +335,55 @@ class MissingCorrection:
 
     def summary(self) -> dict[str, Any]:
         return {"method": self.live.method, "options": dict(self.live.options)}
+
+
+class GatheredCorrection:
+    """:meth:`LiveForms.gathered_missing_planner`: a low-rank planner holding the whole factors of what each
+    matrix misses to carry the form (assembled from every FSDP2 rank's blocks), for a LoRA adapter of the
+    model at ``attribute`` of the module."""
+
+    reads_weights = False
+
+    def __init__(self, corrections: Mapping[str, Correction], live: LiveForms, attribute: str = "") -> None:
+        self.corrections, self.live, self.form = dict(corrections), live, live.method
+        self.prefix = f"{attribute}." if attribute else ""
+
+    def low_rank_plan(self, target) -> dict[str, PlanFn]:
+        return {key: (lambda _weight, c=self.corrections[self.prefix + key]: c) for key in target.keys()
+                if self.prefix + key in self.corrections}
+
+    def plan(self, target) -> dict[str, Callable[[Tensor], Tensor]]:
+        def edit(correction: Correction) -> Callable[[Tensor], Tensor]:
+            return lambda weight: (weight + correction_product(correction, weight)).to(weight.dtype)
+
+        return {key: edit(self.corrections[self.prefix + key]) for key in target.keys()
+                if self.prefix + key in self.corrections}
+
+    def summary(self) -> dict[str, Any]:
+        return {"method": self.live.method, "options": dict(self.live.options)}
+
+
+def whole_factors(record: Mapping[str, Any]) -> dict[str, Correction]:
+    """``{key: the whole (L, R)}`` from a record of every rank's block factors (``L[rows]``, ``R[:, cols]``;
+    :meth:`ShardedForms.gather`), in float64 on the CPU."""
+    parts: dict[str, list] = {}
+    for own in record["ranks"]:
+        for key, stored in own.items():
+            parts.setdefault(key, []).append(stored)
+    out = {}
+    for key, blocks in parts.items():
+        conv1d, rank = bool(blocks[0]["conv1d"]), int(blocks[0]["left"].shape[1])
+        d_out, d_in = blocks[0]["region"]["global_shape"][::-1 if conv1d else 1]
+        left = torch.zeros(d_out, rank, dtype=torch.float64)
+        right = torch.zeros(rank, d_in, dtype=torch.float64)
+        for block in blocks:
+            stored = block["region"]
+            region = ShardRegion(*(tuple(stored[name]) for name in ("global_shape", "offset", "shape")))
+            rows, cols = region.entry_slices(conv1d)
+            left[rows] = block["left"].detach().cpu().double()
+            right[:, cols] = block["right"].detach().cpu().double()
+        out[key] = Correction(left, right, conv1d, torch.float64)
+    return out
 
 
 @contextlib.contextmanager

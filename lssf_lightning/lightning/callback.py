@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -469,8 +470,12 @@ class LSSFCallback(Callback):
         if self.export_dir:
             self.export(trainer, pl_module, self.export_dir)
         live = self.live_forms if isinstance(self.live_forms, forms.LiveForms) else None
-        if self.export_adapter_dir and trainer.is_global_zero and live is not None:  # the form's correction
-            planner = live.missing_planner(hf_model_attribute(pl_module, self.model_attribute))
+        attribute = hf_model_attribute(pl_module, self.model_attribute)
+        planner = None
+        if self.export_adapter_dir and live is not None:  # the form's correction (FSDP2: every rank's blocks)
+            planner = live.gathered_missing_planner(training.named_tensors(pl_module), attribute) if \
+                live.sharded else live.missing_planner(attribute)
+        if self.export_adapter_dir and trainer.is_global_zero and live is not None:
             report = write_model_adapter(self.hf_model(pl_module), planner, self.export_adapter_dir,
                                          overwrite=self.overwrite, inputs=self._inputs)
             self._info(f"LSSF: wrote the {report}")
@@ -488,13 +493,18 @@ class LSSFCallback(Callback):
         model = self.hf_model(pl_module)
         path = None
         attribute = hf_model_attribute(pl_module, self.model_attribute)
-        with strategy.export_store(trainer, model, attribute) as (store, prefix):
+        live = self.live_forms if isinstance(self.live_forms, forms.LiveForms) else None
+        # FSDP2: every rank applies the form to its own shards for the block; rank 0 streams the result
+        applied = live.temporarily_applied(training.named_tensors(pl_module)) if live is not None and \
+            live.sharded else contextlib.nullcontext()
+        with applied, strategy.export_store(trainer, model, attribute) as (store, prefix):
             if trainer.is_global_zero:
                 support = training.hf_support_files(model, self.resolve_tokenizer(pl_module, required=False))
                 overwrite = self.overwrite if overwrite is None else overwrite
-                if isinstance(self.live_forms, forms.LiveForms):  # the form of (live − what they carry)
+                if live is not None:  # the form of (live − what they carry)
                     path = Path(directory)
-                    write_model_directory(store, path, edits=self.live_forms.edits(store.keys(), attribute),
+                    edits = {} if live.sharded else live.edits(store.keys(), attribute)
+                    write_model_directory(store, path, edits=edits,
                                           names=training.export_names(store.keys(), prefix),
                                           write_support_files=support, progress=self.verbose,
                                           inputs=self._inputs, overwrite=overwrite)

@@ -76,16 +76,17 @@ def sharded_checkpoints(trainer: Trainer) -> bool:
 def forms_problem(trainer: Trainer, apply_on: str, exports: bool, lora: bool) -> str | None:
     """Why a form tracked per matrix (:mod:`lssf_lightning.forms`) cannot run under this strategy, else
     ``None``. Single device and DDP: every rank applies the same edit to its full weights. FSDP2
-    (``ModelParallelStrategy``): shard-local, each rank writing its own shards."""
+    (``ModelParallelStrategy``): shard-local, each rank writing its own shards; an export gathers the form
+    applied shard-locally (``export_dir``) or every rank's factors (``export_adapter_dir``)."""
     strategy = trainer.strategy
     if isinstance(strategy, FSDPStrategy):
         return ("is not supported under FSDPStrategy (FSDP1, flat parameters): use ModelParallelStrategy "
                 "(FSDP2)")
     if not isinstance(strategy, ModelParallelStrategy):
         return None
-    if exports:
-        return ("cannot write export_dir or export_adapter_dir under ModelParallelStrategy (FSDP2) yet: the "
-                "corrections are held per shard; export from a saved checkpoint")
+    if exports and lora:
+        return ("cannot write export_dir or export_adapter_dir of a peft LoRA model under "
+                "ModelParallelStrategy (FSDP2) yet")
     if lora:
         return ("on a peft LoRA model is not supported under ModelParallelStrategy (FSDP2) yet (the adapters "
                 "are sharded)")
