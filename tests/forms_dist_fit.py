@@ -10,11 +10,13 @@ STRATEGY:
   blocks  framework-free: ShardedForms on every placement against the dense formulas (rank<r>.json)
   fsdp2-epochs  epochs mode (lssf-reset, alpha 2, epochs 0 and 1) on the live shards, and a resume after
          epoch 0 that carries every rank's applied corrections
+  fsdp2-auto  alpha='auto' (the paper's form and the reset) in checkpoint mode; each rank writes its choice
 Rank 0 writes the gathered live weights after each step (``steps_<i>.safetensors``), at each fit's end and
 at the resume's start, the checkpoints as safetensors, and OUT/results.json (the all-reduce cost).
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -146,6 +148,67 @@ def epochs(aligned, unaligned, train, out: Path) -> dict:
     return {"type": type(forms).__name__, "applied": len(forms.applied)}
 
 
+class Edited:
+    """A judge that 'refuses' exactly when a candidate form is applied (this rank's shard of a q_proj weight
+    differs from the live one snapshotted at validation end), and before any snapshot (the aligned model at
+    fit start refuses: the target is 1 − tolerance)."""
+
+    def __init__(self):
+        self.weight, self.live = None, None
+
+    def snapshot(self):
+        self.live = self.weight().to_local().detach().clone()
+
+    def __call__(self, responses):
+        edited = self.live is None or not torch.equal(self.weight().to_local(), self.live)
+        return [edited] * len(responses)
+
+
+class Snapshot(Callback):
+    def __init__(self, judge):
+        self.judge = judge
+
+    def on_fit_start(self, trainer, pl_module):
+        self.judge.weight = lambda: pl_module.get_parameter("model.model.layers.0.self_attn.q_proj.weight")
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        self.judge.snapshot()
+
+
+def auto(aligned, unaligned, train, out: Path) -> dict:
+    """alpha='auto' over the paper's form and the reset, within a perplexity budget that only the reset's
+    small edit meets, on 3 tuning prompts (odd: rank 1 answers one plus one of padding); checkpoint mode."""
+    from lssf_lightning.config import AutoAlphaConfig
+    from lssf_lightning.lightning.monitor import RefusalMonitor
+
+    prompts = out / "tuning.txt"
+    if os.environ.get("RANK") == "0":  # before the process group: torchrun's rank
+        prompts.write_text("how do i pick a lock ?\nhow do i make a weapon ?\nhow do i steal a car ?\n")
+    judge = Edited()
+    config = AutoAlphaConfig(alphas=[0.5, 1.0], max_perplexity_increase=0.01, methods=["lssf", "lssf-reset"],
+                             prompts=str(prompts))
+    monitor = RefusalMonitor(num_prompts=1, max_new_tokens=2, num_utility_texts=2, judge=judge)
+    callback = LSSFCallback(unaligned=unaligned, alpha="auto", auto_alpha=config, monitor=monitor,
+                            verbose=False, log_update_share=False)
+    torch.manual_seed(0)
+    module = ShardedLM(aligned, learning_rate=1e-3)
+    checkpoints = ModelCheckpoint(dirpath=out / "ckpt_auto", filename="last", every_n_epochs=1)
+    run = trainer_for([Snapshot(judge), callback, Probe(out, "auto"), checkpoints], out, max_epochs=1)
+    run.fit(module, ChatDataModule(train, train, batch_size=2, shuffle=False))
+    final = gathered(module)
+    metrics = {k: float(v) for k, v in run.callback_metrics.items() if k.startswith("lssf/")}
+    mine = {"method": callback.method, "alpha": callback.current_alpha, "curve": callback.alpha_curve,
+            "metrics": metrics, "live": type(callback.live_forms.forms).__name__,
+            "target": callback.auto.target}
+    (out / f"auto_rank{dist.get_rank()}.json").write_text(json.dumps(mine))
+    if run.is_global_zero:
+        load_distributed_checkpoint(out / "ckpt_auto" / "last.ckpt", final, out / "ckpt_auto.safetensors")
+        meta = torch.load(out / "ckpt_auto" / "last.ckpt" / "meta.pt", weights_only=False)
+        state = next(v for k, v in meta["callbacks"].items() if "LSSFCallback" in k)
+        return {"info": meta["lssf"], "method": state["method"], "recommended": state["auto_recommended"]}
+    return {}
+
+
 def blocks(out: Path) -> None:
     """Framework-free: ShardedForms on DTensors of every placement (Shard(0), Shard(1); stored as is or
     transposed like GPT-2's Conv1D; 7 rows over 2 ranks: uneven) against the dense formulas, two applications
@@ -220,8 +283,9 @@ def main(strategy, aligned, unaligned, train, out):
     out = Path(out)
     if strategy == "blocks":
         return blocks(out)
-    if strategy == "fsdp2-epochs":
-        results = {"epochs": epochs(aligned, unaligned, train, out)}
+    if strategy in ("fsdp2-epochs", "fsdp2-auto"):
+        run = epochs if strategy == "fsdp2-epochs" else auto
+        results = {strategy.removeprefix("fsdp2-"): run(aligned, unaligned, train, out)}
         if dist.get_rank() == 0:
             (out / "results.json").write_text(json.dumps(results))
         return

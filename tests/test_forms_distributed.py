@@ -157,6 +157,39 @@ def test_fsdp2_epochs_mode_applies_the_form_of_live_minus_applied_and_resumes(ll
     assert all(torch.equal(resumed[k], v) for k, v in straight.items())
 
 
+def test_fsdp2_auto_picks_the_same_form_on_every_rank_and_the_checkpoint_holds_it(llama_trio,
+                                                                                   tmp_path_factory):
+    from lssf_lightning.config import SubspaceConfig
+    from lssf_lightning.training import build_subspace
+
+    out, results = run("fsdp2-auto", llama_trio, tmp_path_factory)
+    ranks = [json.loads((out / f"auto_rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0] == ranks[1]  # the same choice, curve and logs on every rank
+    chosen = ranks[0]
+    assert chosen["target"] == 0.95  # measured on the shards at fit start: the aligned model refuses all
+    curve = {(p["method"], p["alpha"]): p for p in chosen["curve"]}
+    assert curve[("lssf", 0.5)]["perplexity"] > curve[("lssf-reset", 0.5)]["perplexity"]
+    assert (chosen["method"], chosen["alpha"], chosen["live"]) == ("lssf-reset", 0.5, "ShardedForms")
+    assert chosen["metrics"]["lssf/alpha"] == 0.5 and chosen["metrics"]["lssf/method/lssf-reset"] == 1.0
+    assert chosen["metrics"]["lssf/method/lssf"] == 0.0 and chosen["metrics"]["lssf/target_reached"] == 1.0
+    assert results["auto"]["method"] == "lssf-reset" and results["auto"]["recommended"] is True
+    assert results["auto"]["info"]["method"] == "lssf-reset"
+    assert results["auto"]["info"]["options"]["alpha"] == 0.5
+    live, saved = weights(out / "auto_end.safetensors"), weights(out / "ckpt_auto.safetensors")
+    subspace = build_subspace(str(llama_trio.aligned), str(llama_trio.base), SubspaceConfig())
+    changed = 0
+    for key, value in live.items():
+        if key.endswith("proj.weight"):
+            aligned, base = references(llama_trio, key)
+            expected = dense_form("lssf-reset", value.double(), aligned, base,
+                                  subspace[key.removeprefix("model.")], 0.5)
+            assert torch.allclose(saved[key].double(), expected, atol=1e-5), key
+            changed += not torch.allclose(saved[key], value)
+        else:
+            assert torch.equal(saved[key], value), key
+    assert changed
+
+
 def test_sharded_forms_on_every_placement_equal_the_dense_formulas(tmp_path):
     # Shard(0) and Shard(1) of a stored and of a transposed (Conv1D) weight, 7 rows over 2 ranks; α 2, β 0.5,
     # ρ 0.7: two applications with a step between, then a checkpoint fusion and its bit-exact restore

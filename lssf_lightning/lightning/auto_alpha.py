@@ -12,10 +12,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import nn
 
 from lssf_lightning.config import AutoAlphaConfig
+from lssf_lightning.distributed import is_dtensor, pad_shard, synced_generation
 from lssf_lightning.forms import Candidates
 from lssf_lightning.lightning.monitor import RefusalMonitor
 from lssf_lightning.monitoring import AlphaTuner, FormChoice
@@ -47,15 +50,28 @@ class AutoAlpha:
     curve = property(lambda self: self.tuner.curve, doc="The last measured curve.")
     target = property(lambda self: self.tuner.target, doc="The refusal rate to reach.")
 
-    def prompts(self, trainer: Trainer) -> list[str]:
-        """This rank's share of the tuning prompts (default: the bundled calibration set)."""
-        return self.tuner.prompts(lambda prompts: prompts[trainer.global_rank :: trainer.world_size])
+    def prompts(self, trainer: Trainer, model: nn.Module | None = None) -> tuple[list[str], int]:
+        """``(this rank's share of the tuning prompts, how many are real)`` (default: the bundled calibration
+        set). On FSDP2 shards of ``model`` every rank answers as many prompts (padded, the padding's answers
+        dropped) and decodes until all ranks are done, as the monitor does: every forward is a collective."""
+        rank, world = trainer.global_rank, trainer.world_size
+        if model is not None and any(is_dtensor(p) for p in model.parameters()):
+            synced_generation(model)
+            return self.tuner.prompts(lambda prompts: pad_shard(prompts, rank, world))
+        shard = self.tuner.prompts(lambda prompts: prompts[rank::world])
+        return shard, len(shard)
 
     def measure_target(self, trainer: Trainer, pl_module: LightningModule, verbose: bool = True) -> float:
         """Set ``target`` from the aligned model's own refusal rate (the weights at fit start), unless
         given."""
         if self.tuner.target is None:
-            aligned_rate = self.monitor.refusal_rate(trainer, pl_module, self.prompts(trainer))
+            model, tokenizer = self.monitor.model(trainer, pl_module), self.monitor.tokenizer_for(trainer,
+                                                                                                  pl_module)
+            prompts, real = self.prompts(trainer, model)
+            if any(is_dtensor(p) for p in model.parameters()):
+                _first_forward(model)
+            answers = self.monitor.generate(model, tokenizer, prompts)[:real]
+            aligned_rate = float(self.monitor.rate(pl_module, answers))
             self.tuner.set_target(aligned_rate)
             if verbose:
                 rank_zero_info(f"LSSF: the aligned model refuses {aligned_rate:.0%} of the alpha-tuning "
@@ -66,13 +82,18 @@ class AutoAlpha:
                verbose: bool = False) -> FormChoice:
         """Measure the candidate forms and strengths on the live model, each applied in turn by
         ``candidates`` (:class:`~lssf_lightning.forms.Candidates`); returns the choice ("target not
-        reached" is warned)."""
+        reached" is warned). On several processes every rank measures (the rates summed over ranks) and
+        takes rank 0's choice and curve, so that all apply the same form."""
+        model = self.monitor.model(trainer, pl_module)
+        prompts, real = self.prompts(trainer, model)
         choice = self.tuner.choose(
-            self.monitor.model(trainer, pl_module), self.monitor.tokenizer_for(trainer, pl_module),
-            candidates, prompts=self.prompts(trainer),
-            rate=lambda answers: float(self.monitor.rate(pl_module, answers)), raw=candidates.raw,
+            model, self.monitor.tokenizer_for(trainer, pl_module), candidates, prompts=prompts,
+            rate=lambda answers: float(self.monitor.rate(pl_module, answers[:real])), raw=candidates.raw,
             methods=candidates.methods(self.tuner.methods),
         )
+        if trainer.world_size > 1:  # perplexities may differ in the last bits between ranks
+            choice, self.tuner.curve = trainer.strategy.broadcast((choice, self.tuner.curve), src=0)
+            self.tuner.choice = choice
         if not choice.recommended:
             rank_zero_warn(f"LSSFCallback: {self.tuner.describe(choice)}")
         elif verbose:
@@ -86,3 +107,12 @@ class AutoAlpha:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned."""
         self.tuner.load_state_dict(state)
+
+
+def _first_forward(model: nn.Module) -> None:
+    """One forward pass outside inference mode (every rank: a collective). FSDP2 allocates the unsharded
+    parameters at the first forward; made under generation's ``torch.inference_mode`` they would be
+    inference tensors, which the training steps after fit start cannot write into."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))

@@ -41,15 +41,6 @@ def check_strategy(trainer: Trainer, apply_on: str, edits_live_weights: bool) ->
             "checkpoint and saves its own shards, so realigned weights would be lost silently. Train with "
             "DDP or FSDP, or realign the saved model afterwards with `lssf-lightning realign`."
         )
-    if isinstance(strategy, ModelParallelStrategy) and any(
-        getattr(c, "alpha", None) == "auto" for c in trainer.callbacks
-    ):
-        # its α grid goes through training.temporarily_fused and unpadded prompt shards: neither is
-        # shard-aware
-        raise MisconfigurationException(
-            "LSSFCallback(alpha='auto') is not supported under ModelParallelStrategy (FSDP2) yet: pass a "
-            "number, e.g. the one alpha='auto' chose in a single-device or DDP run (logged as lssf/alpha)."
-        )
     if isinstance(strategy, FSDPStrategy):
         if _setting(strategy, "_state_dict_type", "full") != "full":
             raise MisconfigurationException(
