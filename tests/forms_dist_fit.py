@@ -10,7 +10,8 @@ STRATEGY:
   blocks  framework-free: ShardedForms on every placement against the dense formulas (rank<r>.json)
   fsdp2-epochs  epochs mode (lssf-reset, alpha 2, epochs 0 and 1) on the live shards, and a resume after
          epoch 0 that carries every rank's applied corrections
-  fsdp2-auto  alpha='auto' (the paper's form and the reset) in checkpoint mode; each rank writes its choice
+  fsdp2-auto, ddp-auto  alpha='auto' (the paper's form and the reset) in checkpoint mode; each rank writes
+         its choice
 Rank 0 writes the gathered live weights after each step (``steps_<i>.safetensors``), at each fit's end and
 at the resume's start, the checkpoints as safetensors, and OUT/results.json (the all-reduce cost).
 """
@@ -156,11 +157,15 @@ class Edited:
     def __init__(self):
         self.weight, self.live = None, None
 
+    def read(self):
+        weight = self.weight()
+        return (weight.to_local() if hasattr(weight, "to_local") else weight).detach()
+
     def snapshot(self):
-        self.live = self.weight().to_local().detach().clone()
+        self.live = self.read().clone()
 
     def __call__(self, responses):
-        edited = self.live is None or not torch.equal(self.weight().to_local(), self.live)
+        edited = self.live is None or not torch.equal(self.read(), self.live)
         return [edited] * len(responses)
 
 
@@ -175,9 +180,10 @@ class Snapshot(Callback):
         self.judge.snapshot()
 
 
-def auto(aligned, unaligned, train, out: Path) -> dict:
+def auto(aligned, unaligned, train, out: Path, strategy: str) -> dict:
     """alpha='auto' over the paper's form and the reset, within a perplexity budget that only the reset's
-    small edit meets, on 3 tuning prompts (odd: rank 1 answers one plus one of padding); checkpoint mode."""
+    small edit meets, on 3 tuning prompts (odd: under FSDP2 rank 1 answers one plus one of padding);
+    checkpoint mode; under FSDP2 or DDP."""
     from lssf_lightning.config import AutoAlphaConfig
     from lssf_lightning.lightning.monitor import RefusalMonitor
 
@@ -191,9 +197,16 @@ def auto(aligned, unaligned, train, out: Path) -> dict:
     callback = LSSFCallback(unaligned=unaligned, alpha="auto", auto_alpha=config, monitor=monitor,
                             verbose=False, log_update_share=False)
     torch.manual_seed(0)
-    module = ShardedLM(aligned, learning_rate=1e-3)
     checkpoints = ModelCheckpoint(dirpath=out / "ckpt_auto", filename="last", every_n_epochs=1)
-    run = trainer_for([Snapshot(judge), callback, Probe(out, "auto"), checkpoints], out, max_epochs=1)
+    callbacks = [Snapshot(judge), callback, Probe(out, "auto"), checkpoints]
+    if strategy == "ddp":
+        module = CausalLMModule(aligned, learning_rate=1e-3)
+        run = Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=1, callbacks=callbacks,
+                      logger=False, enable_progress_bar=False, enable_model_summary=False,
+                      num_sanity_val_steps=0, default_root_dir=str(out))
+    else:
+        module = ShardedLM(aligned, learning_rate=1e-3)
+        run = trainer_for(callbacks, out, max_epochs=1)
     run.fit(module, ChatDataModule(train, train, batch_size=2, shuffle=False))
     final = gathered(module)
     metrics = {k: float(v) for k, v in run.callback_metrics.items() if k.startswith("lssf/")}
@@ -201,12 +214,18 @@ def auto(aligned, unaligned, train, out: Path) -> dict:
             "metrics": metrics, "live": type(callback.live_forms.forms).__name__,
             "target": callback.auto.target}
     (out / f"auto_rank{dist.get_rank()}.json").write_text(json.dumps(mine))
-    if run.is_global_zero:
-        load_distributed_checkpoint(out / "ckpt_auto" / "last.ckpt", final, out / "ckpt_auto.safetensors")
-        meta = torch.load(out / "ckpt_auto" / "last.ckpt" / "meta.pt", weights_only=False)
-        state = next(v for k, v in meta["callbacks"].items() if "LSSFCallback" in k)
-        return {"info": meta["lssf"], "method": state["method"], "recommended": state["auto_recommended"]}
-    return {}
+    if not run.is_global_zero:
+        return {}
+    path = out / "ckpt_auto" / "last.ckpt"
+    if strategy == "ddp":
+        meta = torch.load(path, weights_only=False)
+        save_file({k: v.contiguous().clone() for k, v in meta["state_dict"].items()},
+                  str(out / "ckpt_auto.safetensors"))
+    else:
+        load_distributed_checkpoint(path, final, out / "ckpt_auto.safetensors")
+        meta = torch.load(path / "meta.pt", weights_only=False)
+    state = next(v for k, v in meta["callbacks"].items() if "LSSFCallback" in k)
+    return {"info": meta["lssf"], "method": state["method"], "recommended": state["auto_recommended"]}
 
 
 def blocks(out: Path) -> None:
@@ -283,9 +302,11 @@ def main(strategy, aligned, unaligned, train, out):
     out = Path(out)
     if strategy == "blocks":
         return blocks(out)
-    if strategy in ("fsdp2-epochs", "fsdp2-auto"):
-        run = epochs if strategy == "fsdp2-epochs" else auto
-        results = {strategy.removeprefix("fsdp2-"): run(aligned, unaligned, train, out)}
+    if strategy in ("fsdp2-epochs", "fsdp2-auto", "ddp-auto"):
+        if strategy == "fsdp2-epochs":
+            results = {"epochs": epochs(aligned, unaligned, train, out)}
+        else:
+            results = {"auto": auto(aligned, unaligned, train, out, strategy.removesuffix("-auto"))}
         if dist.get_rank() == 0:
             (out / "results.json").write_text(json.dumps(results))
         return

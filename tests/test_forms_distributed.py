@@ -157,19 +157,20 @@ def test_fsdp2_epochs_mode_applies_the_form_of_live_minus_applied_and_resumes(ll
     assert all(torch.equal(resumed[k], v) for k, v in straight.items())
 
 
-def test_fsdp2_auto_picks_the_same_form_on_every_rank_and_the_checkpoint_holds_it(llama_trio,
-                                                                                   tmp_path_factory):
+@pytest.mark.parametrize("strategy,forms", [("fsdp2", "ShardedForms"), ("ddp", "CoordinateForms")])
+def test_auto_picks_the_same_form_on_every_rank_and_the_checkpoint_holds_it(llama_trio, tmp_path_factory,
+                                                                            strategy, forms):
     from lssf_lightning.config import SubspaceConfig
     from lssf_lightning.training import build_subspace
 
-    out, results = run("fsdp2-auto", llama_trio, tmp_path_factory)
+    out, results = run(f"{strategy}-auto", llama_trio, tmp_path_factory)
     ranks = [json.loads((out / f"auto_rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0] == ranks[1]  # the same choice, curve and logs on every rank
     chosen = ranks[0]
-    assert chosen["target"] == 0.95  # measured on the shards at fit start: the aligned model refuses all
+    assert chosen["target"] == 0.95  # measured at fit start (FSDP2: on the shards): the aligned model refuses
     curve = {(p["method"], p["alpha"]): p for p in chosen["curve"]}
     assert curve[("lssf", 0.5)]["perplexity"] > curve[("lssf-reset", 0.5)]["perplexity"]
-    assert (chosen["method"], chosen["alpha"], chosen["live"]) == ("lssf-reset", 0.5, "ShardedForms")
+    assert (chosen["method"], chosen["alpha"], chosen["live"]) == ("lssf-reset", 0.5, forms)
     assert chosen["metrics"]["lssf/alpha"] == 0.5 and chosen["metrics"]["lssf/method/lssf-reset"] == 1.0
     assert chosen["metrics"]["lssf/method/lssf"] == 0.0 and chosen["metrics"]["lssf/target_reached"] == 1.0
     assert results["auto"]["method"] == "lssf-reset" and results["auto"]["recommended"] is True

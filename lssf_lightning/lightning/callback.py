@@ -93,7 +93,7 @@ class LSSFCallback(Callback):
             rank the same edit) and under FSDP2 (shard-local; the forms that read the weight all-reduce one
             ``r × d_in`` matrix per weight). ``None``: ``"lssf"`` with a numeric ``alpha``; with
             ``alpha="auto"`` the forms of ``auto_alpha.methods`` (default the reset form and the paper's; the
-            paper's alone under DDP or on a LoRA model), while a named method narrows ``"auto"`` to
+            paper's alone on a LoRA model), while a named method narrows ``"auto"`` to
             that form.
         add, input_share: the method's other parameters (a parameter it does not take is an error).
         every_n_steps: for ``apply_on="steps"``: apply the form after every N-th optimizer step (the guard).
@@ -597,18 +597,15 @@ def _live_forms(callback: LSSFCallback, trainer: Trainer, pl_module: LightningMo
 
 
 def _auto_start(callback: LSSFCallback, trainer: Trainer, pl_module: LightningModule) -> str:
-    """``alpha="auto"``'s form until the first choice: the first candidate (at ``α = 1``). Where the forms
-    do not run in the auto choice yet (several devices but FSDP2 shards, a peft LoRA model) the default grid
-    falls back to the paper's form (warned); forms named there are refused."""
+    """``alpha="auto"``'s form until the first choice: the first candidate (at ``α = 1``). On a peft LoRA
+    model, where the forms do not run in the auto choice yet, the default grid falls back to the paper's form
+    (warned); forms named there are refused."""
     methods = callback.auto.tuner.methods
-    lora = any(is_adapter_key(k) for k in training.named_tensors(pl_module))
-    several = trainer.world_size > 1 and not strategy.shards_in_configure_model(trainer)
-    if methods != ("lssf",) and (several or lora):
-        where = "several devices (DDP)" if several else "a peft LoRA model"
+    if methods != ("lssf",) and any(is_adapter_key(k) for k in training.named_tensors(pl_module)):
         if callback._named_method is not None or callback.auto.config.methods is not None:
-            raise MisconfigurationException(f"LSSFCallback: alpha='auto' over {list(methods)} on {where} is "
-                                            "not supported yet: use method='lssf'")
-        rank_zero_warn(f"LSSFCallback: alpha='auto' on {where} chooses the strength of the paper's form only "
-                       "(method='lssf')")
+            raise MisconfigurationException(f"LSSFCallback: alpha='auto' over {list(methods)} on a peft LoRA "
+                                            "model is not supported yet: use method='lssf'")
+        rank_zero_warn("LSSFCallback: alpha='auto' on a peft LoRA model chooses the strength of the paper's "
+                       "form only (method='lssf')")
         callback.auto.tuner.methods = methods = ("lssf",)
     return methods[0]
