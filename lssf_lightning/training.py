@@ -487,10 +487,14 @@ def export_adapter(
 ):
     """Both callbacks' ``export_adapter_dir``: ``α·U'U'ᵀδ`` (``alpha``: the missing strength) for ``model``'s
     live weights as a peft LoRA adapter (:func:`~lssf_lightning.adapters.write_model_adapter`; a peft
-    LoRA ``model`` gets ONE adapter with its task LoRA, to load on the aligned model). Skipped with a warning
-    for sharded (FSDP) weights, which it cannot read whole on one rank; returns the report (also passed to
-    ``info`` as one line), or ``None``. ``overwrite`` and ``inputs``: as in :func:`export_realigned`."""
-    if any(distributed.is_dtensor(p) for p in model.parameters()) or _fsdp1_wrapped(model):
+    LoRA ``model`` gets ONE adapter with its task LoRA, to load on the aligned model). The correction reads
+    no weight, only names and shapes: FSDP2 (DTensor) shards give their global shapes. Skipped with a warning
+    for FSDP1's flat parameters and a sharded peft LoRA model (its task adapter is sharded); returns the
+    report (also passed to ``info`` as one line), or ``None``. ``overwrite`` and ``inputs``: as in
+    :func:`export_realigned`."""
+    sharded = any(distributed.is_dtensor(p) for p in model.parameters())
+    sharded_lora = sharded and hasattr(model, "peft_config")
+    if sharded_lora or _fsdp1_wrapped(model):
         warnings.warn(f"export_adapter_dir={os.fspath(directory)!r} skipped: the weights are sharded (FSDP); "
                       "run `lssf-lightning realign --as-adapter` on the exported model instead", stacklevel=2)
         return None

@@ -128,7 +128,8 @@ def checkpoint_scenario(aligned, unaligned, train, out: Path) -> dict:
     results = {}
     monitor = RefusalMonitor(num_prompts=NUM_PROMPTS, max_new_tokens=6, judge=odd_length)
     callback = LSSFCallback(
-        unaligned=unaligned, alpha=1.5, monitor=monitor, export_dir=str(out / "export"), verbose=False
+        unaligned=unaligned, alpha=1.5, monitor=monitor, export_dir=str(out / "export"), verbose=False,
+        export_adapter_dir=str(out / "adapter"),
     )
     checkpoints = ModelCheckpoint(dirpath=out / "ckpts", filename="{epoch}", save_top_k=-1, every_n_epochs=1)
     module, data = module_and_data(aligned, train)

@@ -203,6 +203,22 @@ def test_fsdp2_streamed_export_equals_the_one_process_export_and_loads(checkpoin
     assert all(torch.equal(sharded[k], single[k]) for k in single)
 
 
+def test_fsdp2_adapter_of_the_paper_form_merged_on_the_final_weights_gives_the_export(checkpoint_run,
+                                                                                        llama_trio):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out, _ = checkpoint_run
+    model = AutoModelForCausalLM.from_pretrained(llama_trio.aligned, dtype=torch.float32)
+    final = {k.removeprefix("model."): v for k, v in weights(out / "fit_final.safetensors").items()}
+    model.load_state_dict(final)
+    merged = PeftModel.from_pretrained(model, out / "adapter").merge_and_unload().state_dict()
+    exported = weights(out / "export" / "model.safetensors")
+    assert all(torch.allclose(merged[k], v, atol=1e-5) for k, v in exported.items())
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(exported[q], final[q], atol=1e-4)  # the adapter carries the correction
+
+
 def test_fsdp2_epochs_mode_fuses_the_live_shards(llama_trio, tmp_path_factory):
     out, results = fit_run("epochs", llama_trio, tmp_path_factory)
     assert results["applied_alpha"] == 0.75
