@@ -180,6 +180,12 @@ def bench_steps(setup: Setup) -> None:
     for name in configs:
         print(f"| {name} | {step[name]:.2f} | {step[name] / base:.3f} | {mean[name]:.2f} | "
               f"{mean[name] / mean['plain']:.3f} | {guard[name]:.3f} | {guard[name] / mean[name]:.1%} |")
+    # the guard's work is fixed per application (two rank-r products per matrix) while a step's grows with
+    # its tokens: the batch at which N = 1 costs 5 %, if the step time grows linearly with the batch
+    one = guard["guard N=1"] - guard["plain"]
+    batch = setup.args.batch * one / (0.05 * base)
+    print(f"guard N=1: {one:.2f} s per application = 5 % of a step from batch ~{batch:.0f} (here "
+          f"{setup.args.batch}); N=10: {one / 10 / base:.1%} of a step by count")
     _, module = setup.fit([], max_steps=1)
     parameters = named_tensors(module)
     share = UpdateShare(lssf.subspace, parameters, matched_keys(lssf.subspace, parameters))
