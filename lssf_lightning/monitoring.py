@@ -278,9 +278,9 @@ class AlphaTuner:
     ) -> FormChoice:
         """Measure the candidates on the live ``model`` (``raw()``: the context holding the weights without
         any correction, the utility baseline; default the live weights); choose the form and its total α."""
-        target, budget = self.current_target(), self.config.max_perplexity_increase
+        target = self.current_target()
         perplexity = None
-        if budget is not None:
+        if self.config.max_perplexity_increase is not None:
             def perplexity() -> float:
                 return float(self.probe.perplexity(model, tokenizer, "bundled"))
         reference = None
@@ -296,7 +296,13 @@ class AlphaTuner:
                 points.append(SweepPoint(method, {"alpha": float(alpha)}, refusal, None, utility))
                 if refusal >= target:
                     break  # a larger α of this form only costs more utility
-        rule = SelectionRule(target_refusal=min(max(target, 0.0), 1.0), max_perplexity_increase=budget,
+        return self.decide(points, reference)
+
+    def decide(self, points: list[SweepPoint], reference: float | None) -> FormChoice:
+        """The choice over measured ``points`` (the sweep's rule, :func:`~lssf_lightning.selection.recommend`,
+        against the ``reference`` perplexity of the raw weights); sets :attr:`choice` and :attr:`curve`."""
+        rule = SelectionRule(target_refusal=min(max(self.current_target(), 0.0), 1.0),
+                             max_perplexity_increase=self.config.max_perplexity_increase,
                              max_over_refusal_margin=None, max_accuracy_drop=None, prefer="utility")
         found = recommend(points, rule, reference=SweepPoint("raw", {}, 0.0, None, reference))
         self.choice = FormChoice(found.point.method, found.point.params["alpha"], found.recommended, points,

@@ -19,9 +19,11 @@ from torch import nn
 
 from lssf_lightning.config import AutoAlphaConfig
 from lssf_lightning.distributed import is_dtensor, pad_shard, synced_generation
+from lssf_lightning.distributed.collectives import all_gather_json
 from lssf_lightning.forms import Candidates
 from lssf_lightning.lightning.monitor import RefusalMonitor
 from lssf_lightning.monitoring import AlphaTuner, FormChoice
+from lssf_lightning.selection import SweepPoint
 
 __all__ = ["AutoAlpha"]
 
@@ -91,9 +93,11 @@ class AutoAlpha:
             rate=lambda answers: float(self.monitor.rate(pl_module, answers[:real])), raw=candidates.raw,
             methods=candidates.methods(self.tuner.methods),
         )
-        if trainer.world_size > 1:  # perplexities may differ in the last bits between ranks
-            choice, self.tuner.curve = trainer.strategy.broadcast((choice, self.tuner.curve), src=0)
-            self.tuner.choice = choice
+        if trainer.world_size > 1:  # perplexities may differ in the last bits between ranks: rank 0's decide
+            shared = all_gather_json({"points": [p.to_dict() for p in choice.curve],
+                                      "reference": choice.reference_perplexity})[0]
+            points = [SweepPoint.from_dict(p) for p in shared["points"]]
+            choice = self.tuner.decide(points, shared["reference"])
         if not choice.recommended:
             rank_zero_warn(f"LSSFCallback: {self.tuner.describe(choice)}")
         elif verbose:
