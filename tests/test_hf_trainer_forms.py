@@ -5,12 +5,13 @@ pass and ``min_refusal_rate`` see the form; parameters a method does not take ar
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
 from conftest import state
-from peft import PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
 from test_forms import dense_form
 from test_hf_trainer import rows, trainer_args
 from transformers import AutoModelForCausalLM, Trainer
@@ -53,8 +54,10 @@ class Spy:
         return [False] * len(responses)
 
 
-def run(trio, tokenizer, output_dir, *, resume=None, spy=None, **kwargs):
+def run(trio, tokenizer, output_dir, *, resume=None, spy=None, lora=None, **kwargs):
     model = AutoModelForCausalLM.from_pretrained(trio.aligned, dtype=torch.float32)
+    if lora is not None:
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **lora))
     monitor = False
     if spy is not None:
         spy.model = model
@@ -91,6 +94,23 @@ def test_checkpoints_exports_and_adapter_hold_the_form(llama_trio, tiny_tokenize
     # the adapter carries the form's correction: merged onto the live model it gives the export
     merged = PeftModel.from_pretrained(trainer.model, tmp_path / "adapter").merge_and_unload().state_dict()
     assert_form(merged, live, llama_trio, callback, method, alpha, add)
+
+
+def test_a_lora_run_reads_the_merged_weights_and_writes_one_adapter(llama_trio, tiny_tokenizer, tmp_path):
+    trainer, callback = run(llama_trio, tiny_tokenizer, tmp_path / "run", method="lssf-reset", alpha=2.0,
+                            lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "up_proj"]},
+                            export_dir=tmp_path / "export", export_adapter_dir=tmp_path / "adapter")
+    assert isinstance(trainer.model, PeftModel)
+    merged = state(copy.deepcopy(trainer.model).merge_and_unload())
+    assert not torch.equal(merged[Q], state(llama_trio.models["aligned"])[Q])  # the task LoRA trained
+    assert_form(tmp_path / "export", merged, llama_trio, callback, "lssf-reset", 2.0)
+    checkpoint = tmp_path / "run" / "checkpoint-4"
+    assert (checkpoint / "adapter_model.safetensors").is_file()  # the Trainer's own files: the raw adapter
+    assert_form(checkpoint / "realigned", merged, llama_trio, callback, "lssf-reset", 2.0)
+    # ONE adapter (task LoRA + correction) for the aligned model the run started from
+    base = AutoModelForCausalLM.from_pretrained(llama_trio.aligned, dtype=torch.float32)
+    adapter = PeftModel.from_pretrained(base, tmp_path / "adapter").merge_and_unload().state_dict()
+    assert_form(adapter, merged, llama_trio, callback, "lssf-reset", 2.0)
 
 
 def test_resume_from_a_form_checkpoint_is_exact(llama_trio, tiny_tokenizer, tmp_path):

@@ -100,6 +100,10 @@ class AppliedForms:
     def __init__(self, plan: Mapping[str, PlanFn]) -> None:
         self.plan = dict(plan)
         self.applied: dict[str, Correction] = {}
+        self.outside: dict[str, Any] = {}
+        """``{key: the update the weight the form reads holds beyond the stored one}`` (a peft LoRA adapter,
+        :class:`~lssf_lightning.forms.lora.LoraUpdate`: ``dense(like)``, ``coordinates(U')``): the form reads
+        ``stored + update`` and its correction goes into the stored weight."""
 
     def raw(self, key: str, live: Tensor) -> Tensor:
         """``W − A``: the live weight less the correction it carries (at least float32)."""
@@ -112,10 +116,17 @@ class AppliedForms:
         """The form's correction ``C(raw)`` of ``key`` (``None``: the form leaves it unchanged)."""
         return self.plan[key](raw)
 
-    def target(self, key: str, live: Tensor) -> tuple[Tensor, Correction | None]:
-        """``(W − A) + C(W − A)`` (at least float32) and the new correction ``C(W − A)``."""
+    def read(self, key: str, raw: Tensor) -> Tensor:
+        """The weight the form reads for a stored ``raw`` weight: ``raw`` plus its :attr:`outside` update."""
+        update = self.outside.get(key)
+        dense = None if update is None else update.dense(raw)
+        return raw if dense is None else raw + dense
+
+    def target(self, key: str, live: Tensor, stored: bool = False) -> tuple[Tensor, Correction | None]:
+        """``(W − A) + C(W − A)`` (at least float32) and the new correction ``C(W − A)``; ``stored``: ``live``
+        is the stored weight, the form reads it with its :attr:`outside` update (:meth:`read`)."""
         raw = self.raw(key, live)
-        correction = self.correction(key, raw)
+        correction = self.correction(key, self.read(key, raw) if stored else raw)
         return (raw if correction is None else raw + correction_product(correction, raw)), correction
 
     def apply_(self, parameters: Mapping[str, Tensor]) -> None:
@@ -124,7 +135,7 @@ class AppliedForms:
         with torch.no_grad():
             for key in self.plan:
                 weight = parameters[key]
-                new, correction = self.target(key, weight)
+                new, correction = self.target(key, weight, stored=True)
                 weight.copy_(new.to(weight.dtype))
                 if correction is None:
                     self.applied.pop(key, None)
@@ -139,7 +150,7 @@ class AppliedForms:
         added: dict[str, Correction] = {}
         for key in self.plan:
             live = state[key].detach()
-            correction = self.correction(key, self.raw(key, live))
+            correction = self.correction(key, self.read(key, self.raw(key, live)))
             applied = self.applied.get(key)
             if correction is None and applied is None:
                 continue
@@ -195,6 +206,9 @@ class CoordinateForms(AppliedForms):
                 dtype = torch.promote_types(weight.dtype, torch.float32)
                 left_d = left.to(device=weight.device, dtype=dtype)
                 current = left_d.T @ matrix.to(dtype)  # U'ᵀW
+                update = self.outside.get(key)  # a LoRA adapter: U'ᵀ(W + s·B·A), rank-sized
+                extra = None if update is None else update.coordinates(left_d)
+                current = current if extra is None else current + extra
                 applied = self.applied.get(key)
                 if applied is not None:
                     previous = applied.right.to(device=weight.device, dtype=dtype)

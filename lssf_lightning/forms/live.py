@@ -34,6 +34,7 @@ from lssf_lightning.forms.applied import (
     make_low_rank_planner,
     unfuse,
 )
+from lssf_lightning.forms.lora import PEFT_BASE, is_peft_model, lora_updates
 from lssf_lightning.io.weights import open_weights
 from lssf_lightning.methods.base import Correction
 from lssf_lightning.training import RAW_FIXUPS_KEY, ResumeError, apply_fixup, make_fixup, temporarily_fused
@@ -76,10 +77,12 @@ class LiveForms:
         subspace: the run's safety subspace.
         parameters: ``{state-dict key: tensor}`` of the module (what checkpoint keys name).
         aligned, unaligned: the reference weights the form reads (paths or mappings).
+        module: the module ``parameters`` name (for a peft LoRA model: the form reads each adapted matrix
+            merged, ``base + Σ s·B·A``, and corrects the frozen base, :mod:`lssf_lightning.forms.lora`).
     """
 
     def __init__(self, method: str, options: Mapping[str, Any], subspace, parameters: Mapping[str, Tensor], *,
-                 aligned=None, unaligned=None) -> None:
+                 aligned=None, unaligned=None, module: torch.nn.Module | None = None) -> None:
         self.method, self.options = method, check_method_options(method, options)
         planner = make_low_rank_planner(method, subspace, self.options, aligned=aligned, unaligned=unaligned)
         store = open_weights({k: v.detach() for k, v in parameters.items()}, name="the module's weights")
@@ -90,6 +93,7 @@ class LiveForms:
         else:
             form = getattr(planner, "form", None) if method in ("lssf-reset", "lssf-erosion") else None
             self.forms = _coordinate_forms(planner, plan, subspace, form) if form else AppliedForms(plan)
+            self.forms.outside = lora_updates(module, plan) if module is not None else {}
         self.fingerprint = subspace.metadata.get("fingerprint")
 
     @property
@@ -163,11 +167,14 @@ class LiveForms:
                     local[key].copy_(raw)
             self.forms.applied = applied
 
-    def missing_planner(self, attribute: str = "") -> MissingCorrection:
+    def missing_planner(self, attribute: str = "", model: torch.nn.Module | None = None) -> MissingCorrection:
         """A low-rank planner whose correction of ``W`` is what the weights miss to carry the form:
         ``C(W − A) − A`` (``C(W)`` when nothing is applied), for a LoRA adapter
-        (:func:`~lssf_lightning.adapters.write_lora_adapter`) of the model at ``attribute`` of the module
-        (its keys lack ``"<attribute>."``)."""
+        (:func:`~lssf_lightning.adapters.write_model_adapter`) of ``model``, the model at ``attribute`` of the
+        module (its keys lack ``"<attribute>."``). A peft ``model`` gets ONE adapter for the aligned model it
+        adapts (the base without ``A``): there the correction is ``C(W − A)``."""
+        if model is not None and is_peft_model(model):
+            return MissingCorrection(self, ".".join(filter(None, (attribute, PEFT_BASE))), carried=False)
         return MissingCorrection(self, attribute)
 
     def gathered_missing_planner(self, parameters: Mapping[str, Tensor],
@@ -314,8 +321,8 @@ class MissingCorrection:
 
     reads_weights = True
 
-    def __init__(self, live: LiveForms, attribute: str = "") -> None:
-        self.live, self.form = live, live.method
+    def __init__(self, live: LiveForms, attribute: str = "", *, carried: bool = True) -> None:
+        self.live, self.form, self.carried = live, live.method, carried
         self.prefix = f"{attribute}." if attribute else ""
 
     def low_rank_plan(self, target) -> dict[str, PlanFn]:
@@ -324,7 +331,7 @@ class MissingCorrection:
         def edit(key: str) -> PlanFn:
             def correction(weight: Tensor | None) -> Correction | None:
                 new = forms.correction(key, forms.raw(key, weight))
-                applied = forms.applied.get(key)
+                applied = forms.applied.get(key) if self.carried else None
                 return None if new is None and applied is None else difference(new, applied)
             return correction
 
@@ -403,11 +410,14 @@ def temporarily_raw(live: LiveForms, parameters: Mapping[str, Tensor]) -> Iterat
 
 
 def run_form(method: str, options: Mapping[str, Any], subspace, parameters: Mapping[str, Tensor], *,
-             carried: LiveForms | None = None, aligned=None, unaligned=None) -> LiveForms:
-    """The :class:`LiveForms` of ``method`` with ``options`` on a run's live ``parameters`` (both callbacks:
-    the chosen form, and each ``alpha="auto"`` candidate); ``carried``: the run's current forms, whose
-    applied corrections the new one takes over (the same method: a new ``α`` never stacks on the old)."""
-    live = LiveForms(method, options, subspace, parameters, aligned=aligned, unaligned=unaligned)
+             carried: LiveForms | None = None, aligned=None, unaligned=None,
+             module: torch.nn.Module | None = None) -> LiveForms:
+    """The :class:`LiveForms` of ``method`` with ``options`` on a run's live ``parameters`` (of ``module``,
+    which a peft LoRA model needs; both callbacks: the chosen form, and each ``alpha="auto"`` candidate);
+    ``carried``: the run's current forms, whose applied corrections the new one takes over (the same method:
+    a new ``α`` never stacks on the old)."""
+    live = LiveForms(method, options, subspace, parameters, aligned=aligned, unaligned=unaligned,
+                     module=module)
     if carried is not None and carried.carries:
         if carried.method != method:
             raise SettingError(f"the live weights carry a {carried.method} correction; method={method!r} "

@@ -107,7 +107,8 @@ class LSSFTrainerCallback(TrainerCallback):
             correction as a LoRA adapter), the monitor's ``*_realigned`` pass and ``min_refusal_rate`` (the
             live weights get the form of (live − the correction they carry): applications never stack).
             With ``alpha="auto"``: the one form to tune; ``None``: ``auto_alpha.methods`` (default the reset
-            form and the paper's). A form other than ``"lssf"`` needs a full (not peft LoRA) model.
+            form and the paper's). On a peft LoRA model a form reads the merged weights (``base + s·B·A``)
+            and the adapter holds the task LoRA and the form's correction, for the aligned model.
         add, input_share: the method's other parameters (a parameter it does not take is an error).
     """
 
@@ -317,7 +318,7 @@ class LSSFTrainerCallback(TrainerCallback):
         model."""
         if self.live_forms is not None:  # what the live weights miss to carry the form
             live = self.live_forms if alpha is None else self._form(model, self.method, alpha)
-            report = write_model_adapter(model, live.missing_planner(), directory,
+            report = write_model_adapter(model, live.missing_planner(model=model), directory,
                                          max_rank=self.adapter_max_rank, overwrite=self.overwrite,
                                          inputs=self._inputs)
             self._info(f"LSSF: wrote the {report}")
@@ -431,13 +432,13 @@ class LSSFTrainerCallback(TrainerCallback):
 
     def _start_form(self, model: nn.Module) -> None:
         """The run's form (``method``; with ``alpha="auto"`` the first candidate at ``α = 1`` until chosen, or
-        what a resumed ``lssf_state.json`` names); on a peft LoRA model, the paper's form only (auto's default
-        grid falls back to it, warned)."""
+        what a resumed ``lssf_state.json`` names); on a peft LoRA model ``alpha="auto"`` tunes the paper's
+        form only (its default grid falls back to it, warned)."""
         methods = self.tuner.methods if self.tuner is not None else (self.method,)
-        if hasattr(model, "peft_config") and methods != ("lssf",):
-            if self.tuner is None or self._named_method is not None or self.tuner.config.methods is not None:
-                raise SettingError(f"LSSFTrainerCallback: {list(methods)} on a peft LoRA model is not "
-                                   "supported yet: use method='lssf', or realign the merged model")
+        if self.tuner is not None and hasattr(model, "peft_config") and methods != ("lssf",):
+            if self._named_method is not None or self.tuner.config.methods is not None:
+                raise SettingError(f"LSSFTrainerCallback: alpha='auto' over {list(methods)} on a peft LoRA "
+                                   "model is not supported yet: use method='lssf', or a numeric alpha")
             warnings.warn("LSSFTrainerCallback: alpha='auto' on a peft LoRA model chooses the strength of "
                           "the paper's form only (method='lssf')", stacklevel=3)
             self.tuner.methods = methods = ("lssf",)
@@ -448,7 +449,8 @@ class LSSFTrainerCallback(TrainerCallback):
 
     def _form(self, model: nn.Module, method: str, alpha: float) -> forms.LiveForms:
         return forms.run_form(method, {**self.form_options, "alpha": alpha}, self.subspace,
-                              training.named_tensors(model), carried=self.live_forms, aligned=self.aligned,
+                              training.named_tensors(model), carried=self.live_forms, module=model,
+                              aligned=self.aligned,
                               unaligned=self.unaligned)
 
     def _candidates(self, model: nn.Module) -> forms.Candidates:

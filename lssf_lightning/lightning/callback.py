@@ -474,7 +474,7 @@ class LSSFCallback(Callback):
         planner = None
         if self.export_adapter_dir and live is not None:  # the form's correction (FSDP2: every rank's blocks)
             planner = live.gathered_missing_planner(training.named_tensors(pl_module), attribute) if \
-                live.sharded else live.missing_planner(attribute)
+                live.sharded else live.missing_planner(attribute, self.hf_model(pl_module))
         if self.export_adapter_dir and trainer.is_global_zero and live is not None:
             report = write_model_adapter(self.hf_model(pl_module), planner, self.export_adapter_dir,
                                          overwrite=self.overwrite, inputs=self._inputs)
@@ -572,10 +572,10 @@ def _live_forms(callback: LSSFCallback, trainer: Trainer, pl_module: LightningMo
     problem = strategy.forms_problem(trainer, callback.apply_on,
                                      bool(callback.export_dir or callback.export_adapter_dir),
                                      any(is_adapter_key(k) for k in parameters))
-    if problem is None and any(is_adapter_key(k) for k in parameters):
+    if problem is None and callback.apply_on == "steps" and any(is_adapter_key(k) for k in parameters):
         options = forms.check_method_options(callback.method, callback.form_options)
-        if (callback.apply_on == "steps" and callback.method == "lssf-reset" and options.get("alpha") == 1
-                and not options.get("add") and callback.subspace_config.alpha_1 == 1
+        if (callback.method == "lssf-reset" and options.get("alpha") == 1 and not options.get("add")
+                and callback.subspace_config.alpha_1 == 1
                 and not (callback.export_dir or callback.export_adapter_dir)):
             try:
                 return forms.LoraHoldOut(callback.hf_model(pl_module), callback.subspace)
@@ -583,7 +583,7 @@ def _live_forms(callback: LSSFCallback, trainer: Trainer, pl_module: LightningMo
                 raise MisconfigurationException(f"LSSFCallback: {err}") from None
         problem = ("on a peft LoRA model is not supported yet: there the guard is method='lssf-reset' with "
                    "alpha=1 and subspace alpha_1=1 (B <- B - U'U'^T B), without export_dir")
-    elif problem is None and callback.method == "lssf-two-sided" and callback.aligned is None:
+    if problem is None and callback.method == "lssf-two-sided" and callback.aligned is None:
         problem = "reads the aligned weights: pass aligned= (the aligned model's path)"
     if problem:
         raise MisconfigurationException(f"LSSFCallback: {what} {problem}")
@@ -591,7 +591,7 @@ def _live_forms(callback: LSSFCallback, trainer: Trainer, pl_module: LightningMo
         options = {**callback.form_options, "alpha": callback.fusion.target}  # alpha='auto': the chosen one
         carried = callback.live_forms if isinstance(callback.live_forms, forms.LiveForms) else None
         return forms.run_form(callback.method, options, callback.subspace, parameters, carried=carried,
-                              aligned=callback.aligned, unaligned=callback.unaligned)
+                              aligned=callback.aligned, unaligned=callback.unaligned, module=pl_module)
     except SettingError as err:
         raise MisconfigurationException(f"LSSFCallback: {err}") from None
 

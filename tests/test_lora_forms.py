@@ -1,0 +1,158 @@
+"""LSSFCallback(method=...) on a peft LoRA model, on real Trainer runs with a tiny Llama: each form reads
+the merged weight ``base + s·B·A`` and puts its correction into the frozen base. Checkpoint mode (the dense
+form of the merged live weights, raw live weights, exact resume), train_end's model and adapter, epochs mode
+(no stacking, and the adapter for the aligned model)."""
+
+import pytest
+import torch
+from conftest import load_dir, state
+from lightning.pytorch import Callback, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from test_callback import lssf
+from test_callback_forms import ROWS, form_of
+from transformers import AutoModelForCausalLM
+
+from lssf_lightning import forms
+from lssf_lightning.lightning.data import ChatDataModule, write_chat_jsonl
+from lssf_lightning.lightning.module import CausalLMModule
+
+LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "up_proj"]}
+METHODS = ["lssf-reset", "lssf-erosion", "lssf-two-sided"]
+PREFIX = "model.base_model.model."
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    return (write_chat_jsonl(root / "train.jsonl", [{"prompt": p, "response": r} for p, r in ROWS]),)
+
+
+def fit(trio, data_files, callbacks, *, max_epochs=1, ckpt_path=None):
+    torch.manual_seed(0)
+    module = CausalLMModule(str(trio.aligned), learning_rate=1e-2, lora=LORA)
+    data = ChatDataModule(str(data_files[0]), None, batch_size=2, shuffle=False)
+    trainer = Trainer(max_epochs=max_epochs, accelerator="cpu", devices=1, callbacks=callbacks, logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                      enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks))
+    trainer.fit(module, data, ckpt_path=ckpt_path)
+    return trainer, module
+
+
+def merged(module):
+    """``{Lightning key of a full model: merged weight}`` of the block matrices (``model.model.layers…``)."""
+    return {f"model.{k}": v for k, v in state(module.merged_model()).items() if k.endswith("proj.weight")}
+
+
+def stored_key(key, live):
+    """The LoRA model's state-dict key of a merged key (``…base_layer.weight`` for an adapted matrix)."""
+    inner = PREFIX + key.removeprefix("model.")
+    adapted = inner.replace(".weight", ".base_layer.weight")
+    return adapted if adapted in live else inner
+
+
+def callback(trio, method, **kwargs):
+    aligned = {"aligned": str(trio.aligned)} if method == "lssf-two-sided" else {}
+    return lssf(trio, method=method, log_update_share=False, **aligned, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def plain(llama_trio, data_files):
+    return state(fit(llama_trio, data_files, [])[1])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_checkpoint_holds_the_form_of_the_merged_weights(llama_trio, data_files, plain, tmp_path,
+                                                         method):
+    lssf_callback = callback(llama_trio, method, alpha=2.0)
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    _, module = fit(llama_trio, data_files, [lssf_callback, checkpoints])
+    live = state(module)
+    assert all(torch.equal(live[k], v) for k, v in plain.items()), "checkpoint mode changed the live weights"
+    saved = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
+    adapted = 0
+    for key, weight in merged(module).items():
+        expected = form_of(llama_trio, lssf_callback, key, weight, method, 2.0)  # on the merged live weight
+        stored = stored_key(key, live)
+        adapted += stored.endswith(".base_layer.weight")
+        got = saved["state_dict"][stored].double() + (weight.double() - live[stored].double())  # + s·B·A
+        assert torch.allclose(got, expected, atol=1e-5), key
+    assert adapted == 4  # q_proj and up_proj of both layers: the correction went into the frozen base
+    for key in (k for k in live if "lora_" in k):  # the adapters are stored as trained
+        assert torch.equal(saved["state_dict"][key], live[key])
+    assert saved["lssf"]["method"] == method
+    restored = {k: v.clone() for k, v in saved["state_dict"].items()}
+    assert forms.restore_raw(restored, saved) == []
+    assert all(torch.equal(restored[k], live[k]) for k in saved[forms.CORRECTIONS_KEY])
+
+
+def test_resume_from_a_lora_checkpoint_is_exact(llama_trio, data_files, tmp_path):
+    def callbacks(directory):
+        return [callback(llama_trio, "lssf-reset", alpha=2.0),
+                ModelCheckpoint(dirpath=directory, save_last=True)]
+
+    _, straight = fit(llama_trio, data_files, callbacks(tmp_path / "a"), max_epochs=2)
+    fit(llama_trio, data_files, callbacks(tmp_path / "b"), max_epochs=1)
+    _, resumed = fit(llama_trio, data_files, callbacks(tmp_path / "c"), max_epochs=2,
+                     ckpt_path=tmp_path / "b" / "last.ckpt")
+    ours, theirs = state(resumed), state(straight)
+    assert all(torch.equal(ours[k], v) for k, v in theirs.items())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_train_end_exports_the_form_and_one_adapter_for_the_aligned_model(llama_trio, data_files,
+                                                                          tmp_path, method):
+    from peft import PeftModel
+
+    lssf_callback = callback(llama_trio, method, alpha=2.0, apply_on="train_end",
+                             export_dir=str(tmp_path / "out"), export_adapter_dir=str(tmp_path / "adapter"))
+    _, module = fit(llama_trio, data_files, [lssf_callback])
+    exported = load_dir(tmp_path / "out")
+    changed = 0
+    for key, weight in merged(module).items():
+        expected = form_of(llama_trio, lssf_callback, key, weight, method, 2.0)
+        assert torch.allclose(exported[key.removeprefix("model.")].double(), expected, atol=1e-5), key
+        changed += not torch.allclose(expected, weight.double(), atol=1e-4)
+    assert changed  # the form did something
+    base = AutoModelForCausalLM.from_pretrained(llama_trio.aligned)
+    adapter = state(PeftModel.from_pretrained(base, tmp_path / "adapter").merge_and_unload())
+    assert adapter.keys() == exported.keys()
+    for key, value in exported.items():
+        error = (adapter[key].double() - value.double()).norm() / value.double().norm()
+        assert error < 1e-5, (key, float(error))
+
+
+class MergedAround(Callback):
+    """The merged block matrices at each train epoch end (one before and one after the LSSF callback)."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.seen.append(merged(pl_module))
+
+
+@pytest.mark.parametrize("method", ["lssf-reset", "lssf-two-sided"])
+def test_epochs_mode_edits_the_base_and_never_stacks(llama_trio, data_files, tmp_path, method):
+    before, after = MergedAround(), MergedAround()
+    lssf_callback = callback(llama_trio, method, alpha=2.0, apply_on="epochs", apply_epochs=[0, 1],
+                             export_adapter_dir=str(tmp_path / "adapter"))
+    _, module = fit(llama_trio, data_files, [before, lssf_callback, after], max_epochs=2)
+    applied = {}
+    for epoch in range(2):
+        for key, weight in before.seen[epoch].items():
+            raw = weight.double() - applied.get(key, 0.0)
+            expected = form_of(llama_trio, lssf_callback, key, raw, method, 2.0)
+            assert torch.allclose(after.seen[epoch][key].double(), expected, atol=2e-5), (epoch, key)
+            applied[key] = expected - raw
+    # α = 2 resets reflect: without the tracking, epoch 1 would undo epoch 0's edit
+    key = "model.model.layers.0.self_attn.q_proj.weight"
+    assert not torch.allclose(after.seen[1][key], before.seen[1][key], atol=1e-4)
+    assert any("lora_B" in k for k in state(module))  # still a LoRA model
+    # the adapter, for the aligned model the run started from, is the form of the raw merged weights
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(llama_trio.aligned)
+    adapter = state(PeftModel.from_pretrained(base, tmp_path / "adapter").merge_and_unload())
+    for key, weight in after.seen[1].items():
+        assert torch.allclose(adapter[key.removeprefix("model.")].double(), weight.double(), atol=1e-5), key
+
