@@ -156,3 +156,37 @@ def test_epochs_mode_edits_the_base_and_never_stacks(llama_trio, data_files, tmp
     for key, weight in after.seen[1].items():
         assert torch.allclose(adapter[key.removeprefix("model.")].double(), weight.double(), atol=1e-5), key
 
+
+
+class MergedSteps(Callback):
+    """The merged block matrices at each train batch end, with the optimizer step."""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args):
+        self.seen.append((trainer.global_step, merged(pl_module)))
+
+
+@pytest.mark.parametrize(("method", "alpha"), [("lssf-erosion", 2.0), ("lssf-reset", 1.0)])
+def test_steps_mode_applies_the_form_of_merged_minus_applied(llama_trio, data_files, tmp_path, method, alpha):
+    # the reset at α 1 with an export: the form on the merged weights (the adapter guard cannot export)
+    before, after = MergedSteps(), MergedSteps()
+    lssf_callback = callback(llama_trio, method, alpha=alpha, apply_on="steps", every_n_steps=2,
+                             export_dir=str(tmp_path / "out"))
+    fit(llama_trio, data_files, [before, lssf_callback, after], max_epochs=2)
+    assert isinstance(lssf_callback.live_forms, forms.LiveForms)
+    assert [step for step, _ in after.seen] == [1, 2, 3, 4, 5, 6]
+    applied = {}
+    for (step, pre), (_, post) in zip(before.seen, after.seen):
+        for key in pre:
+            if step % 2:
+                assert torch.equal(pre[key], post[key]), (step, key)
+                continue
+            raw = pre[key].double() - applied.get(key, 0.0)
+            expected = form_of(llama_trio, lssf_callback, key, raw, method, alpha)
+            assert torch.allclose(post[key].double(), expected, atol=2e-5), (step, key)
+            applied[key] = expected - raw
+    exported = load_dir(tmp_path / "out")  # applied at the last step: the export is the live weights
+    for key, weight in after.seen[-1][1].items():
+        assert torch.allclose(exported[key.removeprefix("model.")], weight, atol=1e-5), key

@@ -1,6 +1,8 @@
 """The LSSF forms in a training run: :mod:`.applied` holds the math on live weights (corrections tracked as
 rank-``k`` factors, so applications never stack); :mod:`.live` is what a callback runs (checkpoint fusion
-with an exact resume, live applications, the guard on a LoRA model, the auto choice's candidates)."""
+with an exact resume, live applications, the guard on a LoRA model, the auto choice's candidates);
+:mod:`.lora` what every other form needs on a peft LoRA model (the merged weight it reads:
+``base + s·B·A``)."""
 
 from lssf_lightning.forms.applied import (
     APPLY_ON_FORMS,

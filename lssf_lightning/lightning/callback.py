@@ -91,10 +91,11 @@ class LSSFCallback(Callback):
             form other than ``"lssf"`` (or ``apply_on="steps"``) tracks the correction the live weights carry
             as rank-``r`` factors per matrix (:mod:`lssf_lightning.forms`): on one device, under DDP (every
             rank the same edit) and under FSDP2 (shard-local; the forms that read the weight all-reduce one
-            ``r × d_in`` matrix per weight). ``None``: ``"lssf"`` with a numeric ``alpha``; with
-            ``alpha="auto"`` the forms of ``auto_alpha.methods`` (default the reset form and the paper's; the
-            paper's alone on a LoRA model), while a named method narrows ``"auto"`` to
-            that form.
+            ``r × d_in`` matrix per weight). On a peft LoRA model a form reads each adapted matrix merged
+            (``base + s·B·A``) and corrects the frozen base (:mod:`lssf_lightning.forms.lora`). ``None``:
+            ``"lssf"`` with a numeric ``alpha``; with ``alpha="auto"`` the forms of ``auto_alpha.methods``
+            (default the reset form and the paper's; the paper's alone on a LoRA model), while a named method
+            narrows ``"auto"`` to that form.
         add, input_share: the method's other parameters (a parameter it does not take is an error).
         every_n_steps: for ``apply_on="steps"``: apply the form after every N-th optimizer step (the guard).
         log_update_share: log ``lssf/update_in_subspace`` (the share of the update since fit start inside the
@@ -565,14 +566,17 @@ def _no_validation_loop(trainer: Trainer) -> str | None:
 
 def _live_forms(callback: LSSFCallback, trainer: Trainer, pl_module: LightningModule):
     """The callback's :class:`~lssf_lightning.forms.LiveForms` (single device, DDP, FSDP2 shards; see
-    :func:`~lssf_lightning.lightning.strategy.forms_problem`) with the reference weights the form reads
-    (one-line errors otherwise)."""
+    :func:`~lssf_lightning.lightning.strategy.forms_problem`; on a peft LoRA model reading the merged weights,
+    or the adapter guard :class:`~lssf_lightning.forms.LoraHoldOut` in steps mode) with the reference weights
+    the form reads (one-line errors otherwise)."""
     what = f"method={callback.method!r} with apply_on={callback.apply_on!r}"
     parameters = training.named_tensors(pl_module)
     problem = strategy.forms_problem(trainer, callback.apply_on,
                                      bool(callback.export_dir or callback.export_adapter_dir),
                                      any(is_adapter_key(k) for k in parameters))
     if problem is None and callback.apply_on == "steps" and any(is_adapter_key(k) for k in parameters):
+        # the guard in adapter form where it is exact and nothing is exported; else the form on the merged
+        # weights, its correction in the frozen base (forms.lora), as in every other mode
         options = forms.check_method_options(callback.method, callback.form_options)
         if (callback.method == "lssf-reset" and options.get("alpha") == 1 and not options.get("add")
                 and callback.subspace_config.alpha_1 == 1
@@ -581,8 +585,6 @@ def _live_forms(callback: LSSFCallback, trainer: Trainer, pl_module: LightningMo
                 return forms.LoraHoldOut(callback.hf_model(pl_module), callback.subspace)
             except SettingError as err:
                 raise MisconfigurationException(f"LSSFCallback: {err}") from None
-        problem = ("on a peft LoRA model is not supported yet: there the guard is method='lssf-reset' with "
-                   "alpha=1 and subspace alpha_1=1 (B <- B - U'U'^T B), without export_dir")
     if problem is None and callback.method == "lssf-two-sided" and callback.aligned is None:
         problem = "reads the aligned weights: pass aligned= (the aligned model's path)"
     if problem:
