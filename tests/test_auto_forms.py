@@ -9,9 +9,11 @@ import json
 
 import pytest
 import torch
+from conftest import state as state_of
 from lightning.pytorch import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from test_callback import data_files, fit  # noqa: F401  (a module fixture and the Lightning run)
+from test_forms import dense_form
 from test_hf_trainer import rows, trainer_args
 from transformers import AutoModelForCausalLM, Trainer, TrainerCallback
 
@@ -174,6 +176,38 @@ def test_lightning_auto_chooses_the_reset_form_within_the_budget_and_fuses_it(ll
     assert state["method"] == "lssf-reset" and state["auto_recommended"] is True
     assert saved["lssf"]["method"] == "lssf-reset" and saved["lssf"]["options"] == {"alpha": 0.5}
     assert forms.CORRECTIONS_KEY in saved  # the checkpoint holds the chosen form, the live weights stay raw
+
+
+def test_lightning_auto_on_a_lora_model_measures_the_forms_on_the_merged_weights(llama_trio, data_files,  # noqa: F811
+                                                                                 tmp_path):
+    judge = Edited()
+    config = AutoAlphaConfig(alphas=[0.5, 1.0], target=0.5, max_perplexity_increase=0.01,
+                             methods=["lssf", "lssf-reset"])
+    callback = LSSFCallback(unaligned=str(llama_trio.base), alpha="auto", auto_alpha=config,
+                            monitor=RefusalMonitor(**PROBE, judge=judge), tokenizer=str(llama_trio.aligned),
+                            verbose=False, log_update_share=False)
+    base_q = "model.base_model.model." + Q.replace(".weight", ".base_layer.weight")
+
+    class Hold(Callback):
+        def on_fit_start(self, trainer, pl_module):
+            judge.weight = lambda: pl_module.get_parameter(base_q)
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    lora = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "up_proj"]}
+    _, module = fit(llama_trio, data_files, [Hold(), LightningSnapshot(judge), callback, checkpoint],
+                    max_epochs=1, validate=True, lr=LR, lora=lora)
+    curve = points(callback)
+    assert curve[("lssf", 0.5)]["perplexity"] > curve[("lssf-reset", 0.5)]["perplexity"]
+    assert callback.method == "lssf-reset" and callback.current_alpha == 0.5
+    saved = torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)
+    assert saved["lssf"]["method"] == "lssf-reset" and base_q in saved[forms.CORRECTIONS_KEY]
+    # the checkpoint's base + the trained s·B·A is the reset of the merged live weight
+    merged = module.merged_model().state_dict()[Q].double()
+    live = module.state_dict()[base_q].double()  # raw: checkpoint mode
+    aligned, base = (state_of(llama_trio.models[name])[Q].double() for name in ("aligned", "base"))
+    expected = dense_form("lssf-reset", merged, aligned, base, callback.subspace[Q], 0.5)
+    got = saved["state_dict"][base_q].double() + merged - live
+    assert torch.allclose(got, expected, atol=1e-5)
 
 
 def test_lightning_auto_records_target_not_reached_in_the_checkpoint(llama_trio, data_files,  # noqa: F811

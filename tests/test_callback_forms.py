@@ -234,13 +234,13 @@ def test_steps_guard_on_lora_holds_the_adapter_out_of_the_subspace(llama_trio, d
     assert any("lora_B" in k for k in state(module))  # still a LoRA model
 
 
-def test_lora_auto_over_the_forms_is_refused(llama_trio, data_files):
-    module = CausalLMModule(str(llama_trio.aligned), lora={"r": 4, "lora_alpha": 8})
+def test_a_form_on_a_dora_model_is_refused(llama_trio, data_files):
+    module = CausalLMModule(str(llama_trio.aligned), lora={"r": 4, "lora_alpha": 8, "use_dora": True})
     data = ChatDataModule(str(data_files[0]), None, batch_size=2, shuffle=False)
-    callback = lssf(llama_trio, method="lssf-reset", alpha="auto")
+    callback = lssf(llama_trio, method="lssf-reset", alpha=2.0)
     trainer = Trainer(max_epochs=1, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
                       callbacks=[callback], enable_progress_bar=False)
-    with pytest.raises(MisconfigurationException, match="on a peft LoRA model is not supported yet"):
+    with pytest.raises(MisconfigurationException, match="is a DoRA layer"):
         trainer.fit(module, data)
 
 

@@ -441,12 +441,14 @@ class Candidates:
         applied_alpha: the additive strength the live weights carry (the scalar-α path).
         options: the named method's other parameters (``add``, ``input_share``).
         aligned, unaligned: the reference weights the forms read.
+        owner: the module ``parameters`` name (a peft LoRA model: the forms read the merged weights).
     """
 
     def __init__(self, module: torch.nn.Module, parameters: Mapping[str, Tensor], subspace, *,
                  live: LiveForms | None = None, applied_alpha: float = 0.0,
-                 options: Mapping[str, Any] | None = None, aligned=None, unaligned=None) -> None:
-        self.module, self.parameters, self.subspace = module, parameters, subspace
+                 options: Mapping[str, Any] | None = None, aligned=None, unaligned=None,
+                 owner: torch.nn.Module | None = None) -> None:
+        self.module, self.parameters, self.subspace, self.owner = module, parameters, subspace, owner
         self.live, self.applied_alpha = live, float(applied_alpha)
         self.options = {k: v for k, v in (options or {}).items() if k != "alpha" and v is not None}
         self.aligned, self.unaligned = aligned, unaligned
@@ -463,7 +465,7 @@ class Candidates:
         if method == "lssf" and (self.live is None or not self.live.carries):
             return None
         return run_form(method, {**self.options, "alpha": alpha}, self.subspace, self.parameters,
-                        carried=self.live, aligned=self.aligned, unaligned=self.unaligned)
+                        carried=self.live, aligned=self.aligned, unaligned=self.unaligned, module=self.owner)
 
     def __call__(self, method: str, alpha: float) -> contextlib.AbstractContextManager:
         form = self.form(method, alpha)

@@ -432,16 +432,8 @@ class LSSFTrainerCallback(TrainerCallback):
 
     def _start_form(self, model: nn.Module) -> None:
         """The run's form (``method``; with ``alpha="auto"`` the first candidate at ``α = 1`` until chosen, or
-        what a resumed ``lssf_state.json`` names); on a peft LoRA model ``alpha="auto"`` tunes the paper's
-        form only (its default grid falls back to it, warned)."""
+        what a resumed ``lssf_state.json`` names)."""
         methods = self.tuner.methods if self.tuner is not None else (self.method,)
-        if self.tuner is not None and hasattr(model, "peft_config") and methods != ("lssf",):
-            if self._named_method is not None or self.tuner.config.methods is not None:
-                raise SettingError(f"LSSFTrainerCallback: alpha='auto' over {list(methods)} on a peft LoRA "
-                                   "model is not supported yet: use method='lssf', or a numeric alpha")
-            warnings.warn("LSSFTrainerCallback: alpha='auto' on a peft LoRA model chooses the strength of "
-                          "the paper's form only (method='lssf')", stacklevel=3)
-            self.tuner.methods = methods = ("lssf",)
         if self._resumed is None:
             self.method = methods[0]
         alpha = self.fusion.target
@@ -456,7 +448,8 @@ class LSSFTrainerCallback(TrainerCallback):
     def _candidates(self, model: nn.Module) -> forms.Candidates:
         return forms.Candidates(model, training.named_tensors(model), self.subspace, live=self.live_forms,
                                 applied_alpha=0.0 if self.live_forms is not None else self.fusion.applied,
-                                options=self.form_options, aligned=self.aligned, unaligned=self.unaligned)
+                                options=self.form_options, aligned=self.aligned, unaligned=self.unaligned,
+                                owner=model)
 
     def _save_state(self, path: Path) -> None:
         record = {

@@ -94,8 +94,7 @@ class LSSFCallback(Callback):
             ``r × d_in`` matrix per weight). On a peft LoRA model a form reads each adapted matrix merged
             (``base + s·B·A``) and corrects the frozen base (:mod:`lssf_lightning.forms.lora`). ``None``:
             ``"lssf"`` with a numeric ``alpha``; with ``alpha="auto"`` the forms of ``auto_alpha.methods``
-            (default the reset form and the paper's; the paper's alone on a LoRA model), while a named method
-            narrows ``"auto"`` to that form.
+            (default the reset form and the paper's), while a named method narrows ``"auto"`` to that form.
         add, input_share: the method's other parameters (a parameter it does not take is an error).
         every_n_steps: for ``apply_on="steps"``: apply the form after every N-th optimizer step (the guard).
         log_update_share: log ``lssf/update_in_subspace`` (the share of the update since fit start inside the
@@ -431,7 +430,7 @@ class LSSFCallback(Callback):
         candidates = forms.Candidates(
             self.hf_model(pl_module), training.named_tensors(pl_module), self.subspace, live=live,
             applied_alpha=self.fusion.applied, options=self.form_options, aligned=self.aligned,
-            unaligned=self.unaligned)
+            unaligned=self.unaligned, owner=pl_module)
         choice = self.auto.choose(trainer, pl_module, candidates, verbose=self.verbose)
         self.fusion.target = choice.alpha
         if forms.uses_forms(choice.method, self.apply_on):
@@ -600,14 +599,17 @@ def _live_forms(callback: LSSFCallback, trainer: Trainer, pl_module: LightningMo
 
 def _auto_start(callback: LSSFCallback, trainer: Trainer, pl_module: LightningModule) -> str:
     """``alpha="auto"``'s form until the first choice: the first candidate (at ``α = 1``). On a peft LoRA
-    model, where the forms do not run in the auto choice yet, the default grid falls back to the paper's form
-    (warned); forms named there are refused."""
+    model where the forms do not run (:func:`~lssf_lightning.lightning.strategy.forms_problem`: FSDP2) the
+    default grid falls back to the paper's form (warned); forms named there are refused."""
     methods = callback.auto.tuner.methods
-    if methods != ("lssf",) and any(is_adapter_key(k) for k in training.named_tensors(pl_module)):
+    lora = any(is_adapter_key(k) for k in training.named_tensors(pl_module))
+    exports = bool(callback.export_dir or callback.export_adapter_dir)
+    problem = strategy.forms_problem(trainer, callback.apply_on, exports, lora) if lora else None
+    if methods != ("lssf",) and problem is not None:
         if callback._named_method is not None or callback.auto.config.methods is not None:
-            raise MisconfigurationException(f"LSSFCallback: alpha='auto' over {list(methods)} on a peft LoRA "
-                                            "model is not supported yet: use method='lssf'")
-        rank_zero_warn("LSSFCallback: alpha='auto' on a peft LoRA model chooses the strength of the paper's "
-                       "form only (method='lssf')")
+            raise MisconfigurationException(f"LSSFCallback: alpha='auto' over {list(methods)} {problem}: use "
+                                            "method='lssf'")
+        rank_zero_warn(f"LSSFCallback: alpha='auto' chooses the strength of the paper's form only "
+                       f"(method='lssf'): the other forms {problem}")
         callback.auto.tuner.methods = methods = ("lssf",)
     return methods[0]
