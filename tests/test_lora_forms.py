@@ -190,3 +190,25 @@ def test_steps_mode_applies_the_form_of_merged_minus_applied(llama_trio, data_fi
     exported = load_dir(tmp_path / "out")  # applied at the last step: the export is the live weights
     for key, weight in after.seen[-1][1].items():
         assert torch.allclose(exported[key.removeprefix("model.")], weight, atol=1e-5), key
+
+
+def test_the_monitors_realigned_pass_sees_the_form_of_the_merged_weights(llama_trio, data_files):
+    seen = {}
+
+    class Probe(Callback):
+        def on_train_end(self, trainer, pl_module):
+            before = state(pl_module)
+            seen["merged"] = merged(pl_module)
+            with lssf_callback.realigned_weights(pl_module):
+                seen["inside"] = merged(pl_module)
+            seen["before"], seen["after"] = before, state(pl_module)
+
+    lssf_callback = callback(llama_trio, "lssf-erosion", alpha=2.0)
+    fit(llama_trio, data_files, [lssf_callback, Probe()])
+    changed = 0
+    for key, weight in seen["merged"].items():
+        expected = form_of(llama_trio, lssf_callback, key, weight, "lssf-erosion", 2.0)
+        assert torch.allclose(seen["inside"][key].double(), expected, atol=1e-5), key
+        changed += not torch.allclose(seen["inside"][key], weight, atol=1e-4)
+    assert changed
+    assert all(torch.equal(seen["after"][k], v) for k, v in seen["before"].items())
