@@ -3,6 +3,8 @@ the merged weight ``base + s·B·A`` and puts its correction into the frozen bas
 form of the merged live weights, raw live weights, exact resume), train_end's model and adapter, epochs mode
 (no stacking, and the adapter for the aligned model)."""
 
+import copy
+
 import pytest
 import torch
 from conftest import load_dir, state
@@ -10,11 +12,14 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from test_callback import lssf
 from test_callback_forms import ROWS, form_of
+from test_forms import dense_form
 from transformers import AutoModelForCausalLM
 
-from lssf_lightning import forms
+from lssf_lightning import forms, training
+from lssf_lightning.io.names import canonical_key
 from lssf_lightning.lightning.data import ChatDataModule, write_chat_jsonl
 from lssf_lightning.lightning.module import CausalLMModule
+from lssf_lightning.subspace import SafetySubspace
 
 LORA = {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "up_proj"]}
 METHODS = ["lssf-reset", "lssf-erosion", "lssf-two-sided"]
@@ -212,3 +217,41 @@ def test_the_monitors_realigned_pass_sees_the_form_of_the_merged_weights(llama_t
         changed += not torch.allclose(seen["inside"][key], weight, atol=1e-4)
     assert changed
     assert all(torch.equal(seen["after"][k], v) for k, v in seen["before"].items())
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_gpt2_conv1d_lora_layers_are_read_merged_in_their_layout(gpt2_trio, method):
+    """GPT-2's ``Conv1D`` stores ``Wᵀ`` and peft's update is ``(s·B·A)ᵀ`` (``fan_in_fan_out``): the checkpoint
+    fusion (dense) and a live application (the reset's and erosion's rank-sized coordinates) both read the
+    merged weight."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(gpt2_trio.aligned), config)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0.0, 0.5)  # a trained adapter
+    subspace = SafetySubspace.from_weights(str(gpt2_trio.aligned), str(gpt2_trio.base), progress=False)
+    parameters = training.named_tensors(model)
+    live = forms.LiveForms(method, {"alpha": 2.0}, subspace, parameters, aligned=str(gpt2_trio.aligned),
+                           unaligned=str(gpt2_trio.base), module=model)
+    assert len(live.forms.outside) == 4  # c_attn and c_fc of both blocks
+    merged_before = state(copy.deepcopy(model).merge_and_unload())
+    aligned, base = state(gpt2_trio.models["aligned"]), state(gpt2_trio.models["base"])
+
+    def expected(key):
+        name = canonical_key(key)
+        return dense_form(method, merged_before[name].double().T, aligned[name].double().T,
+                          base[name].double().T, subspace[name], 2.0).T
+
+    checkpoint = {"state_dict": dict(model.state_dict())}
+    live.fuse_checkpoint(checkpoint)
+    for key in live.keys:
+        lora = merged_before[canonical_key(key)].double() - parameters[key].double()  # (s·B·A)ᵀ or 0
+        assert torch.allclose(checkpoint["state_dict"][key].double() + lora, expected(key), atol=1e-5), key
+    live.apply_(parameters)
+    merged_after = state(copy.deepcopy(model).merge_and_unload())
+    for key in live.keys:
+        assert torch.allclose(merged_after[canonical_key(key)].double(), expected(key), atol=1e-5), key
