@@ -176,7 +176,7 @@ def needs_realignment(values: Mapping[str, Any], min_refusal_rate: float | None,
 DEFAULT_AUTO_METHODS: tuple[str, ...] = ("lssf-reset", "lssf")
 """``alpha="auto"``'s forms when none is given, in order of preference (ties go to the earlier one): the reset
 form first — on the demo's models it restored refusal at +2–3 % perplexity where the paper's additive form
-cost +29–36 % (docs/demo.md) — and the paper's form, which a multi-device run falls back to."""
+cost +29–36 % (docs/demo.md) — and the paper's form, which a LoRA model under FSDP2 falls back to."""
 
 
 def auto_methods(method: str | None, options: Mapping[str, Any], config: AutoAlphaConfig) -> tuple[str, ...]:
