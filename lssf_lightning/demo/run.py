@@ -246,8 +246,8 @@ def _finetune(run, lora: bool, guard: bool = False):
 
 def _callback_form(config: DemoConfig, guard: bool, lora: bool = False) -> dict:
     """The LSSFCallback arguments of the demo's form: the guard, the paper's form at a fixed ``alpha`` (and
-    for the LoRA run, whose forms are chosen by the sweep afterwards: the callback's forms on LoRA models are
-    the per-step guard only so far), or ``method`` at ``method_alpha`` (checkpoint mode)."""
+    for the LoRA run, whose realigned row the sweep chooses afterwards), or ``method`` at ``method_alpha``
+    (checkpoint mode)."""
     if guard:
         return {"method": config.method, "alpha": 1.0, "apply_on": "steps",
                 "every_n_steps": config.guard_every}
