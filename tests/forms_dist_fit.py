@@ -8,6 +8,8 @@ STRATEGY:
          checkpoint mode for lssf-reset (alpha 2), lssf-erosion and lssf-two-sided (with export_dir and
          export_adapter_dir), and an exact resume
   blocks  framework-free: ShardedForms on every placement against the dense formulas (rank<r>.json)
+  fsdp2-lora  the guard on a peft LoRA model under FSDP2 (B <- B - U'(U'^T B) on each rank's rows of B, one
+         r x r_lora all-reduce per adapter)
   fsdp2-epochs  epochs mode (lssf-reset, alpha 2, epochs 0 and 1) on the live shards, and a resume after
          epoch 0 that carries every rank's applied corrections
   fsdp2-auto, ddp-auto  alpha='auto' (the paper's form and the reset) in checkpoint mode; each rank writes
@@ -91,6 +93,26 @@ def guard(strategy, aligned, unaligned, train, out: Path) -> dict:
         save_file({k: v.contiguous() for k, v in left.items()}, str(out / "subspace_left.safetensors"))
     shapes = {key: list(forms.blocks[key].right.shape) for key in forms.blocks} if cost else {}
     return {"steps": steps, "type": type(forms).__name__, "cost": cost, "right_shapes": shapes}
+
+
+def lora_guard(aligned, unaligned, train, out: Path) -> dict:
+    """The LoRA guard under FSDP2: the adapters' rows held out of the subspace after every step."""
+    from lssf_lightning.forms import lora_b_weights
+
+    callback = lssf(unaligned, method="lssf-reset", alpha=1.0, apply_on="steps", every_n_steps=1)
+    torch.manual_seed(0)
+    module = ShardedLM(aligned, learning_rate=1e-2,
+                       lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "up_proj"]})
+    run = trainer_for([callback, Probe(out, "lora", steps=True)], out, max_epochs=1)
+    run.fit(module, data(train))
+    hold = callback.live_forms
+    names = list(lora_b_weights(hold.model, callback.subspace))
+    if run.is_global_zero:
+        left = {name: callback.subspace[name].left.contiguous() for name in names}
+        save_file(left, str(out / "lora_left.safetensors"))
+    sharded = [type(b).__name__ for bs in lora_b_weights(hold.model, callback.subspace).values() for b in bs]
+    return {"steps": run.global_step, "type": type(hold).__name__, "cost": hold.cost, "b_types": sharded,
+            "ranks": {name: int(callback.subspace[name].rank) for name in names}}
 
 
 def checkpoint_mode(aligned, unaligned, train, out: Path, method: str, alpha: float) -> dict:
@@ -307,6 +329,11 @@ def main(strategy, aligned, unaligned, train, out):
             results = {"epochs": epochs(aligned, unaligned, train, out)}
         else:
             results = {"auto": auto(aligned, unaligned, train, out, strategy.removesuffix("-auto"))}
+        if dist.get_rank() == 0:
+            (out / "results.json").write_text(json.dumps(results))
+        return
+    if strategy == "fsdp2-lora":
+        results = {"lora": lora_guard(aligned, unaligned, train, out)}
         if dist.get_rank() == 0:
             (out / "results.json").write_text(json.dumps(results))
         return

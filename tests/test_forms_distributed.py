@@ -63,6 +63,31 @@ def test_fsdp2_guard_is_shard_local_with_one_all_reduce_per_matrix(fsdp2_run, ll
     assert guard["cost"]["bytes"] == 2 * sum(sizes)
 
 
+def test_fsdp2_lora_guard_holds_the_sharded_adapters_out_of_the_subspace(llama_trio, tmp_path_factory):
+    out, results = run("fsdp2-lora", llama_trio, tmp_path_factory)
+    lora = results["lora"]
+    assert lora["type"] == "LoraHoldOut" and lora["steps"] == 2
+    assert lora["b_types"] == ["DTensor"] * 4  # q_proj and up_proj of 2 layers, sharded by rows
+    # one r × r_lora float32 all-reduce per adapter and step (rank 0's tally)
+    assert lora["cost"]["calls"] == 2 * 4
+    assert lora["cost"]["bytes"] == 2 * sum(r * 4 * 4 for r in lora["ranks"].values())
+    left = weights(out / "lora_left.safetensors")
+    learned = False
+    for step in (1, 2):
+        live = weights(out / f"lora_step{step}.safetensors")
+        for name, u in left.items():
+            prefix = next(k for k in live if k.endswith(name.removesuffix(".weight") + ".base_layer.weight"))
+            prefix = prefix.removesuffix("base_layer.weight")
+            aligned, _ = references(llama_trio, "model." + name)
+            assert torch.equal(live[prefix + "base_layer.weight"].double(), aligned)  # the frozen base
+            # W_merged − W_aligned = scaling·B·A (scaling = lora_alpha / r = 2)
+            update = 2.0 * live[prefix + "lora_B.default.weight"].double() @ live[
+                prefix + "lora_A.default.weight"].double()
+            assert (u.double().T @ update).abs().max() < 1e-6, (step, name)
+            learned = learned or update.abs().max() > 1e-4
+    assert learned  # the adapters still learned outside the subspace
+
+
 CHECKPOINT_FORMS = [("lssf-reset", 2.0), ("lssf-erosion", 1.0), ("lssf-two-sided", 1.0)]
 
 
@@ -221,7 +246,8 @@ def test_forms_are_refused_in_one_line_where_they_cannot_run_yet():
     assert forms_problem(sharded, "checkpoint", exports=False, lora=False) is None
     assert forms_problem(sharded, "epochs", exports=True, lora=False) is None
     assert "export_dir" in forms_problem(sharded, "steps", exports=True, lora=True)
-    assert "LoRA" in forms_problem(sharded, "steps", exports=False, lora=True)
+    assert forms_problem(sharded, "steps", exports=False, lora=True) is None  # the LoRA guard
+    assert "LoRA" in forms_problem(sharded, "checkpoint", exports=False, lora=True)
     whole = on(ModelParallelStrategy(save_distributed_checkpoint=False))
     assert "save_distributed_checkpoint=True" in forms_problem(whole, "checkpoint", exports=False, lora=False)
     assert "FSDP1" in forms_problem(on(FSDPStrategy()), "checkpoint", exports=False, lora=False)
