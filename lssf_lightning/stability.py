@@ -6,6 +6,10 @@ of the update since fit start (and since :meth:`UpdateShare.mark`, e.g. the prev
 inside the subspace, per layer group, and the drift ``‖Uᵀ(W − W_start)‖_F`` of the subspace component from
 the weights the fit started from (the aligned model when fine-tuning starts there). The math:
 :mod:`lssf_lightning.core.stability`.
+
+On DTensor shards (FSDP2) every rank keeps a copy of its own block only and measures it with its rows of
+``U``: ``UᵀΔW`` is a sum over every rank's rows, so one ``r × d_in`` all-reduce per matrix (the block's
+``‖ΔW‖²`` travels in the same buffer); every rank calls each measurement.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import torch
 from torch import Tensor
 
 from lssf_lightning.core.stability import ALL, orthonormal_basis, share_by_group, subspace_energy
+from lssf_lightning.distributed.collectives import is_dtensor, local_tensor, shard_region
+from lssf_lightning.distributed.sharded_forms import new_cost, sharding_dims, summed
 from lssf_lightning.subspace import SafetySubspace
 
 __all__ = ["UpdateShare", "metric_names"]
@@ -27,12 +33,37 @@ def metric_names(shares: Mapping[str, float], prefix: str = "lssf/update_in_subs
     return {prefix if group == ALL else f"{prefix}/{group}": value for group, value in shares.items()}
 
 
+class _Block:
+    """A DTensor's block on this rank: its rows of ``U``, where its columns go, the dimensions to sum."""
+
+    def __init__(self, tensor: Tensor, conv1d: bool, basis: Tensor) -> None:
+        region = shard_region(tensor)
+        self.rows, self.cols = region.entry_slices(conv1d)
+        self.d_in = int(region.global_shape[0 if conv1d else 1])
+        self.basis = basis[self.rows]
+        rows, cols = sharding_dims(tensor, conv1d)
+        self.mesh, self.dims = tensor.device_mesh, rows + cols
+        self.device = local_tensor(tensor).device  # where the all-reduce runs (the communication device)
+
+    def reduce(self, cost):
+        def reduce(coordinates: Tensor, total: Tensor) -> tuple[Tensor, Tensor]:
+            rank = coordinates.shape[0]
+            buffer = coordinates.new_zeros(rank * self.d_in + 1)
+            buffer[:-1].view(rank, self.d_in)[:, self.cols] = coordinates
+            buffer[-1] = total
+            buffer = summed(buffer.to(self.device), self.mesh, self.dims, cost).cpu()
+            return buffer[:-1].view(rank, self.d_in), buffer[-1]
+
+        return reduce
+
+
 class UpdateShare:
     """Where the update of the ``matched`` live weights goes.
 
     Args:
         subspace: the run's safety subspace.
-        parameters: ``{state-dict key: live tensor}`` at fit start.
+        parameters: ``{state-dict key: live tensor}`` at fit start (plain tensors, or DTensor shards: then
+            every rank calls every measurement, a collective).
         matched: ``{state-dict key: subspace name}`` of the weights to watch.
     """
 
@@ -43,18 +74,28 @@ class UpdateShare:
         self.conv1d = {key: subspace[name].conv1d for key, name in matched.items()}
         self.bases = {key: orthonormal_basis(subspace[name].left.detach().cpu())
                       for key, name in matched.items()}
+        self.blocks = {key: _Block(parameters[key], self.conv1d[key], self.bases[key])
+                       for key in self.names if is_dtensor(parameters[key])}
+        self.cost = new_cost()  # the all-reduces on shards
         self.start = self._snapshot(parameters)
         self.previous: dict[str, Tensor] | None = None
 
     def _snapshot(self, parameters: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return {key: parameters[key].detach().to("cpu", copy=True) for key in self.names}
+        return {key: local_tensor(parameters[key]).detach().to("cpu", copy=True) for key in self.names}
 
     def _update(self, key: str, live: Tensor, reference: Tensor) -> Tensor:
-        update = live.detach().cpu().to(torch.promote_types(live.dtype, torch.float32)) - reference
+        live = local_tensor(live).detach().cpu()
+        update = live.to(torch.promote_types(live.dtype, torch.float32)) - reference
         return update.T if self.conv1d[key] else update
 
+    def _energy(self, key: str, update: Tensor) -> tuple[float, float]:
+        block = self.blocks.get(key)
+        if block is None:
+            return subspace_energy(self.bases[key], update)
+        return subspace_energy(block.basis, update, block.reduce(self.cost))
+
     def _energies(self, parameters: Mapping[str, Tensor], reference: Mapping[str, Tensor]):
-        return {self.names[key]: subspace_energy(self.bases[key], self._update(key, parameters[key], ref))
+        return {self.names[key]: self._energy(key, self._update(key, parameters[key], ref))
                 for key, ref in reference.items()}
 
     def since_start(self, parameters: Mapping[str, Tensor]) -> dict[str, float]:
@@ -64,6 +105,13 @@ class UpdateShare:
     def drift(self, parameters: Mapping[str, Tensor]) -> float:
         """``‖Uᵀ(W − W_start)‖_F`` over every watched matrix (root of the summed squares)."""
         return math.sqrt(sum(inside for inside, _ in self._energies(parameters, self.start).values()))
+
+    def metrics(self, parameters: Mapping[str, Tensor]) -> dict[str, float]:
+        """``lssf/update_in_subspace`` (:meth:`since_start`, per group) and ``lssf/subspace_drift``
+        (:meth:`drift`), from one measurement."""
+        energies = self._energies(parameters, self.start)
+        drift = math.sqrt(sum(inside for inside, _ in energies.values()))
+        return {**metric_names(share_by_group(energies)), "lssf/subspace_drift": drift}
 
     def mark(self, parameters: Mapping[str, Tensor]) -> None:
         """Remember the live weights now (the start of the next :meth:`since_mark`)."""

@@ -5,8 +5,8 @@ Usage: python -m torch.distributed.run --standalone --nproc-per-node 2 forms_dis
 STRATEGY:
   ddp    the per-step guard (lssf-reset, alpha 1, every step) under DDP: every rank the same edit
   fsdp2  the same guard under ModelParallelStrategy (FSDP2, shard-local with one all-reduce per matrix); then
-         checkpoint mode for lssf-reset (alpha 2), lssf-erosion and lssf-two-sided (with export_dir and
-         export_adapter_dir), and an exact resume
+         checkpoint mode for lssf-reset (alpha 2, with the update share measured on the shards),
+         lssf-erosion and lssf-two-sided (with export_dir and export_adapter_dir), and an exact resume
   blocks  framework-free: ShardedForms on every placement against the dense formulas (rank<r>.json)
   fsdp2-lora  the guard on a peft LoRA model under FSDP2 (B <- B - U'(U'^T B) on each rank's rows of B, one
          r x r_lora all-reduce per adapter)
@@ -61,7 +61,8 @@ class Probe(Callback):
 
 
 def lssf(unaligned, **kwargs):
-    return LSSFCallback(unaligned=unaligned, monitor=False, verbose=False, log_update_share=False, **kwargs)
+    kwargs.setdefault("log_update_share", False)
+    return LSSFCallback(unaligned=unaligned, monitor=False, verbose=False, **kwargs)
 
 
 def ddp_trainer(callbacks, out):
@@ -120,7 +121,8 @@ def checkpoint_mode(aligned, unaligned, train, out: Path, method: str, alpha: fl
     if method == "lssf-two-sided":  # and its exports, gathered from the shards at train end
         extra.update(export_dir=str(out / "export_two_sided"),
                      export_adapter_dir=str(out / "adapter_two_sided"))
-    callback = lssf(unaligned, method=method, alpha=alpha, **extra)
+    share = method == "lssf-reset"  # the live weights stay raw: an update partly inside the subspace
+    callback = lssf(unaligned, method=method, alpha=alpha, log_update_share=share, **extra)
     directory = out / f"ckpt_{method}"
     torch.manual_seed(0)
     module = ShardedLM(aligned, learning_rate=1e-2)
@@ -131,8 +133,12 @@ def checkpoint_mode(aligned, unaligned, train, out: Path, method: str, alpha: fl
     if run.is_global_zero:
         load_distributed_checkpoint(directory / "last.ckpt", final, out / f"ckpt_{method}.safetensors")
         meta = torch.load(directory / "last.ckpt" / "meta.pt", weights_only=True)
-        return {"corrections_world": meta["lssf_corrections"]["world_size"],
-                "fixups_world": meta["lssf_raw_fixups"]["world_size"], "info": meta["lssf"]["method"]}
+        found = {"corrections_world": meta["lssf_corrections"]["world_size"],
+                 "fixups_world": meta["lssf_raw_fixups"]["world_size"], "info": meta["lssf"]["method"]}
+        if share:
+            metrics = {k: float(v) for k, v in run.callback_metrics.items() if k.startswith("lssf/")}
+            found["share"] = {"metrics": metrics, "cost": callback.update_share.cost}
+        return found
     return {}
 
 

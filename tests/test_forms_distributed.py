@@ -88,6 +88,30 @@ def test_fsdp2_lora_guard_holds_the_sharded_adapters_out_of_the_subspace(llama_t
     assert learned  # the adapters still learned outside the subspace
 
 
+def test_fsdp2_update_share_matches_the_dense_share_on_the_gathered_weights(fsdp2_run, llama_trio):
+    # the lssf-reset checkpoint-mode run: live weights raw, so the update since fit start goes partly inside
+    out, results = fsdp2_run
+    share = results["lssf-reset"]["share"]
+    start, end = weights(out / "lssf-reset_start.safetensors"), weights(out / "lssf-reset_end.safetensors")
+    left = weights(out / "subspace_left.safetensors")
+    sums = {}
+    for key, u in left.items():
+        basis, _ = torch.linalg.qr(u.double())
+        update = end[key].double() - start[key].double()
+        inside, total = (basis.T @ update).square().sum().item(), update.square().sum().item()
+        for group in ("all", "mlp" if ".mlp." in key else "attention"):
+            acc = sums.setdefault(group, [0.0, 0.0])
+            acc[0], acc[1] = acc[0] + inside, acc[1] + total
+    metrics = share["metrics"]
+    assert 0.001 < sums["all"][0] / sums["all"][1] < 1
+    assert metrics["lssf/update_in_subspace"] == pytest.approx(sums["all"][0] / sums["all"][1], rel=1e-3)
+    for group in ("attention", "mlp"):
+        assert metrics[f"lssf/update_in_subspace/{group}"] == pytest.approx(sums[group][0] / sums[group][1],
+                                                                            rel=1e-3)
+    assert metrics["lssf/subspace_drift"] == pytest.approx(sums["all"][0] ** 0.5, rel=1e-3)
+    assert share["cost"]["calls"] == 14  # one all-reduce per matrix for the epoch's measurement
+
+
 CHECKPOINT_FORMS = [("lssf-reset", 2.0), ("lssf-erosion", 1.0), ("lssf-two-sided", 1.0)]
 
 
@@ -95,7 +119,8 @@ CHECKPOINT_FORMS = [("lssf-reset", 2.0), ("lssf-erosion", 1.0), ("lssf-two-sided
 def test_fsdp2_checkpoint_holds_the_dense_form_and_live_weights_stay_raw(fsdp2_run, llama_trio, method,
                                                                          alpha):
     out, results = fsdp2_run
-    assert results[method] == {"corrections_world": 2, "fixups_world": 2, "info": method}
+    found = {k: v for k, v in results[method].items() if k != "share"}
+    assert found == {"corrections_world": 2, "fixups_world": 2, "info": method}
     live, saved = weights(out / f"{method}_end.safetensors"), weights(out / f"ckpt_{method}.safetensors")
     left = weights(out / "subspace_left.safetensors")
     from lssf_lightning.config import SubspaceConfig

@@ -53,15 +53,23 @@ def orthonormal_basis(left: Tensor) -> Tensor:
     return q
 
 
-def subspace_energy(basis: Tensor, update: Tensor) -> tuple[float, float]:
-    """``(‖UᵀΔW‖²_F, ‖ΔW‖²_F)`` for an output-major ``update``; ``basis``: orthonormal ``U``."""
+def subspace_energy(
+    basis: Tensor, update: Tensor, reduce: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
+) -> tuple[float, float]:
+    """``(‖UᵀΔW‖²_F, ‖ΔW‖²_F)`` for an output-major ``update``; ``basis``: orthonormal ``U``.
+
+    A block of rows (and columns) of ``ΔW`` passes its rows of ``U`` and ``reduce``: it gets this block's
+    ``(U[rows]ᵀΔW[rows, cols], ‖ΔW[rows, cols]‖²)`` and returns the whole ``UᵀΔW`` and ``‖ΔW‖²`` (summed
+    over the blocks)."""
     if tuple(update.shape[:1]) != tuple(basis.shape[:1]):
         raise ValueError(
             f"update of shape {tuple(update.shape)} does not match a basis of {tuple(basis.shape)}"
         )
     update = update.to(device=basis.device, dtype=torch.promote_types(basis.dtype, update.dtype))
-    inside = float((basis.T @ update).square().sum()) if basis.shape[1] else 0.0
-    return inside, float(update.square().sum())
+    coordinates, total = basis.T @ update, update.square().sum()
+    if reduce is not None:
+        coordinates, total = reduce(coordinates, total)
+    return float(coordinates.square().sum()), float(total)
 
 
 def share_by_group(

@@ -42,7 +42,7 @@ from lssf_lightning.distributed.shards import _with_local, apply_shard_fixup, sh
 from lssf_lightning.methods.base import Correction
 
 __all__ = ["SHARDED_CORRECTIONS", "SHARDED_FORMS", "BlockFactors", "ShardedForms", "hold_out_adapter_shard_",
-           "is_sharded_record", "new_cost", "summed"]
+           "is_sharded_record", "new_cost", "sharding_dims", "summed"]
 
 SHARDED_FORMS = ("additive", "reset", "erosion", "two_sided")
 SHARDED_CORRECTIONS = "lssf_lightning.sharded_corrections"
@@ -57,7 +57,7 @@ class BlockFactors:
         self.left = entry.left[self.rows].double()  # U'[rows]
         self.right = entry.right.double()  # U'ᵀδ, all columns (r × d_in)
         self.d_in = int(entry.right.shape[1])
-        self.row_dims, self.col_dims = _sharding_dims(tensor, self.conv1d)
+        self.row_dims, self.col_dims = sharding_dims(tensor, self.conv1d)
         self.coordinates = self.aligned_q = self.q = None
         if reference is not None:
             full = (reference.T if self.conv1d else reference).double()
@@ -78,7 +78,7 @@ class BlockFactors:
         return local.T if self.conv1d else local
 
 
-def _sharding_dims(tensor: Tensor, conv1d: bool) -> tuple[list[int], list[int]]:
+def sharding_dims(tensor: Tensor, conv1d: bool) -> tuple[list[int], list[int]]:
     """The mesh dimensions that shard the entry's rows, and those that shard its columns."""
     if not is_dtensor(tensor):
         return [], []
@@ -113,7 +113,7 @@ def hold_out_adapter_shard_(lora_b: Tensor, left: Tensor, alpha: float, cost: di
     ``r × r_lora`` matrix (a block of columns, when they are sharded too, is summed in place of gathered)."""
     region = shard_region(lora_b)
     rows, cols = region.entry_slices(False)
-    row_dims, col_dims = _sharding_dims(lora_b, False)
+    row_dims, col_dims = sharding_dims(lora_b, False)
 
     def reduce(partial: Tensor) -> Tensor:
         full = partial.new_zeros((partial.shape[0], region.global_shape[1]))

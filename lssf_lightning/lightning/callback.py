@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lssf_lightning import distributed, forms, training
+from lssf_lightning import forms, training
 from lssf_lightning.adapters import write_model_adapter
 from lssf_lightning.config import AutoAlphaConfig, SubspaceConfig
 from lssf_lightning.io.export import write_model_directory
@@ -357,10 +357,9 @@ class LSSFCallback(Callback):
                 self.live_forms.load_state_dict(self._restored)
             self._restored = None
         if self.log_update_share and self.subspace is not None:
-            # every DDP rank holds the same full weights; FSDP2 shards (DTensor) and LoRA are not measured yet
+            # every DDP rank holds the same full weights; FSDP2: every rank its blocks (all-reduced sums)
             parameters = training.named_tensors(pl_module)  # LoRA: the frozen base would read as no update
-            if not any(distributed.is_dtensor(p) for p in parameters.values()) and not any(
-                    is_adapter_key(k) for k in parameters):
+            if not any(is_adapter_key(k) for k in parameters):
                 self.update_share = UpdateShare(self.subspace, parameters,
                                                 training.matched_keys(self.subspace, parameters))
 
@@ -406,9 +405,7 @@ class LSSFCallback(Callback):
         where the update went."""
         self._maybe_apply(trainer, pl_module)
         if self.update_share is not None:
-            parameters = training.named_tensors(pl_module)
-            pl_module.log_dict({**metric_names(self.update_share.since_start(parameters)),
-                                "lssf/subspace_drift": self.update_share.drift(parameters)}, on_epoch=True)
+            pl_module.log_dict(self.update_share.metrics(training.named_tensors(pl_module)), on_epoch=True)
 
     def _maybe_apply(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Runs from two hooks so the epoch's checkpoint holds the fusion either way: with validation at the
