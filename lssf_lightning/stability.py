@@ -9,7 +9,9 @@ the weights the fit started from (the aligned model when fine-tuning starts ther
 
 On DTensor shards (FSDP2) every rank keeps a copy of its own block only and measures it with its rows of
 ``U``: ``UᵀΔW`` is a sum over every rank's rows, so one ``r × d_in`` all-reduce per matrix (the block's
-``‖ΔW‖²`` travels in the same buffer); every rank calls each measurement.
+``‖ΔW‖²`` travels in the same buffer); every rank calls each measurement. On a peft LoRA layer the update
+of the merged weight is ``s·B·A − s·B₀·A₀`` (the base frozen): it is kept and measured in factored form
+(:func:`~lssf_lightning.core.stability.factored_energy`), a copy of the adapters only.
 """
 
 from __future__ import annotations
@@ -20,17 +22,43 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from lssf_lightning.core.stability import ALL, orthonormal_basis, share_by_group, subspace_energy
+from lssf_lightning.core.stability import (
+    ALL,
+    factored_energy,
+    orthonormal_basis,
+    share_by_group,
+    subspace_energy,
+)
 from lssf_lightning.distributed.collectives import is_dtensor, local_tensor, shard_region
 from lssf_lightning.distributed.sharded_forms import new_cost, sharding_dims, summed
 from lssf_lightning.subspace import SafetySubspace
 
-__all__ = ["UpdateShare", "metric_names"]
+__all__ = ["UpdateShare", "lora_scalings", "metric_names"]
 
 
 def metric_names(shares: Mapping[str, float], prefix: str = "lssf/update_in_subspace") -> dict[str, float]:
     """``{prefix: overall share, prefix/group: share}`` for logging."""
     return {prefix if group == ALL else f"{prefix}/{group}": value for group, value in shares.items()}
+
+
+def lora_scalings(module: torch.nn.Module) -> dict[str, dict[str, float]]:
+    """``{state-dict key of the base weight: {adapter: scaling}}`` for the unmerged peft LoRA layers of
+    ``module`` (their active adapters)."""
+    found = {}
+    for name, layer in module.named_modules():
+        adapters = getattr(layer, "lora_A", None)
+        if not isinstance(adapters, torch.nn.ModuleDict) or getattr(layer, "merged", False):
+            continue
+        active = [a for a in layer.active_adapters if a in adapters]
+        if active:
+            found[f"{name}.base_layer.weight"] = {a: float(layer.scaling[a]) for a in active}
+    return found
+
+
+def _adapter_keys(key: str, adapter: str) -> tuple[str, str]:
+    """The state-dict keys of an adapter's ``A`` and ``B`` from its layer's base-weight key."""
+    prefix = key.removesuffix("base_layer.weight")
+    return f"{prefix}lora_A.{adapter}.weight", f"{prefix}lora_B.{adapter}.weight"
 
 
 class _Block:
@@ -65,23 +93,33 @@ class UpdateShare:
         parameters: ``{state-dict key: live tensor}`` at fit start (plain tensors, or DTensor shards: then
             every rank calls every measurement, a collective).
         matched: ``{state-dict key: subspace name}`` of the weights to watch.
+        adapters: ``{key: {adapter: scaling}}`` (:func:`lora_scalings`) of the matched keys that are the
+            frozen base of a peft LoRA layer: their update is measured on the adapters (full tensors).
     """
 
     def __init__(
-        self, subspace: SafetySubspace, parameters: Mapping[str, Tensor], matched: Mapping[str, str]
+        self, subspace: SafetySubspace, parameters: Mapping[str, Tensor], matched: Mapping[str, str],
+        adapters: Mapping[str, Mapping[str, float]] | None = None,
     ) -> None:
         self.names = dict(matched)
+        self.adapters = {key: dict(found) for key, found in (adapters or {}).items() if key in self.names}
         self.conv1d = {key: subspace[name].conv1d for key, name in matched.items()}
         self.bases = {key: orthonormal_basis(subspace[name].left.detach().cpu())
                       for key, name in matched.items()}
+        if self.adapters and any(is_dtensor(parameters[key]) for key in self.names):
+            raise ValueError("the update share of sharded LoRA adapters (FSDP2) is not measured yet")
         self.blocks = {key: _Block(parameters[key], self.conv1d[key], self.bases[key])
                        for key in self.names if is_dtensor(parameters[key])}
         self.cost = new_cost()  # the all-reduces on shards
         self.start = self._snapshot(parameters)
         self.previous: dict[str, Tensor] | None = None
 
-    def _snapshot(self, parameters: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        return {key: local_tensor(parameters[key]).detach().to("cpu", copy=True) for key in self.names}
+    def _snapshot(self, parameters: Mapping[str, Tensor]) -> dict[str, Tensor | dict[str, Tensor]]:
+        def copy(key: str) -> Tensor:
+            return local_tensor(parameters[key]).detach().to("cpu", copy=True)
+
+        return {key: {k: copy(k) for a in self.adapters[key] for k in _adapter_keys(key, a)}
+                if key in self.adapters else copy(key) for key in self.names}
 
     def _update(self, key: str, live: Tensor, reference: Tensor) -> Tensor:
         live = local_tensor(live).detach().cpu()
@@ -94,9 +132,20 @@ class UpdateShare:
             return subspace_energy(self.bases[key], update)
         return subspace_energy(block.basis, update, block.reduce(self.cost))
 
+    def _adapter_energy(self, key: str, parameters: Mapping[str, Tensor],
+                        start: Mapping[str, Tensor]) -> tuple[float, float]:
+        """``ΔW = Σ s·(B·A − B₀·A₀)`` over the layer's adapters as ``[s·B, −s·B₀]·[A; A₀]``."""
+        lefts, rights = [], []
+        for adapter, scaling in self.adapters[key].items():
+            a_key, b_key = _adapter_keys(key, adapter)
+            for sign, source in ((1.0, parameters), (-1.0, start)):
+                lefts.append(sign * scaling * source[b_key].detach().cpu().float())
+                rights.append(source[a_key].detach().cpu().float())
+        return factored_energy(self.bases[key], torch.cat(lefts, dim=1), torch.cat(rights, dim=0))
+
     def _energies(self, parameters: Mapping[str, Tensor], reference: Mapping[str, Tensor]):
-        return {self.names[key]: self._energy(key, self._update(key, parameters[key], ref))
-                for key, ref in reference.items()}
+        return {self.names[key]: self._adapter_energy(key, parameters, ref) if key in self.adapters else
+                self._energy(key, self._update(key, parameters[key], ref)) for key, ref in reference.items()}
 
     def since_start(self, parameters: Mapping[str, Tensor]) -> dict[str, float]:
         """The share of ``W − W_start`` inside the subspace: ``{"all": …, "attention": …, "mlp": …}``."""

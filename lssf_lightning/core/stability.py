@@ -19,6 +19,7 @@ from torch import Tensor
 
 __all__ = [
     "ALL",
+    "factored_energy",
     "layer_group",
     "orthonormal_basis",
     "share_by_group",
@@ -70,6 +71,19 @@ def subspace_energy(
     if reduce is not None:
         coordinates, total = reduce(coordinates, total)
     return float(coordinates.square().sum()), float(total)
+
+
+def factored_energy(basis: Tensor, left: Tensor, right: Tensor) -> tuple[float, float]:
+    """:func:`subspace_energy` of ``ΔW = left·right`` (``d_out × k`` and ``k × d_in``, e.g. a LoRA update
+    ``s·B·A`` minus the start's) without the dense matrix: ``‖(UᵀL)R‖²`` and ``‖LR‖² = Σ(LᵀL ∘ RRᵀ)``."""
+    if left.shape[0] != basis.shape[0] or left.shape[1] != right.shape[0]:
+        raise ValueError(f"factors of shapes {tuple(left.shape)} and {tuple(right.shape)} do not match a "
+                         f"basis of {tuple(basis.shape)}")
+    dtype = torch.promote_types(basis.dtype, torch.promote_types(left.dtype, right.dtype))
+    basis, left, right = (t.to(device=basis.device, dtype=dtype) for t in (basis, left, right))
+    inside = ((basis.T @ left) @ right).square().sum()
+    total = ((left.T @ left) * (right @ right.T)).sum()
+    return float(inside), float(total)
 
 
 def share_by_group(
