@@ -101,8 +101,9 @@ class LSSFCallback(Callback):
             safety subspace, overall and per layer group, at each train epoch end; in steps mode also
             ``lssf/update_in_subspace_step``, the optimizer's update since the previous application, measured
             only for the applications on a logged step, ``log_every_n_steps``) and
-            ``lssf/subspace_drift``; single device or DDP, full weights (not LoRA, not FSDP2 shards yet);
-            keeps a CPU copy of the targeted weights.
+            ``lssf/subspace_drift``; single device, DDP and FSDP2 (shard-local, one all-reduce per matrix);
+            on a peft LoRA model from the adapters (not yet sharded ones); keeps a CPU copy of the targeted
+            weights (of the adapters on LoRA).
     """
 
     def __init__(
