@@ -8,8 +8,10 @@ the weights the fit started from (the aligned model when fine-tuning starts ther
 :mod:`lssf_lightning.core.stability`.
 
 On DTensor shards (FSDP2) every rank keeps a copy of its own block only and measures it with its rows of
-``U``: ``UᵀΔW`` is a sum over every rank's rows, so one ``r × d_in`` all-reduce per matrix (the block's
-``‖ΔW‖²`` travels in the same buffer); every rank calls each measurement. On a peft LoRA layer the update
+``U`` (from its rows of ``U'`` and the Gram matrix ``U'ᵀU'``: one ``r × r`` all-reduce per matrix at fit
+start; a disk-backed subspace is read by block): ``UᵀΔW`` is a sum over every rank's rows, so one
+``r × d_in`` all-reduce per matrix and measurement (the block's ``‖ΔW‖²`` travels in the same buffer); every
+rank calls each measurement. On a peft LoRA layer the update
 of the merged weight is ``s·B·A − s·B₀·A₀`` (the base frozen): it is kept and measured in factored form
 (:func:`~lssf_lightning.core.stability.factored_energy`), a copy of the adapters only.
 """
@@ -22,10 +24,12 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from lssf_lightning.core.factors import LocalFactors, restrict
 from lssf_lightning.core.stability import (
     ALL,
     factored_energy,
     orthonormal_basis,
+    orthonormal_rows,
     share_by_group,
     subspace_energy,
 )
@@ -61,17 +65,31 @@ def _adapter_keys(key: str, adapter: str) -> tuple[str, str]:
     return f"{prefix}lora_A.{adapter}.weight", f"{prefix}lora_B.{adapter}.weight"
 
 
-class _Block:
-    """A DTensor's block on this rank: its rows of ``U``, where its columns go, the dimensions to sum."""
+def _local_factors(subspace: SafetySubspace, name: str, region) -> LocalFactors:
+    """The factors of ``name`` for the block ``region``: read as a block from disk-backed entries (nothing
+    else of the entry is read or kept), else cut from the resident entry."""
+    entries = subspace.entries
+    if hasattr(entries, "restrict"):
+        return entries.restrict(name, region)
+    return restrict(entries[name], region)
 
-    def __init__(self, tensor: Tensor, conv1d: bool, basis: Tensor) -> None:
+
+class _Block:
+    """A DTensor's block on this rank: its rows of an orthonormal ``U`` (from ``U'[rows]`` and the Gram
+    matrix ``U'ᵀU'``, one ``r × r`` all-reduce), where its columns go, the dimensions to sum."""
+
+    def __init__(self, tensor: Tensor, subspace: SafetySubspace, name: str, cost) -> None:
         region = shard_region(tensor)
-        self.rows, self.cols = region.entry_slices(conv1d)
-        self.d_in = int(region.global_shape[0 if conv1d else 1])
-        self.basis = basis[self.rows]
-        rows, cols = sharding_dims(tensor, conv1d)
+        factors = _local_factors(subspace, name, region)
+        self.conv1d = bool(factors.conv1d)
+        self.cols = region.entry_slices(self.conv1d)[1]
+        self.d_in = int(region.global_shape[0 if self.conv1d else 1])
+        rows, cols = sharding_dims(tensor, self.conv1d)
         self.mesh, self.dims = tensor.device_mesh, rows + cols
-        self.device = local_tensor(tensor).device  # where the all-reduce runs (the communication device)
+        self.device = local_tensor(tensor).device  # where the all-reduces run (the communication device)
+        left = factors.left.detach().cpu().double()
+        gram = summed((left.T @ left).to(self.device), self.mesh, rows, cost).cpu()  # the rows' blocks only
+        self.basis = orthonormal_rows(left, gram).float()
 
     def reduce(self, cost):
         def reduce(coordinates: Tensor, total: Tensor) -> tuple[Tensor, Tensor]:
@@ -103,14 +121,15 @@ class UpdateShare:
     ) -> None:
         self.names = dict(matched)
         self.adapters = {key: dict(found) for key, found in (adapters or {}).items() if key in self.names}
-        self.conv1d = {key: subspace[name].conv1d for key, name in matched.items()}
-        self.bases = {key: orthonormal_basis(subspace[name].left.detach().cpu())
-                      for key, name in matched.items()}
-        if self.adapters and any(is_dtensor(parameters[key]) for key in self.names):
+        sharded = [key for key in self.names if is_dtensor(parameters[key])]
+        if self.adapters and sharded:
             raise ValueError("the update share of sharded LoRA adapters (FSDP2) is not measured yet")
-        self.blocks = {key: _Block(parameters[key], self.conv1d[key], self.bases[key])
-                       for key in self.names if is_dtensor(parameters[key])}
         self.cost = new_cost()  # the all-reduces on shards
+        self.blocks = {key: _Block(parameters[key], subspace, self.names[key], self.cost) for key in sharded}
+        self.conv1d = {key: self.blocks[key].conv1d if key in self.blocks else subspace[name].conv1d
+                       for key, name in matched.items()}
+        self.bases = {key: self.blocks[key].basis if key in self.blocks else
+                      orthonormal_basis(subspace[name].left.detach().cpu()) for key, name in matched.items()}
         self.start = self._snapshot(parameters)
         self.previous: dict[str, Tensor] | None = None
 
@@ -128,9 +147,7 @@ class UpdateShare:
 
     def _energy(self, key: str, update: Tensor) -> tuple[float, float]:
         block = self.blocks.get(key)
-        if block is None:
-            return subspace_energy(self.bases[key], update)
-        return subspace_energy(block.basis, update, block.reduce(self.cost))
+        return subspace_energy(self.bases[key], update, None if block is None else block.reduce(self.cost))
 
     def _adapter_energy(self, key: str, parameters: Mapping[str, Tensor],
                         start: Mapping[str, Tensor]) -> tuple[float, float]:

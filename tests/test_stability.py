@@ -10,7 +10,14 @@ from transformers import AutoModelForCausalLM
 
 from lssf_lightning.core.entropy import safety_critical_rank
 from lssf_lightning.core.hold import hold_out_adapter_, reset_in_place_
-from lssf_lightning.core.stability import factored_energy, layer_group, share_by_group, subspace_energy
+from lssf_lightning.core.stability import (
+    factored_energy,
+    layer_group,
+    orthonormal_basis,
+    orthonormal_rows,
+    share_by_group,
+    subspace_energy,
+)
 from lssf_lightning.forms import hold_out_lora_, lora_b_weights
 from lssf_lightning.stability import UpdateShare, lora_scalings, metric_names
 from lssf_lightning.subspace import SafetySubspace
@@ -185,3 +192,14 @@ def test_share_on_a_lora_model_is_the_share_of_the_merged_update(arch, llama_tri
         assert 0 < inside < total
         assert measured[group] == pytest.approx(inside / total, rel=1e-4), group
     assert share.drift(live) == pytest.approx(sums["all"][0] ** 0.5, rel=1e-4)
+
+
+def test_orthonormal_rows_from_row_blocks_span_what_qr_spans():
+    g = torch.Generator().manual_seed(4)
+    left = torch.randn(9, 3, generator=g, dtype=torch.float64)  # not even orthogonal columns
+    gram = sum(block.T @ block for block in (left[:5], left[5:]))  # the blocks' sum, as the ranks' all-reduce
+    rows = torch.cat([orthonormal_rows(left[:5], gram), orthonormal_rows(left[5:], gram)])
+    assert torch.allclose(rows.T @ rows, torch.eye(3, dtype=rows.dtype), atol=1e-10)
+    q = orthonormal_basis(left)
+    assert torch.allclose(rows @ rows.T, q @ q.T, atol=1e-10)  # the same projection
+    assert orthonormal_rows(left[:, :0], gram[:0, :0]).shape == (9, 0)

@@ -22,6 +22,7 @@ __all__ = [
     "factored_energy",
     "layer_group",
     "orthonormal_basis",
+    "orthonormal_rows",
     "share_by_group",
     "subspace_energy",
 ]
@@ -52,6 +53,18 @@ def orthonormal_basis(left: Tensor) -> Tensor:
         return left
     q, _ = torch.linalg.qr(left)
     return q
+
+
+def orthonormal_rows(left_rows: Tensor, gram: Tensor) -> Tensor:
+    """Rows of an orthonormal basis of ``span(U')`` from a block of rows ``U'[rows]`` and the Gram matrix
+    ``G = U'ᵀU'`` (summed over every block): ``U'[rows]·L⁻ᵀ`` with ``G = LLᵀ``, the rows of the QR's ``Q``
+    (:func:`orthonormal_basis`) up to column signs, without the other rows. At least float32."""
+    dtype = torch.promote_types(left_rows.dtype, torch.float32)
+    if left_rows.shape[1] == 0:
+        return left_rows.to(dtype)
+    lower = torch.linalg.cholesky(gram.double())
+    rows = torch.linalg.solve_triangular(lower, left_rows.double().T, upper=False).T
+    return rows.to(dtype)
 
 
 def subspace_energy(
