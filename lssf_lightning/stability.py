@@ -13,7 +13,8 @@ start; a disk-backed subspace is read by block): ``UᵀΔW`` is a sum over every
 ``r × d_in`` all-reduce per matrix and measurement (the block's ``‖ΔW‖²`` travels in the same buffer); every
 rank calls each measurement. On a peft LoRA layer the update
 of the merged weight is ``s·B·A − s·B₀·A₀`` (the base frozen): it is kept and measured in factored form
-(:func:`~lssf_lightning.core.stability.factored_energy`), a copy of the adapters only.
+(:func:`~lssf_lightning.core.stability.factored_energy`), a copy of the adapters only (FSDP2: every rank
+gathers the small adapters and measures the same).
 """
 
 from __future__ import annotations
@@ -57,6 +58,11 @@ def lora_scalings(module: torch.nn.Module) -> dict[str, dict[str, float]]:
         if active:
             found[f"{name}.base_layer.weight"] = {a: float(layer.scaling[a]) for a in active}
     return found
+
+
+def _full(tensor: Tensor) -> Tensor:
+    """A CPU copy of the whole tensor (a DTensor adapter is gathered: a collective, and small)."""
+    return (tensor.full_tensor() if is_dtensor(tensor) else tensor).detach().to("cpu", copy=True)
 
 
 def _adapter_keys(key: str, adapter: str) -> tuple[str, str]:
@@ -112,7 +118,8 @@ class UpdateShare:
             every rank calls every measurement, a collective).
         matched: ``{state-dict key: subspace name}`` of the weights to watch.
         adapters: ``{key: {adapter: scaling}}`` (:func:`lora_scalings`) of the matched keys that are the
-            frozen base of a peft LoRA layer: their update is measured on the adapters (full tensors).
+            frozen base of a peft LoRA layer: their update is measured on the adapters (gathered when
+            sharded).
     """
 
     def __init__(
@@ -121,9 +128,7 @@ class UpdateShare:
     ) -> None:
         self.names = dict(matched)
         self.adapters = {key: dict(found) for key, found in (adapters or {}).items() if key in self.names}
-        sharded = [key for key in self.names if is_dtensor(parameters[key])]
-        if self.adapters and sharded:
-            raise ValueError("the update share of sharded LoRA adapters (FSDP2) is not measured yet")
+        sharded = [key for key in self.names if is_dtensor(parameters[key]) and key not in self.adapters]
         self.cost = new_cost()  # the all-reduces on shards
         self.blocks = {key: _Block(parameters[key], subspace, self.names[key], self.cost) for key in sharded}
         self.conv1d = {key: self.blocks[key].conv1d if key in self.blocks else subspace[name].conv1d
@@ -137,7 +142,7 @@ class UpdateShare:
         def copy(key: str) -> Tensor:
             return local_tensor(parameters[key]).detach().to("cpu", copy=True)
 
-        return {key: {k: copy(k) for a in self.adapters[key] for k in _adapter_keys(key, a)}
+        return {key: {k: _full(parameters[k]) for a in self.adapters[key] for k in _adapter_keys(key, a)}
                 if key in self.adapters else copy(key) for key in self.names}
 
     def _update(self, key: str, live: Tensor, reference: Tensor) -> Tensor:
@@ -156,8 +161,8 @@ class UpdateShare:
         for adapter, scaling in self.adapters[key].items():
             a_key, b_key = _adapter_keys(key, adapter)
             for sign, source in ((1.0, parameters), (-1.0, start)):
-                lefts.append(sign * scaling * source[b_key].detach().cpu().float())
-                rights.append(source[a_key].detach().cpu().float())
+                lefts.append(sign * scaling * _full(source[b_key]).float())
+                rights.append(_full(source[a_key]).float())
         return factored_energy(self.bases[key], torch.cat(lefts, dim=1), torch.cat(rights, dim=0))
 
     def _energies(self, parameters: Mapping[str, Tensor], reference: Mapping[str, Tensor]):

@@ -9,7 +9,7 @@ STRATEGY:
          lssf-erosion and lssf-two-sided (with export_dir and export_adapter_dir), and an exact resume
   blocks  framework-free: ShardedForms on every placement against the dense formulas (rank<r>.json)
   fsdp2-lora  the guard on a peft LoRA model under FSDP2 (B <- B - U'(U'^T B) on each rank's rows of B, one
-         r x r_lora all-reduce per adapter)
+         r x r_lora all-reduce per adapter); then the update share of a LoRA fit, from the gathered adapters
   fsdp2-epochs  epochs mode (lssf-reset, alpha 2, epochs 0 and 1) on the live shards, and a resume after
          epoch 0 that carries every rank's applied corrections
   fsdp2-auto, ddp-auto  alpha='auto' (the paper's form and the reset) in checkpoint mode; each rank writes
@@ -114,6 +114,19 @@ def lora_guard(aligned, unaligned, train, out: Path) -> dict:
     sharded = [type(b).__name__ for bs in lora_b_weights(hold.model, callback.subspace).values() for b in bs]
     return {"steps": run.global_step, "type": type(hold).__name__, "cost": hold.cost, "b_types": sharded,
             "ranks": {name: int(callback.subspace[name].rank) for name in names}}
+
+
+def lora_share(aligned, unaligned, train, out: Path) -> dict:
+    """The update share on a peft LoRA model under FSDP2 (the paper's form at checkpoints: live adapters
+    raw), measured from the gathered adapters."""
+    callback = lssf(unaligned, log_update_share=True)
+    torch.manual_seed(0)
+    module = ShardedLM(aligned, learning_rate=1e-2,
+                       lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "up_proj"]})
+    run = trainer_for([callback, Probe(out, "lora_share")], out, max_epochs=1)
+    run.fit(module, data(train))
+    return {"metrics": {k: float(v) for k, v in run.callback_metrics.items() if k.startswith("lssf/")},
+            "watched": len(callback.update_share.names), "cost": callback.update_share.cost}
 
 
 def checkpoint_mode(aligned, unaligned, train, out: Path, method: str, alpha: float) -> dict:
@@ -339,7 +352,8 @@ def main(strategy, aligned, unaligned, train, out):
             (out / "results.json").write_text(json.dumps(results))
         return
     if strategy == "fsdp2-lora":
-        results = {"lora": lora_guard(aligned, unaligned, train, out)}
+        results = {"lora": lora_guard(aligned, unaligned, train, out),
+                   "lora_share": lora_share(aligned, unaligned, train, out)}
         if dist.get_rank() == 0:
             (out / "results.json").write_text(json.dumps(results))
         return

@@ -63,8 +63,22 @@ def test_fsdp2_guard_is_shard_local_with_one_all_reduce_per_matrix(fsdp2_run, ll
     assert guard["cost"]["bytes"] == 2 * sum(sizes)
 
 
-def test_fsdp2_lora_guard_holds_the_sharded_adapters_out_of_the_subspace(llama_trio, tmp_path_factory):
-    out, results = run("fsdp2-lora", llama_trio, tmp_path_factory)
+@pytest.fixture(scope="module")
+def fsdp2_lora_run(llama_trio, tmp_path_factory):
+    return run("fsdp2-lora", llama_trio, tmp_path_factory)
+
+
+def lora_layers(live, left):
+    """``{subspace name: state-dict prefix of its LoRA layer}``."""
+    found = {}
+    for name in left:
+        key = next(k for k in live if k.endswith(name.removesuffix(".weight") + ".base_layer.weight"))
+        found[name] = key.removesuffix("base_layer.weight")
+    return found
+
+
+def test_fsdp2_lora_guard_holds_the_sharded_adapters_out_of_the_subspace(fsdp2_lora_run, llama_trio):
+    out, results = fsdp2_lora_run
     lora = results["lora"]
     assert lora["type"] == "LoraHoldOut" and lora["steps"] == 2
     assert lora["b_types"] == ["DTensor"] * 4  # q_proj and up_proj of 2 layers, sharded by rows
@@ -75,9 +89,8 @@ def test_fsdp2_lora_guard_holds_the_sharded_adapters_out_of_the_subspace(llama_t
     learned = False
     for step in (1, 2):
         live = weights(out / f"lora_step{step}.safetensors")
-        for name, u in left.items():
-            prefix = next(k for k in live if k.endswith(name.removesuffix(".weight") + ".base_layer.weight"))
-            prefix = prefix.removesuffix("base_layer.weight")
+        for name, prefix in lora_layers(live, left).items():
+            u = left[name]
             aligned, _ = references(llama_trio, "model." + name)
             assert torch.equal(live[prefix + "base_layer.weight"].double(), aligned)  # the frozen base
             # W_merged − W_aligned = scaling·B·A (scaling = lora_alpha / r = 2)
@@ -86,6 +99,30 @@ def test_fsdp2_lora_guard_holds_the_sharded_adapters_out_of_the_subspace(llama_t
             assert (u.double().T @ update).abs().max() < 1e-6, (step, name)
             learned = learned or update.abs().max() > 1e-4
     assert learned  # the adapters still learned outside the subspace
+
+
+def test_fsdp2_lora_update_share_matches_the_dense_share_of_the_merged_update(fsdp2_lora_run):
+    out, results = fsdp2_lora_run
+    share = results["lora_share"]
+    assert share["watched"] == 4  # the adapted layers only
+    assert share["cost"]["calls"] == 0  # the adapters are gathered, no all-reduce
+    left = weights(out / "lora_left.safetensors")
+    start, end = weights(out / "lora_share_start.safetensors"), weights(out / "lora_share_end.safetensors")
+    inside = total = 0.0
+    for name, prefix in lora_layers(end, left).items():
+        basis, _ = torch.linalg.qr(left[name].double())
+
+        def merged(state, prefix=prefix):  # the update of the merged weight: scaling · B · A (scaling 2)
+            b, a = (state[prefix + f"lora_{m}.default.weight"].double() for m in "BA")
+            return 2.0 * b @ a
+
+        update = merged(end) - merged(start)
+        inside += (basis.T @ update).square().sum().item()
+        total += update.square().sum().item()
+    assert 0 < inside < total
+    metrics = share["metrics"]
+    assert metrics["lssf/update_in_subspace"] == pytest.approx(inside / total, rel=1e-4)
+    assert metrics["lssf/subspace_drift"] == pytest.approx(inside**0.5, rel=1e-4)
 
 
 def test_fsdp2_update_share_matches_the_dense_share_on_the_gathered_weights(fsdp2_run, llama_trio):

@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lssf_lightning import distributed, forms, training
+from lssf_lightning import forms, training
 from lssf_lightning.adapters import write_model_adapter
 from lssf_lightning.config import AutoAlphaConfig, SubspaceConfig
 from lssf_lightning.io.export import write_model_directory
@@ -102,8 +102,8 @@ class LSSFCallback(Callback):
             ``lssf/update_in_subspace_step``, the optimizer's update since the previous application, measured
             only for the applications on a logged step, ``log_every_n_steps``) and
             ``lssf/subspace_drift``; single device, DDP and FSDP2 (shard-local, one all-reduce per matrix);
-            on a peft LoRA model from the adapters (not yet sharded ones); keeps a CPU copy of the targeted
-            weights (of the adapters on LoRA).
+            on a peft LoRA model from the adapters; keeps a CPU copy of the targeted weights (of the adapters
+            on LoRA).
     """
 
     def __init__(
@@ -359,14 +359,13 @@ class LSSFCallback(Callback):
             self._restored = None
         if self.log_update_share and self.subspace is not None:
             # every DDP rank holds the same full weights; FSDP2: every rank its blocks (all-reduced sums);
-            # LoRA: the adapters' update s·B·A in factored form (not yet on sharded adapters)
+            # LoRA: the adapters' update s·B·A in factored form
             parameters = training.named_tensors(pl_module)
             adapters = lora_scalings(pl_module)
             matched = training.matched_keys(self.subspace, parameters)
             if adapters:  # the frozen matrices outside the adapters do not move: no copy of them
                 matched = {k: n for k, n in matched.items() if k in adapters or parameters[k].requires_grad}
-            if not (adapters and any(distributed.is_dtensor(p) for p in parameters.values())):
-                self.update_share = UpdateShare(self.subspace, parameters, matched, adapters)
+            self.update_share = UpdateShare(self.subspace, parameters, matched, adapters)
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
