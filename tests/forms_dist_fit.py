@@ -5,9 +5,11 @@ Usage: python -m torch.distributed.run --standalone --nproc-per-node 2 forms_dis
 STRATEGY:
   ddp    the per-step guard (lssf-reset, alpha 1, every step) under DDP: every rank the same edit
   fsdp2  the same guard under ModelParallelStrategy (FSDP2, shard-local with one all-reduce per matrix); then
-         checkpoint mode for lssf-reset (alpha 2), lssf-erosion and lssf-two-sided (with export_dir and
-         export_adapter_dir), and an exact resume
+         checkpoint mode for lssf-reset (alpha 2, with the update share measured on the shards),
+         lssf-erosion and lssf-two-sided (with export_dir and export_adapter_dir), and an exact resume
   blocks  framework-free: ShardedForms on every placement against the dense formulas (rank<r>.json)
+  fsdp2-lora  the guard on a peft LoRA model under FSDP2 (B <- B - U'(U'^T B) on each rank's rows of B, one
+         r x r_lora all-reduce per adapter); then the update share of a LoRA fit, from the gathered adapters
   fsdp2-epochs  epochs mode (lssf-reset, alpha 2, epochs 0 and 1) on the live shards, and a resume after
          epoch 0 that carries every rank's applied corrections
   fsdp2-auto, ddp-auto  alpha='auto' (the paper's form and the reset) in checkpoint mode; each rank writes
@@ -59,7 +61,8 @@ class Probe(Callback):
 
 
 def lssf(unaligned, **kwargs):
-    return LSSFCallback(unaligned=unaligned, monitor=False, verbose=False, log_update_share=False, **kwargs)
+    kwargs.setdefault("log_update_share", False)
+    return LSSFCallback(unaligned=unaligned, monitor=False, verbose=False, **kwargs)
 
 
 def ddp_trainer(callbacks, out):
@@ -93,12 +96,46 @@ def guard(strategy, aligned, unaligned, train, out: Path) -> dict:
     return {"steps": steps, "type": type(forms).__name__, "cost": cost, "right_shapes": shapes}
 
 
+def lora_guard(aligned, unaligned, train, out: Path) -> dict:
+    """The LoRA guard under FSDP2: the adapters' rows held out of the subspace after every step."""
+    from lssf_lightning.forms import lora_b_weights
+
+    callback = lssf(unaligned, method="lssf-reset", alpha=1.0, apply_on="steps", every_n_steps=1)
+    torch.manual_seed(0)
+    module = ShardedLM(aligned, learning_rate=1e-2,
+                       lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "up_proj"]})
+    run = trainer_for([callback, Probe(out, "lora", steps=True)], out, max_epochs=1)
+    run.fit(module, data(train))
+    hold = callback.live_forms
+    names = list(lora_b_weights(hold.model, callback.subspace))
+    if run.is_global_zero:
+        left = {name: callback.subspace[name].left.contiguous() for name in names}
+        save_file(left, str(out / "lora_left.safetensors"))
+    sharded = [type(b).__name__ for bs in lora_b_weights(hold.model, callback.subspace).values() for b in bs]
+    return {"steps": run.global_step, "type": type(hold).__name__, "cost": hold.cost, "b_types": sharded,
+            "ranks": {name: int(callback.subspace[name].rank) for name in names}}
+
+
+def lora_share(aligned, unaligned, train, out: Path) -> dict:
+    """The update share on a peft LoRA model under FSDP2 (the paper's form at checkpoints: live adapters
+    raw), measured from the gathered adapters."""
+    callback = lssf(unaligned, log_update_share=True)
+    torch.manual_seed(0)
+    module = ShardedLM(aligned, learning_rate=1e-2,
+                       lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "up_proj"]})
+    run = trainer_for([callback, Probe(out, "lora_share")], out, max_epochs=1)
+    run.fit(module, data(train))
+    return {"metrics": {k: float(v) for k, v in run.callback_metrics.items() if k.startswith("lssf/")},
+            "watched": len(callback.update_share.names), "cost": callback.update_share.cost}
+
+
 def checkpoint_mode(aligned, unaligned, train, out: Path, method: str, alpha: float) -> dict:
     extra = {"aligned": aligned} if method == "lssf-two-sided" else {}
     if method == "lssf-two-sided":  # and its exports, gathered from the shards at train end
         extra.update(export_dir=str(out / "export_two_sided"),
                      export_adapter_dir=str(out / "adapter_two_sided"))
-    callback = lssf(unaligned, method=method, alpha=alpha, **extra)
+    share = method == "lssf-reset"  # the live weights stay raw: an update partly inside the subspace
+    callback = lssf(unaligned, method=method, alpha=alpha, log_update_share=share, **extra)
     directory = out / f"ckpt_{method}"
     torch.manual_seed(0)
     module = ShardedLM(aligned, learning_rate=1e-2)
@@ -109,8 +146,12 @@ def checkpoint_mode(aligned, unaligned, train, out: Path, method: str, alpha: fl
     if run.is_global_zero:
         load_distributed_checkpoint(directory / "last.ckpt", final, out / f"ckpt_{method}.safetensors")
         meta = torch.load(directory / "last.ckpt" / "meta.pt", weights_only=True)
-        return {"corrections_world": meta["lssf_corrections"]["world_size"],
-                "fixups_world": meta["lssf_raw_fixups"]["world_size"], "info": meta["lssf"]["method"]}
+        found = {"corrections_world": meta["lssf_corrections"]["world_size"],
+                 "fixups_world": meta["lssf_raw_fixups"]["world_size"], "info": meta["lssf"]["method"]}
+        if share:
+            metrics = {k: float(v) for k, v in run.callback_metrics.items() if k.startswith("lssf/")}
+            found["share"] = {"metrics": metrics, "cost": callback.update_share.cost}
+        return found
     return {}
 
 
@@ -307,6 +348,12 @@ def main(strategy, aligned, unaligned, train, out):
             results = {"epochs": epochs(aligned, unaligned, train, out)}
         else:
             results = {"auto": auto(aligned, unaligned, train, out, strategy.removesuffix("-auto"))}
+        if dist.get_rank() == 0:
+            (out / "results.json").write_text(json.dumps(results))
+        return
+    if strategy == "fsdp2-lora":
+        results = {"lora": lora_guard(aligned, unaligned, train, out),
+                   "lora_share": lora_share(aligned, unaligned, train, out)}
         if dist.get_rank() == 0:
             (out / "results.json").write_text(json.dumps(results))
         return

@@ -232,6 +232,38 @@ def test_steps_guard_on_lora_holds_the_adapter_out_of_the_subspace(llama_trio, d
             moved = moved or not torch.allclose(weights[key].double(), aligned, atol=1e-5)
     assert moved
     assert any("lora_B" in k for k in state(module))  # still a LoRA model
+    # the update share, measured on the adapters: the guard keeps the merged update out of the subspace
+    assert float(trainer.callback_metrics["lssf/update_in_subspace"]) < 1e-6
+
+
+class MergedAtStart(MergedRecord):
+    def on_train_start(self, trainer, pl_module):
+        self.on_train_batch_end(trainer, pl_module)
+
+
+def test_update_share_on_lora_matches_the_dense_share_of_the_merged_update(llama_trio, data_files):
+    record = MergedAtStart()
+    torch.manual_seed(0)
+    module = CausalLMModule(str(llama_trio.aligned), learning_rate=1e-2,
+                            lora={"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "up_proj"]})
+    data = ChatDataModule(str(data_files[0]), None, batch_size=2, shuffle=False)
+    callback = lssf(llama_trio)
+    trainer = Trainer(max_epochs=1, accelerator="cpu", devices=1, callbacks=[callback, record], logger=False,
+                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
+    trainer.fit(module, data)
+    assert len(callback.update_share.names) == 4  # the adapted layers only: no copy of the frozen others
+    start, end = record.seen[0], record.seen[-1]
+    inside = total = 0.0
+    for key in [k for k in end if "q_proj" in k or "up_proj" in k]:
+        aligned, base = references(llama_trio, key)
+        u, s, _ = torch.linalg.svd(aligned - base, full_matrices=False)
+        update = end[key].double() - start[key].double()
+        inside += (u[:, : safety_critical_rank(s, 0.9)].T @ update).square().sum().item()
+        total += update.square().sum().item()
+    assert 0 < inside < total
+    metrics = trainer.callback_metrics
+    assert float(metrics["lssf/update_in_subspace"]) == pytest.approx(inside / total, rel=1e-4)
+    assert float(metrics["lssf/subspace_drift"]) == pytest.approx(inside**0.5, rel=1e-4)
 
 
 def test_a_form_on_a_dora_model_is_refused(llama_trio, data_files):

@@ -63,6 +63,93 @@ def test_fsdp2_guard_is_shard_local_with_one_all_reduce_per_matrix(fsdp2_run, ll
     assert guard["cost"]["bytes"] == 2 * sum(sizes)
 
 
+@pytest.fixture(scope="module")
+def fsdp2_lora_run(llama_trio, tmp_path_factory):
+    return run("fsdp2-lora", llama_trio, tmp_path_factory)
+
+
+def lora_layers(live, left):
+    """``{subspace name: state-dict prefix of its LoRA layer}``."""
+    found = {}
+    for name in left:
+        key = next(k for k in live if k.endswith(name.removesuffix(".weight") + ".base_layer.weight"))
+        found[name] = key.removesuffix("base_layer.weight")
+    return found
+
+
+def test_fsdp2_lora_guard_holds_the_sharded_adapters_out_of_the_subspace(fsdp2_lora_run, llama_trio):
+    out, results = fsdp2_lora_run
+    lora = results["lora"]
+    assert lora["type"] == "LoraHoldOut" and lora["steps"] == 2
+    assert lora["b_types"] == ["DTensor"] * 4  # q_proj and up_proj of 2 layers, sharded by rows
+    # one r × r_lora float32 all-reduce per adapter and step (rank 0's tally)
+    assert lora["cost"]["calls"] == 2 * 4
+    assert lora["cost"]["bytes"] == 2 * sum(r * 4 * 4 for r in lora["ranks"].values())
+    left = weights(out / "lora_left.safetensors")
+    learned = False
+    for step in (1, 2):
+        live = weights(out / f"lora_step{step}.safetensors")
+        for name, prefix in lora_layers(live, left).items():
+            u = left[name]
+            aligned, _ = references(llama_trio, "model." + name)
+            assert torch.equal(live[prefix + "base_layer.weight"].double(), aligned)  # the frozen base
+            # W_merged − W_aligned = scaling·B·A (scaling = lora_alpha / r = 2)
+            update = 2.0 * live[prefix + "lora_B.default.weight"].double() @ live[
+                prefix + "lora_A.default.weight"].double()
+            assert (u.double().T @ update).abs().max() < 1e-6, (step, name)
+            learned = learned or update.abs().max() > 1e-4
+    assert learned  # the adapters still learned outside the subspace
+
+
+def test_fsdp2_lora_update_share_matches_the_dense_share_of_the_merged_update(fsdp2_lora_run):
+    out, results = fsdp2_lora_run
+    share = results["lora_share"]
+    assert share["watched"] == 4  # the adapted layers only
+    assert share["cost"]["calls"] == 0  # the adapters are gathered, no all-reduce
+    left = weights(out / "lora_left.safetensors")
+    start, end = weights(out / "lora_share_start.safetensors"), weights(out / "lora_share_end.safetensors")
+    inside = total = 0.0
+    for name, prefix in lora_layers(end, left).items():
+        basis, _ = torch.linalg.qr(left[name].double())
+
+        def merged(state, prefix=prefix):  # the update of the merged weight: scaling · B · A (scaling 2)
+            b, a = (state[prefix + f"lora_{m}.default.weight"].double() for m in "BA")
+            return 2.0 * b @ a
+
+        update = merged(end) - merged(start)
+        inside += (basis.T @ update).square().sum().item()
+        total += update.square().sum().item()
+    assert 0 < inside < total
+    metrics = share["metrics"]
+    assert metrics["lssf/update_in_subspace"] == pytest.approx(inside / total, rel=1e-4)
+    assert metrics["lssf/subspace_drift"] == pytest.approx(inside**0.5, rel=1e-4)
+
+
+def test_fsdp2_update_share_matches_the_dense_share_on_the_gathered_weights(fsdp2_run, llama_trio):
+    # the lssf-reset checkpoint-mode run: live weights raw, so the update since fit start goes partly inside
+    out, results = fsdp2_run
+    share = results["lssf-reset"]["share"]
+    start, end = weights(out / "lssf-reset_start.safetensors"), weights(out / "lssf-reset_end.safetensors")
+    left = weights(out / "subspace_left.safetensors")
+    sums = {}
+    for key, u in left.items():
+        basis, _ = torch.linalg.qr(u.double())
+        update = end[key].double() - start[key].double()
+        inside, total = (basis.T @ update).square().sum().item(), update.square().sum().item()
+        for group in ("all", "mlp" if ".mlp." in key else "attention"):
+            acc = sums.setdefault(group, [0.0, 0.0])
+            acc[0], acc[1] = acc[0] + inside, acc[1] + total
+    metrics = share["metrics"]
+    assert 0.001 < sums["all"][0] / sums["all"][1] < 1
+    assert metrics["lssf/update_in_subspace"] == pytest.approx(sums["all"][0] / sums["all"][1], rel=1e-3)
+    for group in ("attention", "mlp"):
+        assert metrics[f"lssf/update_in_subspace/{group}"] == pytest.approx(sums[group][0] / sums[group][1],
+                                                                            rel=1e-3)
+    assert metrics["lssf/subspace_drift"] == pytest.approx(sums["all"][0] ** 0.5, rel=1e-3)
+    # per matrix: one r × r all-reduce (the Gram matrix, at fit start) and one for the epoch's measurement
+    assert share["cost"]["calls"] == 2 * 14
+
+
 CHECKPOINT_FORMS = [("lssf-reset", 2.0), ("lssf-erosion", 1.0), ("lssf-two-sided", 1.0)]
 
 
@@ -70,7 +157,8 @@ CHECKPOINT_FORMS = [("lssf-reset", 2.0), ("lssf-erosion", 1.0), ("lssf-two-sided
 def test_fsdp2_checkpoint_holds_the_dense_form_and_live_weights_stay_raw(fsdp2_run, llama_trio, method,
                                                                          alpha):
     out, results = fsdp2_run
-    assert results[method] == {"corrections_world": 2, "fixups_world": 2, "info": method}
+    found = {k: v for k, v in results[method].items() if k != "share"}
+    assert found == {"corrections_world": 2, "fixups_world": 2, "info": method}
     live, saved = weights(out / f"{method}_end.safetensors"), weights(out / f"ckpt_{method}.safetensors")
     left = weights(out / "subspace_left.safetensors")
     from lssf_lightning.config import SubspaceConfig
@@ -221,7 +309,8 @@ def test_forms_are_refused_in_one_line_where_they_cannot_run_yet():
     assert forms_problem(sharded, "checkpoint", exports=False, lora=False) is None
     assert forms_problem(sharded, "epochs", exports=True, lora=False) is None
     assert "export_dir" in forms_problem(sharded, "steps", exports=True, lora=True)
-    assert "LoRA" in forms_problem(sharded, "steps", exports=False, lora=True)
+    assert forms_problem(sharded, "steps", exports=False, lora=True) is None  # the LoRA guard
+    assert "LoRA" in forms_problem(sharded, "checkpoint", exports=False, lora=True)
     whole = on(ModelParallelStrategy(save_distributed_checkpoint=False))
     assert "save_distributed_checkpoint=True" in forms_problem(whole, "checkpoint", exports=False, lora=False)
     assert "FSDP1" in forms_problem(on(FSDPStrategy()), "checkpoint", exports=False, lora=False)

@@ -10,9 +10,16 @@ from transformers import AutoModelForCausalLM
 
 from lssf_lightning.core.entropy import safety_critical_rank
 from lssf_lightning.core.hold import hold_out_adapter_, reset_in_place_
-from lssf_lightning.core.stability import layer_group, share_by_group, subspace_energy
+from lssf_lightning.core.stability import (
+    factored_energy,
+    layer_group,
+    orthonormal_basis,
+    orthonormal_rows,
+    share_by_group,
+    subspace_energy,
+)
 from lssf_lightning.forms import hold_out_lora_, lora_b_weights
-from lssf_lightning.stability import UpdateShare, metric_names
+from lssf_lightning.stability import UpdateShare, lora_scalings, metric_names
 from lssf_lightning.subspace import SafetySubspace
 
 
@@ -132,3 +139,67 @@ def test_lora_hold_out_is_the_reset_of_the_merged_weights(llama_trio):
     hold = b.clone()
     hold_out_adapter_(hold, u)
     assert torch.allclose(u.T @ hold, torch.zeros(2, 2, dtype=torch.float64), atol=1e-12)
+
+
+def test_factored_energy_is_the_energy_of_the_product():
+    g = torch.Generator().manual_seed(1)
+    basis = torch.linalg.qr(torch.randn(7, 3, generator=g, dtype=torch.float64))[0]
+    left, right = torch.randn(7, 4, generator=g, dtype=torch.float64), torch.randn(4, 5, generator=g,
+                                                                                  dtype=torch.float64)
+    inside, total = factored_energy(basis, left, right)
+    assert (inside, total) == pytest.approx(subspace_energy(basis, left @ right), rel=1e-12)
+    with pytest.raises(ValueError, match="do not match"):
+        factored_energy(basis, left, right.T)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_share_on_a_lora_model_is_the_share_of_the_merged_update(arch, llama_trio, gpt2_trio):
+    from peft import LoraConfig, get_peft_model
+
+    trio = llama_trio if arch == "llama" else gpt2_trio
+    targets = ["q_proj", "up_proj"] if arch == "llama" else ["c_attn", "c_fc"]
+    subspace = SafetySubspace.from_weights(trio.aligned, trio.base, progress=False)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, fan_in_fan_out=arch == "gpt2")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(trio.aligned), config)
+    g = torch.Generator().manual_seed(2)
+
+    def step():
+        with torch.no_grad():
+            for name, parameter in model.named_parameters():
+                if "lora_" in name:
+                    parameter.add_(0.1 * torch.randn(parameter.shape, generator=g))
+
+    step()  # B₀ ≠ 0: the start's adapter product is subtracted too
+    live = dict(model.named_parameters())
+    matched = {k: n for k, n in subspace.match(list(live)).items() if k.endswith("base_layer.weight")}
+    assert len(matched) == 4
+    share = UpdateShare(subspace, live, matched, lora_scalings(model))
+    start = state(copy.deepcopy(model).merge_and_unload())
+    step()
+    end = state(copy.deepcopy(model).merge_and_unload())
+    sums = {}
+    for name in matched.values():
+        basis = dense_basis(trio, name)
+        update = end[name].double() - start[name].double()
+        update = update.T if "transformer.h." in name else update
+        for group in ("all", layer_group(name)):
+            acc = sums.setdefault(group, [0.0, 0.0])
+            acc[0] += (basis.T @ update).square().sum().item()
+            acc[1] += update.square().sum().item()
+    measured = share.since_start(live)
+    assert set(measured) == set(sums)
+    for group, (inside, total) in sums.items():
+        assert 0 < inside < total
+        assert measured[group] == pytest.approx(inside / total, rel=1e-4), group
+    assert share.drift(live) == pytest.approx(sums["all"][0] ** 0.5, rel=1e-4)
+
+
+def test_orthonormal_rows_from_row_blocks_span_what_qr_spans():
+    g = torch.Generator().manual_seed(4)
+    left = torch.randn(9, 3, generator=g, dtype=torch.float64)  # not even orthogonal columns
+    gram = sum(block.T @ block for block in (left[:5], left[5:]))  # the blocks' sum, as the ranks' all-reduce
+    rows = torch.cat([orthonormal_rows(left[:5], gram), orthonormal_rows(left[5:], gram)])
+    assert torch.allclose(rows.T @ rows, torch.eye(3, dtype=rows.dtype), atol=1e-10)
+    q = orthonormal_basis(left)
+    assert torch.allclose(rows @ rows.T, q @ q.T, atol=1e-10)  # the same projection
+    assert orthonormal_rows(left[:, :0], gram[:0, :0]).shape == (9, 0)

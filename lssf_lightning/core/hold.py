@@ -8,6 +8,8 @@ is ``B ← B − α·U'(U'ᵀB)``: the adapter held out of the subspace, exact a
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -45,10 +47,18 @@ def reset_in_place_(
     return drift
 
 
-def hold_out_adapter_(lora_b: Tensor, left: Tensor, alpha: float = 1.0) -> None:
+def hold_out_adapter_(
+    lora_b: Tensor, left: Tensor, alpha: float = 1.0, reduce: Callable[[Tensor], Tensor] | None = None
+) -> None:
     """``B ← B − α·U'(U'ᵀB)`` in place for a LoRA ``B`` (``d_out × r_lora``): the reset of the adapter's
-    update ``s·B·A`` inside the safety subspace (``P'`` acts on the output side, ``B``'s rows)."""
+    update ``s·B·A`` inside the safety subspace (``P'`` acts on the output side, ``B``'s rows).
+
+    A row shard of ``B`` passes its rows of ``U'`` and ``reduce``: ``U'ᵀB`` is then the sum over every
+    rank's ``U'[rows]ᵀB[rows]`` (``reduce`` gets this rank's ``r × r_lora`` part, returns the sum)."""
     dtype = _compute_dtype(lora_b, left)
     left = left.to(device=lora_b.device, dtype=dtype)
-    edited = lora_b.to(dtype) - alpha * left @ (left.T @ lora_b.to(dtype))
+    coordinates = left.T @ lora_b.to(dtype)
+    if reduce is not None:
+        coordinates = reduce(coordinates)
+    edited = lora_b.to(dtype) - alpha * left @ coordinates
     lora_b.copy_(edited.to(lora_b.dtype))

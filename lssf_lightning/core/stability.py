@@ -19,8 +19,10 @@ from torch import Tensor
 
 __all__ = [
     "ALL",
+    "factored_energy",
     "layer_group",
     "orthonormal_basis",
+    "orthonormal_rows",
     "share_by_group",
     "subspace_energy",
 ]
@@ -53,15 +55,48 @@ def orthonormal_basis(left: Tensor) -> Tensor:
     return q
 
 
-def subspace_energy(basis: Tensor, update: Tensor) -> tuple[float, float]:
-    """``(‖UᵀΔW‖²_F, ‖ΔW‖²_F)`` for an output-major ``update``; ``basis``: orthonormal ``U``."""
+def orthonormal_rows(left_rows: Tensor, gram: Tensor) -> Tensor:
+    """Rows of an orthonormal basis of ``span(U')`` from a block of rows ``U'[rows]`` and the Gram matrix
+    ``G = U'ᵀU'`` (summed over every block): ``U'[rows]·L⁻ᵀ`` with ``G = LLᵀ``, the rows of the QR's ``Q``
+    (:func:`orthonormal_basis`) up to column signs, without the other rows. At least float32."""
+    dtype = torch.promote_types(left_rows.dtype, torch.float32)
+    if left_rows.shape[1] == 0:
+        return left_rows.to(dtype)
+    lower = torch.linalg.cholesky(gram.double())
+    rows = torch.linalg.solve_triangular(lower, left_rows.double().T, upper=False).T
+    return rows.to(dtype)
+
+
+def subspace_energy(
+    basis: Tensor, update: Tensor, reduce: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
+) -> tuple[float, float]:
+    """``(‖UᵀΔW‖²_F, ‖ΔW‖²_F)`` for an output-major ``update``; ``basis``: orthonormal ``U``.
+
+    A block of rows (and columns) of ``ΔW`` passes its rows of ``U`` and ``reduce``: it gets this block's
+    ``(U[rows]ᵀΔW[rows, cols], ‖ΔW[rows, cols]‖²)`` and returns the whole ``UᵀΔW`` and ``‖ΔW‖²`` (summed
+    over the blocks)."""
     if tuple(update.shape[:1]) != tuple(basis.shape[:1]):
         raise ValueError(
             f"update of shape {tuple(update.shape)} does not match a basis of {tuple(basis.shape)}"
         )
     update = update.to(device=basis.device, dtype=torch.promote_types(basis.dtype, update.dtype))
-    inside = float((basis.T @ update).square().sum()) if basis.shape[1] else 0.0
-    return inside, float(update.square().sum())
+    coordinates, total = basis.T @ update, update.square().sum()
+    if reduce is not None:
+        coordinates, total = reduce(coordinates, total)
+    return float(coordinates.square().sum()), float(total)
+
+
+def factored_energy(basis: Tensor, left: Tensor, right: Tensor) -> tuple[float, float]:
+    """:func:`subspace_energy` of ``ΔW = left·right`` (``d_out × k`` and ``k × d_in``, e.g. a LoRA update
+    ``s·B·A`` minus the start's) without the dense matrix: ``‖(UᵀL)R‖²`` and ``‖LR‖² = Σ(LᵀL ∘ RRᵀ)``."""
+    if left.shape[0] != basis.shape[0] or left.shape[1] != right.shape[0]:
+        raise ValueError(f"factors of shapes {tuple(left.shape)} and {tuple(right.shape)} do not match a "
+                         f"basis of {tuple(basis.shape)}")
+    dtype = torch.promote_types(basis.dtype, torch.promote_types(left.dtype, right.dtype))
+    basis, left, right = (t.to(device=basis.device, dtype=dtype) for t in (basis, left, right))
+    inside = ((basis.T @ left) @ right).square().sum()
+    total = ((left.T @ left) * (right @ right.T)).sum()
+    return float(inside), float(total)
 
 
 def share_by_group(

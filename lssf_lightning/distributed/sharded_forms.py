@@ -9,7 +9,9 @@ correction ``L·R`` from ``L[rows]`` and ``R[:, cols]``. What the forms need bey
   ``U'[rows]ᵀW[rows, cols]`` placed at its columns, then **one** ``r × d_in`` all-reduce per matrix over the
   mesh dimensions that shard the weight;
 * two-sided: the same coordinates, and ``ΔQ`` (``d_out × r``), a sum over columns: an all-reduce only where
-  the columns are sharded (GPT-2 ``Conv1D`` under ``Shard(0)``); under row sharding its rows are local.
+  the columns are sharded (GPT-2 ``Conv1D`` under ``Shard(0)``); under row sharding its rows are local;
+* the guard on a peft LoRA adapter, ``B ← B − U'(U'ᵀB)``: ``U'ᵀB`` (``r × r_lora``) summed over the ranks
+  that hold ``B``'s rows (:func:`hold_out_adapter_shard_`).
 
 Every rank reads the reference weight (unaligned or aligned) once per matrix at setup, one matrix at a time,
 and keeps ``r``-sized products of it (and the aligned block for the two-sided form). :attr:`ShardedForms.cost`
@@ -27,6 +29,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from lssf_lightning.core.basis import add_correction
+from lssf_lightning.core.hold import hold_out_adapter_
 from lssf_lightning.core.variants import aligned_coordinates, coordinate_right, input_basis
 from lssf_lightning.distributed.collectives import (
     gather_to_rank0,
@@ -38,7 +41,8 @@ from lssf_lightning.distributed.collectives import (
 from lssf_lightning.distributed.shards import _with_local, apply_shard_fixup, shard_fixup
 from lssf_lightning.methods.base import Correction
 
-__all__ = ["SHARDED_CORRECTIONS", "SHARDED_FORMS", "BlockFactors", "ShardedForms", "is_sharded_record"]
+__all__ = ["SHARDED_CORRECTIONS", "SHARDED_FORMS", "BlockFactors", "ShardedForms", "hold_out_adapter_shard_",
+           "is_sharded_record", "new_cost", "sharding_dims", "summed"]
 
 SHARDED_FORMS = ("additive", "reset", "erosion", "two_sided")
 SHARDED_CORRECTIONS = "lssf_lightning.sharded_corrections"
@@ -53,7 +57,7 @@ class BlockFactors:
         self.left = entry.left[self.rows].double()  # U'[rows]
         self.right = entry.right.double()  # U'ᵀδ, all columns (r × d_in)
         self.d_in = int(entry.right.shape[1])
-        self.row_dims, self.col_dims = _sharding_dims(tensor, self.conv1d)
+        self.row_dims, self.col_dims = sharding_dims(tensor, self.conv1d)
         self.coordinates = self.aligned_q = self.q = None
         if reference is not None:
             full = (reference.T if self.conv1d else reference).double()
@@ -74,7 +78,7 @@ class BlockFactors:
         return local.T if self.conv1d else local
 
 
-def _sharding_dims(tensor: Tensor, conv1d: bool) -> tuple[list[int], list[int]]:
+def sharding_dims(tensor: Tensor, conv1d: bool) -> tuple[list[int], list[int]]:
     """The mesh dimensions that shard the entry's rows, and those that shard its columns."""
     if not is_dtensor(tensor):
         return [], []
@@ -85,6 +89,38 @@ def _sharding_dims(tensor: Tensor, conv1d: bool) -> tuple[list[int], list[int]]:
         if isinstance(placement, Shard):
             (rows if (placement.dim == 0) != conv1d else cols).append(index)
     return rows, cols
+
+
+def new_cost() -> dict[str, float]:
+    """The all-reduce tally :func:`summed` keeps: calls, bytes, seconds."""
+    return {"calls": 0, "bytes": 0, "seconds": 0.0}
+
+
+def summed(tensor: Tensor, mesh, dims: list[int], cost: dict[str, float]) -> Tensor:
+    """``tensor`` summed over the ranks of each mesh dimension in ``dims`` (in place), tallied in ``cost``."""
+    for index in dims:
+        start = time.perf_counter()
+        dist.all_reduce(tensor, group=mesh.get_group(index))
+        cost["seconds"] += time.perf_counter() - start
+        cost["calls"] += 1
+        cost["bytes"] += tensor.numel() * tensor.element_size()
+    return tensor
+
+
+def hold_out_adapter_shard_(lora_b: Tensor, left: Tensor, alpha: float, cost: dict[str, float]) -> None:
+    """``B ← B − α·U'(U'ᵀB)`` on this rank's block of a DTensor LoRA ``B`` (``d_out × r_lora``, FSDP2:
+    ``Shard(0)``, rows): ``U'ᵀB`` is the sum of every rank's ``U'[rows]ᵀB[rows]``, one all-reduce of an
+    ``r × r_lora`` matrix (a block of columns, when they are sharded too, is summed in place of gathered)."""
+    region = shard_region(lora_b)
+    rows, cols = region.entry_slices(False)
+    row_dims, col_dims = sharding_dims(lora_b, False)
+
+    def reduce(partial: Tensor) -> Tensor:
+        full = partial.new_zeros((partial.shape[0], region.global_shape[1]))
+        full[:, cols] = partial
+        return summed(full, lora_b.device_mesh, row_dims + col_dims, cost)[:, cols]
+
+    hold_out_adapter_(local_tensor(lora_b), left[rows], alpha, reduce=reduce if row_dims + col_dims else None)
 
 
 class ShardedForms:
@@ -109,7 +145,7 @@ class ShardedForms:
                                          None if reference is None else reference(names[key]), form)
                        for key in tensors if entries[key].rank > 0}
         self.applied: dict[str, Correction] = {}
-        self.cost = {"calls": 0, "bytes": 0, "seconds": 0.0}
+        self.cost = new_cost()
 
     @property
     def keys(self) -> list[str]:
@@ -118,13 +154,7 @@ class ShardedForms:
     # -- the collectives ------------------------------------------------------------------------------
     def _sum(self, tensor: Tensor, block: BlockFactors, dims: list[int]) -> Tensor:
         """``tensor`` summed over the ranks of each mesh dimension in ``dims`` (in place, timed)."""
-        for index in dims:
-            start = time.perf_counter()
-            dist.all_reduce(tensor, group=block.mesh.get_group(index))
-            self.cost["seconds"] += time.perf_counter() - start
-            self.cost["calls"] += 1
-            self.cost["bytes"] += tensor.numel() * tensor.element_size()
-        return tensor
+        return summed(tensor, block.mesh, dims, self.cost)
 
     def _coordinates(self, block: BlockFactors, partial: Tensor) -> Tensor:
         """The full ``r × d_in`` coordinates from this block's ``U'[rows]ᵀX[rows, cols]``."""

@@ -15,12 +15,14 @@ from lssf_lightning.core.checks import all_finite
 from lssf_lightning.core.factors import ShardRegion
 from lssf_lightning.core.hold import hold_out_adapter_
 from lssf_lightning.core.variants import aligned_coordinates
-from lssf_lightning.distributed import fixups_of_rank, gather_fixups, global_rank, is_dtensor
+from lssf_lightning.distributed import fixups_of_rank, gather_fixups, global_rank, is_dtensor, local_tensor
 from lssf_lightning.distributed.collectives import agreed_count
 from lssf_lightning.distributed.sharded_forms import (
     SHARDED_FORMS,
     ShardedForms,
+    hold_out_adapter_shard_,
     is_sharded_record,
+    new_cost,
     restore_raw_blocks,
 )
 from lssf_lightning.forms.applied import (
@@ -51,16 +53,21 @@ def lora_b_weights(model: torch.nn.Module, subspace) -> dict[str, list[Tensor]]:
     return {name: [b.weight for b in layers[key].lora_B.values()] for key, name in matched.items()}
 
 
-def hold_out_lora_(model: torch.nn.Module, subspace, alpha: float = 1.0) -> int:
+def hold_out_lora_(model: torch.nn.Module, subspace, alpha: float = 1.0,
+                   cost: dict[str, float] | None = None) -> int:
     """The reset of a LoRA run on the aligned model, in adapter form: ``B ← B − α·U'(U'ᵀB)`` for every
-    adapter of every matched layer (:func:`~lssf_lightning.core.hold.hold_out_adapter_`); returns how many
-    ``B`` were edited."""
-    count = 0
+    adapter of every matched layer (:func:`~lssf_lightning.core.hold.hold_out_adapter_`; a DTensor ``B``,
+    FSDP2, shard-local with one ``r × r_lora`` all-reduce, tallied in ``cost``); returns how many ``B`` were
+    edited."""
+    count, cost = 0, new_cost() if cost is None else cost
     with torch.no_grad():
         for name, weights in lora_b_weights(model, subspace).items():
             left = subspace[name].left
             for weight in weights:
-                hold_out_adapter_(weight, left, alpha)
+                if is_dtensor(weight):
+                    hold_out_adapter_shard_(weight, left, alpha, cost)
+                else:
+                    hold_out_adapter_(weight, left, alpha)
                 count += 1
     return count
 
@@ -284,18 +291,19 @@ class LoraHoldOut:
 
     def __init__(self, model: torch.nn.Module, subspace) -> None:
         self.model, self.subspace = model, subspace
+        self.cost = new_cost()  # the all-reduces of sharded adapters (FSDP2)
         if not lora_b_weights(model, subspace):
             raise SettingError("the LoRA model has no adapter on a safety-subspace matrix")
 
     def apply_(self, parameters: Mapping[str, Tensor] | None = None) -> None:
         """Hold every adapter out of the subspace (``parameters``: unused, the adapters are found in the
-        model)."""
-        hold_out_lora_(self.model, self.subspace, 1.0)
+        model; FSDP2: every rank calls it)."""
+        hold_out_lora_(self.model, self.subspace, 1.0, self.cost)
 
     @contextlib.contextmanager
     def temporarily_applied(self, parameters: Mapping[str, Tensor] | None = None) -> Iterator[None]:
         """The adapters held out for the ``with`` block, the exact ones back after."""
-        weights = [w for ws in lora_b_weights(self.model, self.subspace).values() for w in ws]
+        weights = [local_tensor(w) for ws in lora_b_weights(self.model, self.subspace).values() for w in ws]
         saved = [w.detach().clone() for w in weights]
         try:
             self.apply_()

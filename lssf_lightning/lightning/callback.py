@@ -16,7 +16,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import nn
 from typing_extensions import override
 
-from lssf_lightning import distributed, forms, training
+from lssf_lightning import forms, training
 from lssf_lightning.adapters import write_model_adapter
 from lssf_lightning.config import AutoAlphaConfig, SubspaceConfig
 from lssf_lightning.io.export import write_model_directory
@@ -26,7 +26,7 @@ from lssf_lightning.lightning.auto_alpha import AutoAlpha
 from lssf_lightning.lightning.hf import find_tokenizer, hf_model, hf_model_attribute
 from lssf_lightning.lightning.monitor import RefusalMonitor
 from lssf_lightning.monitoring import auto_methods, check_min_refusal_rate, needs_realignment
-from lssf_lightning.stability import UpdateShare, metric_names
+from lssf_lightning.stability import UpdateShare, lora_scalings, metric_names
 from lssf_lightning.subspace import SafetySubspace
 from lssf_lightning.training import CHECKPOINT_INFO_KEY, RAW_FIXUPS_KEY, FusionState
 from lssf_lightning.validation import SettingError, check_choice
@@ -101,8 +101,9 @@ class LSSFCallback(Callback):
             safety subspace, overall and per layer group, at each train epoch end; in steps mode also
             ``lssf/update_in_subspace_step``, the optimizer's update since the previous application, measured
             only for the applications on a logged step, ``log_every_n_steps``) and
-            ``lssf/subspace_drift``; single device or DDP, full weights (not LoRA, not FSDP2 shards yet);
-            keeps a CPU copy of the targeted weights.
+            ``lssf/subspace_drift``; single device, DDP and FSDP2 (shard-local, one all-reduce per matrix);
+            on a peft LoRA model from the adapters; keeps a CPU copy of the targeted weights (of the adapters
+            on LoRA).
     """
 
     def __init__(
@@ -357,12 +358,14 @@ class LSSFCallback(Callback):
                 self.live_forms.load_state_dict(self._restored)
             self._restored = None
         if self.log_update_share and self.subspace is not None:
-            # every DDP rank holds the same full weights; FSDP2 shards (DTensor) and LoRA are not measured yet
-            parameters = training.named_tensors(pl_module)  # LoRA: the frozen base would read as no update
-            if not any(distributed.is_dtensor(p) for p in parameters.values()) and not any(
-                    is_adapter_key(k) for k in parameters):
-                self.update_share = UpdateShare(self.subspace, parameters,
-                                                training.matched_keys(self.subspace, parameters))
+            # every DDP rank holds the same full weights; FSDP2: every rank its blocks (all-reduced sums);
+            # LoRA: the adapters' update s·B·A in factored form
+            parameters = training.named_tensors(pl_module)
+            adapters = lora_scalings(pl_module)
+            matched = training.matched_keys(self.subspace, parameters)
+            if adapters:  # the frozen matrices outside the adapters do not move: no copy of them
+                matched = {k: n for k, n in matched.items() if k in adapters or parameters[k].requires_grad}
+            self.update_share = UpdateShare(self.subspace, parameters, matched, adapters)
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
@@ -406,9 +409,7 @@ class LSSFCallback(Callback):
         where the update went."""
         self._maybe_apply(trainer, pl_module)
         if self.update_share is not None:
-            parameters = training.named_tensors(pl_module)
-            pl_module.log_dict({**metric_names(self.update_share.since_start(parameters)),
-                                "lssf/subspace_drift": self.update_share.drift(parameters)}, on_epoch=True)
+            pl_module.log_dict(self.update_share.metrics(training.named_tensors(pl_module)), on_epoch=True)
 
     def _maybe_apply(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # Runs from two hooks so the epoch's checkpoint holds the fusion either way: with validation at the

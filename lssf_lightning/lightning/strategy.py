@@ -78,9 +78,9 @@ def forms_problem(trainer: Trainer, apply_on: str, exports: bool, lora: bool) ->
     if exports and lora:
         return ("cannot write export_dir or export_adapter_dir of a peft LoRA model under "
                 "ModelParallelStrategy (FSDP2) yet")
-    if lora:
-        return ("on a peft LoRA model is not supported under ModelParallelStrategy (FSDP2) yet (the adapters "
-                "are sharded)")
+    if lora and apply_on != "steps":
+        return ("on a peft LoRA model runs under ModelParallelStrategy (FSDP2) only as the per-step guard "
+                "(apply_on='steps')")
     if apply_on == "checkpoint" and not sharded_checkpoints(trainer):
         return ("needs ModelParallelStrategy(save_distributed_checkpoint=True): each rank fuses and stores "
                 "its own shards")
