@@ -510,16 +510,19 @@ def _good(point: SweepPoint, run: RecipeRun, rule: SelectionRule) -> bool:
     return recommend([point], rule, reference=run.reference, aligned=run.aligned).recommended
 
 
-def leave_one_out(runs: list[RecipeRun], rule: SelectionRule) -> dict:
+def leave_one_out(runs: list[RecipeRun], rule: SelectionRule, tested_only: bool = False) -> dict:
     """Per held-out recipe: the setting that meets the rule on the most other recipes (validation; ties: the
     lower mean worst perplexity ratio, then grid order), and whether it meets the targets on the held-out
-    recipe's test split."""
-    labels = [p.label for p in runs[0].points]
+    recipe's test split. ``tested_only``: choose among the settings whose test scores the held-out recipe
+    has (when its fine-tuned model is gone, as in :func:`summarize`; which settings were tested does not
+    depend on any test score)."""
     result = {}
     for held in runs:
         others = [r for r in runs if r is not held]
         if not others:
             break
+        labels = [p.label for p in held.points if not tested_only or p.label in held.test]
+        labels = [x for x in labels if all(any(p.label == x for p in r.points) for r in others)]
 
         def key(label, others=others):
             points = [next(p for p in r.points if p.label == label) for r in others]
@@ -735,6 +738,42 @@ def write_results(
     return report
 
 
+def load_runs(path: Path) -> list[RecipeRun]:
+    """The recipes of a ``results.json`` (validation points, test scores, outcome, update shares)."""
+    report = json.loads(path.read_text(encoding="utf-8"))
+    runs = []
+    for name, recipe in report["recipes"].items():
+        points = [SweepPoint.from_dict(p) for p in recipe["validation"]]
+        run = RecipeRun(name, points[2:], points[1], points[0], test=recipe["test"],
+                        outcome=recipe["outcome"], sizes=report["sizes"].get(name, {}),
+                        seconds=recipe.get("seconds", {}))
+        run.shares = recipe.get("update_shares", {})
+        runs.append(run)
+    return runs
+
+
+def summarize(results: list[Path], output: Path) -> dict:
+    """Merge the recipes of several ``results.json`` (a later file's recipe replaces an earlier one of the
+    same name), choose leave one recipe out among the settings each held-out recipe has test scores for, and
+    write ``results.json`` / ``results.md`` into ``output``."""
+    runs: dict[str, RecipeRun] = {}
+    for path in results:
+        runs.update({run.name: run for run in load_runs(path)})
+    merged = list(runs.values())
+    rule = SelectionRule()
+    loo = leave_one_out(merged, rule, tested_only=True)
+    for run in merged:
+        if run.name in loo:
+            loo[run.name]["test_targets_met"] = test_targets(run, loo[run.name]["chosen"], rule)
+    first = json.loads(results[0].read_text(encoding="utf-8"))
+    preset = Preset(**{k: tuple(v) if isinstance(v, list) else v for k, v in first["preset"].items()})
+    assets = Assets(Path(), Path(), EvalSplit("val", {}, [], []), EvalSplit("test", {}, [], []), [])
+    assets.val.counts, assets.test.counts = first["sizes"]["val"], first["sizes"]["test"]
+    output.mkdir(parents=True, exist_ok=True)
+    return write_results(output, preset, rule, assets, merged, loo, sum(
+        json.loads(p.read_text(encoding="utf-8"))["seconds_total"] for p in results))
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -750,7 +789,16 @@ def main(argv=None) -> int:
         help="recipe names (classification, instruct, arithmetic; '-lora' for the LoRA version)",
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads")
+    parser.add_argument(
+        "--summarize",
+        nargs="+",
+        type=Path,
+        help="merge these results.json files (e.g. a stopped run and a run of the rest) into --output",
+    )
     args = parser.parse_args(argv)
+    if args.summarize:
+        summarize(args.summarize, Path(args.output))
+        return 0
     preset = {"quick": Preset.quick, "extended": Preset.extended, "full": Preset}[args.preset]()
     if args.recipes:
         preset = replace(preset, recipes=tuple(args.recipes))

@@ -95,6 +95,12 @@ def test_smoke_run_on_a_tiny_model(llama_trio, tmp_path):
     assert guarded["weights η 0.8"]["all"] < 1e-6
     for heading in ("## Where the update goes", "## Judges (test answers)", "capability [95 % CI]"):
         assert heading in markdown
+    # a stopped run's files merge with a run of the rest: leave one out among the settings tested on each
+    merged = bench_efficacy.summarize([tmp_path / "out" / "results.json"], tmp_path / "merged")
+    assert set(merged["recipes"]) == {"classification", "instruct-lora"}
+    for name, choice in merged["leave_one_recipe_out"].items():
+        assert choice["chosen"] in report["recipes"][name]["test"] and choice["others"] == 1
+    assert (tmp_path / "merged" / "results.md").read_text().startswith("## Test (held out)")
 
 
 def _scores(refusal: float, ppl_in: float = 2.0) -> dict:
